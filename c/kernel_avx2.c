@@ -1,0 +1,78 @@
+/* AVX2 tile kernel: vpshufb looks up 16 rows per 128-bit lane, two lanes
+ * (two groups of 4 activations) per instruction. */
+#include <immintrin.h>
+#include "lut_internal.h"
+
+#define TGT __attribute__((target("avx2,fma,f16c")))
+
+/* 16 rows of int16 sums of one plane over nc chunks. Each row receives
+ * 8 lookups per chunk, at most 64 per block: |sum| <= 8192 (see kernel_scalar.c). */
+TGT static __m256i block_sums(const uint8_t *wt, const int8_t *tab, int32_t c0, int32_t nc, int32_t P, int32_t p) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256i acc = _mm256_setzero_si256();
+    for (int32_t c = c0; c < c0 + nc; c++) {
+        const uint8_t *wb = wt + ((int64_t)c * P + p) * 64;
+        const int8_t *tb = tab + (int64_t)c * 8 * LUT_TAB;
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)wb), w1 = _mm256_loadu_si256((const __m256i *)(wb + 32));
+        __m256i r[4] = {
+            _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)tb), _mm256_and_si256(w0, m4)),
+            _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(tb + 64)),
+                                _mm256_and_si256(_mm256_srli_epi16(w0, 4), m4)),
+            _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(tb + 32)), _mm256_and_si256(w1, m4)),
+            _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(tb + 96)),
+                                _mm256_and_si256(_mm256_srli_epi16(w1, 4), m4)),
+        };
+        for (int i = 0; i < 4; i++) {
+            acc = _mm256_add_epi16(acc, _mm256_cvtepi8_epi16(_mm256_castsi256_si128(r[i])));
+            acc = _mm256_add_epi16(acc, _mm256_cvtepi8_epi16(_mm256_extracti128_si256(r[i], 1)));
+        }
+    }
+    return acc;
+}
+
+TGT void lut_tile_avx2(const lut_job *j, int32_t tile, int32_t tok) {
+    const lut_layer *w = j->w;
+    int32_t K = w->K, P = w->P, nb = K / j->Kb, ng = K / w->G, bpg = w->G / j->Kb, cpb = j->Kb / LUT_CHUNK;
+    int32_t nchunk = K / LUT_CHUNK, rows = ((w->M + LUT_TILE - 1) / LUT_TILE) * LUT_TILE;
+    const uint8_t *wt = w->planes + (int64_t)tile * nchunk * P * 64;
+    const int8_t *tab = j->tab + tok * lut_tab_stride(j);
+    const float *ts = j->tscale + (int64_t)tok * nb, *xs = j->xsum + (int64_t)tok * ng;
+    __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
+    for (int32_t b = 0; b < nb; b++) {
+        int32_t g = b / bpg;
+        const uint16_t *sc = w->scales + ((int64_t)tile * ng + g) * P * LUT_TILE;
+        __m256 tsv = _mm256_set1_ps(ts[b]);
+        for (int32_t p = 0; p < P; p++) {
+            __m256i s = block_sums(wt, tab, b * cpb, cpb, P, p);
+            __m256i s0 = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s));
+            __m256i s1 = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s, 1));
+            if (j->ntab == 2) {
+                __m256i h = block_sums(wt, tab + (int64_t)K * 4, b * cpb, cpb, P, p);
+                s0 = _mm256_add_epi32(s0, _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)), 8));
+                s1 = _mm256_add_epi32(s1, _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)), 8));
+            }
+            if (j->acc) {
+                int32_t tmp[LUT_TILE];
+                _mm256_storeu_si256((__m256i *)tmp, s0);
+                _mm256_storeu_si256((__m256i *)(tmp + 8), s1);
+                for (int32_t r = 0; r < LUT_TILE; r++)
+                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = tmp[r];
+            }
+            __m256 c0 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + p * LUT_TILE))), tsv);
+            __m256 c1 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + p * LUT_TILE + 8))), tsv);
+            y0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), c0, y0);
+            y1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), c1, y1);
+        }
+        if (w->offsets && (b + 1) % bpg == 0) {
+            const uint16_t *z = w->offsets + ((int64_t)tile * ng + g) * LUT_TILE;
+            __m256 xv = _mm256_set1_ps(xs[g]);
+            y0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)z)), xv, y0);
+            y1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(z + 8))), xv, y1);
+        }
+    }
+    float out[LUT_TILE];
+    _mm256_storeu_ps(out, y0);
+    _mm256_storeu_ps(out + 8, y1);
+    int32_t n = w->M - tile * LUT_TILE < LUT_TILE ? w->M - tile * LUT_TILE : LUT_TILE;
+    memcpy(j->y + (int64_t)tok * w->M + tile * LUT_TILE, out, (size_t)n * sizeof(float));
+}

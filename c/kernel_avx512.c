@@ -1,0 +1,59 @@
+/* AVX-512BW tile kernel: one 512-bit vpshufb looks up four different
+ * 16-entry tables (one per lane), i.e. 16 rows x 4 activation groups. */
+#include <immintrin.h>
+#include "lut_internal.h"
+
+#define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+
+/* Words 0-15 hold rows 0-15 from lanes 0 and 2, words 16-31 the same rows from
+ * lanes 1 and 3; each word gets at most 32 lookups per block, |sum| <= 4096. */
+TGT static __m256i block_sums(const uint8_t *wt, const int8_t *tab, int32_t c0, int32_t nc, int32_t P, int32_t p) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    __m512i acc = _mm512_setzero_si512();
+    for (int32_t c = c0; c < c0 + nc; c++) {
+        __m512i wv = _mm512_loadu_si512(wt + ((int64_t)c * P + p) * 64);
+        const int8_t *tb = tab + (int64_t)c * 8 * LUT_TAB;
+        __m512i r0 = _mm512_shuffle_epi8(_mm512_loadu_si512(tb), _mm512_and_si512(wv, m4));
+        __m512i r1 = _mm512_shuffle_epi8(_mm512_loadu_si512(tb + 64), _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4));
+        acc = _mm512_add_epi16(acc, _mm512_cvtepi8_epi16(_mm512_castsi512_si256(r0)));
+        acc = _mm512_add_epi16(acc, _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(r0, 1)));
+        acc = _mm512_add_epi16(acc, _mm512_cvtepi8_epi16(_mm512_castsi512_si256(r1)));
+        acc = _mm512_add_epi16(acc, _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(r1, 1)));
+    }
+    return _mm256_add_epi16(_mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64(acc, 1));
+}
+
+TGT void lut_tile_avx512(const lut_job *j, int32_t tile, int32_t tok) {
+    const lut_layer *w = j->w;
+    int32_t K = w->K, P = w->P, nb = K / j->Kb, ng = K / w->G, bpg = w->G / j->Kb, cpb = j->Kb / LUT_CHUNK;
+    int32_t nchunk = K / LUT_CHUNK, rows = ((w->M + LUT_TILE - 1) / LUT_TILE) * LUT_TILE;
+    const uint8_t *wt = w->planes + (int64_t)tile * nchunk * P * 64;
+    const int8_t *tab = j->tab + tok * lut_tab_stride(j);
+    const float *ts = j->tscale + (int64_t)tok * nb, *xs = j->xsum + (int64_t)tok * ng;
+    __m512 y = _mm512_setzero_ps();
+    for (int32_t b = 0; b < nb; b++) {
+        int32_t g = b / bpg;
+        const uint16_t *sc = w->scales + ((int64_t)tile * ng + g) * P * LUT_TILE;
+        __m512 tsv = _mm512_set1_ps(ts[b]);
+        for (int32_t p = 0; p < P; p++) {
+            __m512i s = _mm512_cvtepi16_epi32(block_sums(wt, tab, b * cpb, cpb, P, p));
+            if (j->ntab == 2)
+                s = _mm512_add_epi32(
+                    s, _mm512_slli_epi32(_mm512_cvtepi16_epi32(block_sums(wt, tab + (int64_t)K * 4, b * cpb, cpb, P, p)), 8));
+            if (j->acc) {
+                int32_t tmp[LUT_TILE];
+                _mm512_storeu_si512(tmp, s);
+                for (int32_t r = 0; r < LUT_TILE; r++)
+                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = tmp[r];
+            }
+            __m512 c = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + p * LUT_TILE))), tsv);
+            y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), c, y);
+        }
+        if (w->offsets && (b + 1) % bpg == 0) {
+            const uint16_t *z = w->offsets + ((int64_t)tile * ng + g) * LUT_TILE;
+            y = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)z)), _mm512_set1_ps(xs[g]), y);
+        }
+    }
+    int32_t n = w->M - tile * LUT_TILE < LUT_TILE ? w->M - tile * LUT_TILE : LUT_TILE;
+    _mm512_mask_storeu_ps(j->y + (int64_t)tok * w->M + tile * LUT_TILE, (__mmask16)((1u << n) - 1u), y);
+}

@@ -1,0 +1,51 @@
+/* lutengine LUT matmul core: public C API.
+ *
+ * A packed linear layer W[M,K] is P binary planes B_p in {-1,+1} with fp16
+ * scales per plane per group of G activations, and optional fp16 offsets:
+ *     W ~= sum_p s_p[m,g] * B_p[m,k] + z[m,g]
+ * The byte layout is specified by lutkernels/layout.py (the executable spec):
+ *     planes  uint8  [ceil(M/16)][K/32][P][64]
+ *     scales  fp16   [ceil(M/16)][K/G][P][16]
+ *     offsets fp16   [ceil(M/16)][K/G][16]      (or NULL)
+ */
+#ifndef LUT_H
+#define LUT_H
+#include <stdint.h>
+
+typedef struct lut_layer {
+    int32_t M, K, P, G;
+    const uint8_t *planes;
+    const uint16_t *scales;
+    const uint16_t *offsets;
+} lut_layer;
+
+enum { LUT_ISA_SCALAR = 0, LUT_ISA_AVX2 = 1, LUT_ISA_AVX512 = 2, LUT_ISA_NEON = 3, LUT_ISA_COUNT = 4 };
+
+enum {
+    LUT_OK = 0,
+    LUT_EINVAL = -1,   /* shape or pointer argument out of range */
+    LUT_ENOMEM = -2,   /* workspace allocation failed */
+    LUT_EISA = -3,     /* requested ISA not supported by this CPU or build */
+    LUT_ETHREAD = -4   /* could not start worker threads */
+};
+
+/* y[n][M] = W x[n][K]. exact=0: int8 tables (fast, lossy); exact=1: activations
+ * quantized to int8 first, tables kept exactly as two byte planes.
+ * acc, if not NULL, receives the integer block sums
+ * int32 [n][ceil(M/16)*16][P][K/Kb] (Kb = lut_act_block(K,G)) for testing. */
+int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t exact, int32_t *acc);
+
+/* Activations that share one table scale (and one integer accumulator). */
+int32_t lut_act_block(int32_t K, int32_t G);
+
+/* Bitmask of ISAs this CPU and build can run (1 << LUT_ISA_*). */
+int32_t lut_isa_supported(void);
+/* Current ISA; initially the best supported one, or LUTENGINE_ISA if set. */
+int32_t lut_isa(void);
+int lut_set_isa(int32_t isa);
+const char *lut_isa_name(int32_t isa);
+
+int lut_set_threads(int32_t n);
+int32_t lut_threads(void);
+
+#endif

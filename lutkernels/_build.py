@@ -1,0 +1,46 @@
+"""cffi build of the C core (c/). Run by setup.py at install time: the only
+toolchain needed is a C compiler. ISA-specific kernels carry target
+attributes and are chosen at run time, so the build never uses -march=native."""
+import os
+import platform
+
+from cffi import FFI
+
+# setuptools wants paths relative to the project root, where setup.py runs.
+C_DIR = "c"
+SOURCES = ["lut.c", "pool.c", "kernel_scalar.c"]
+if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386"):
+    SOURCES += ["kernel_avx2.c", "kernel_avx512.c"]
+elif platform.machine().lower() in ("aarch64", "arm64"):
+    SOURCES += ["kernel_neon.c"]
+
+CDEF = """
+typedef struct lut_layer {
+    int32_t M, K, P, G;
+    const uint8_t *planes;
+    const uint16_t *scales;
+    const uint16_t *offsets;
+} lut_layer;
+int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t exact, int32_t *acc);
+int32_t lut_act_block(int32_t K, int32_t G);
+int32_t lut_isa_supported(void);
+int32_t lut_isa(void);
+int lut_set_isa(int32_t isa);
+const char *lut_isa_name(int32_t isa);
+int lut_set_threads(int32_t n);
+int32_t lut_threads(void);
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "lutkernels._lut",
+    '#include "lut.h"',
+    sources=[os.path.join(C_DIR, s) for s in SOURCES],
+    include_dirs=[C_DIR],
+    extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-Wall"],
+    libraries=["m", "pthread"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,130 @@
+"""Python face of the C core: argument checks, ISA and thread control, gemv/gemm.
+
+Checks happen here, once per call, so that a wrong dtype, a strided view or a
+shape mismatch is a clear exception instead of a silent copy or a crash in C.
+"""
+import os
+
+import numpy as np
+
+from ._lut import ffi, lib
+from .layout import PackedLinear, check_shape
+
+ISAS = tuple(ffi.string(lib.lut_isa_name(i)).decode() for i in range(4))
+
+
+class KernelError(RuntimeError):
+    """The C core refused a call."""
+
+
+def supported_isas() -> list[str]:
+    mask = lib.lut_isa_supported()
+    return [name for i, name in enumerate(ISAS) if mask >> i & 1]
+
+
+def cpu_features() -> dict:
+    """What this CPU can run and what is in use."""
+    return {"supported": supported_isas(), "isa": get_isa(), "threads": get_threads()}
+
+
+def set_isa(name: str) -> None:
+    if name not in ISAS:
+        raise ValueError(f"unknown ISA {name!r}; known: {', '.join(ISAS)}")
+    if lib.lut_set_isa(ISAS.index(name)) != 0:
+        raise KernelError(f"ISA {name!r} is not supported by this CPU (supported: {', '.join(supported_isas())})")
+
+
+def get_isa() -> str:
+    return ISAS[lib.lut_isa()]
+
+
+def set_threads(n: int) -> None:
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"threads must be a positive integer, got {n!r}")
+    rc = lib.lut_set_threads(int(n))
+    if rc != 0:
+        raise KernelError(f"could not start {n} threads (code {rc})")
+
+
+def get_threads() -> int:
+    return lib.lut_threads()
+
+
+def _apply_env_isa() -> None:
+    name = os.environ.get("LUTENGINE_ISA")
+    if name:
+        set_isa(name)
+
+
+class Layer:
+    """A PackedLinear with its C descriptor built once (the arrays must stay alive)."""
+
+    def __init__(self, w: PackedLinear):
+        check_shape(w.M, w.K, w.P, w.G)
+        Mt = w.tiles
+        _require(w.planes, np.uint8, (Mt, w.K // 32, w.P, 64), "planes")
+        _require(w.scales, np.float16, (Mt, w.K // w.G, w.P, 16), "scales")
+        if w.offsets is not None:
+            _require(w.offsets, np.float16, (Mt, w.K // w.G, 16), "offsets")
+        self.w = w
+        self.c = ffi.new("lut_layer *")
+        self.c.M, self.c.K, self.c.P, self.c.G = w.M, w.K, w.P, w.G
+        self.c.planes = ffi.from_buffer("uint8_t[]", w.planes)
+        self.c.scales = ffi.cast("const uint16_t *", ffi.from_buffer(w.scales))
+        self.c.offsets = ffi.NULL if w.offsets is None else ffi.cast("const uint16_t *", ffi.from_buffer(w.offsets))
+
+
+def _require(a, dtype, shape, name):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype}")
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+
+
+def _layer(w) -> Layer:
+    if isinstance(w, Layer):
+        return w
+    if isinstance(w, PackedLinear):
+        return Layer(w)
+    raise TypeError(f"expected a PackedLinear or Layer, got {type(w).__name__}")
+
+
+def gemm(w, x: np.ndarray, out: np.ndarray | None = None, exact: bool = False, acc: np.ndarray | None = None):
+    """Y[N, M] = X[N, K] @ W.T through the LUT kernels. x must be float32 and C-contiguous.
+    acc, if given, receives the integer block sums int32 [N, ceil(M/16)*16, P, K/Kb]."""
+    L = _layer(w)
+    M, K = L.w.M, L.w.K
+    if not isinstance(x, np.ndarray) or x.ndim != 2:
+        raise ValueError(f"x must be a 2-D numpy array [N, K={K}], got {getattr(x, 'shape', type(x).__name__)}")
+    _require(x, np.float32, (x.shape[0], K), "x")
+    if x.shape[0] < 1:
+        raise ValueError("x must have at least one row")
+    N = x.shape[0]
+    if out is None:
+        out = np.empty((N, M), np.float32)
+    _require(out, np.float32, (N, M), "out")
+    acc_ptr = ffi.NULL
+    if acc is not None:
+        nb = K // lib.lut_act_block(K, L.w.G)
+        _require(acc, np.int32, (N, L.w.tiles * 16, L.w.P, nb), "acc")
+        acc_ptr = ffi.cast("int32_t *", ffi.from_buffer(acc))
+    rc = lib.lut_gemm(L.c, ffi.cast("const float *", ffi.from_buffer(x)), N,
+                      ffi.cast("float *", ffi.from_buffer(out)), int(bool(exact)), acc_ptr)
+    if rc != 0:
+        raise KernelError(f"lut_gemm failed with code {rc}")
+    return out
+
+
+def gemv(w, x: np.ndarray, out: np.ndarray | None = None, exact: bool = False) -> np.ndarray:
+    """y[M] = W @ x[K] through the LUT kernels."""
+    if not isinstance(x, np.ndarray) or x.ndim != 1:
+        raise ValueError(f"x must be a 1-D numpy array, got {getattr(x, 'shape', type(x).__name__)}")
+    y = gemm(w, x.reshape(1, -1) if x.flags.c_contiguous else x[None], None if out is None else out.reshape(1, -1), exact)
+    return y[0]
+
+
+_apply_env_isa()

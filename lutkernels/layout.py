@@ -1,0 +1,130 @@
+"""The packed bit-plane weight format, as executable numpy: the spec of c/lut.h.
+
+A linear layer W[M, K] is P binary planes B_p in {-1, +1}^(M x K) with a float16
+scale per plane, row and group of G columns, and an optional float16 offset per
+row and group:
+
+    W ~= sum_p s_p[m, k // G] * B_p[m, k]  +  z[m, k // G]
+
+Kernel layout (TILE = 16 rows, CHUNK = 32 columns, Mt = ceil(M / 16)):
+
+    planes   uint8   [Mt, K/32, P, 64]
+    scales   float16 [Mt, K/G,  P, 16]
+    offsets  float16 [Mt, K/G,  16]        (optional)
+
+Inside one 64-byte chunk, byte b belongs to row 16*tile + b % 16 and lane b // 16;
+its low nibble holds columns 4*lane .. 4*lane+3 of the chunk and its high nibble
+columns 16 + 4*lane .. 16 + 4*lane+3; bit i of a nibble is 1 where B = +1 for
+the i-th of those four columns. One 128-bit lane thus needs one 16-entry table:
+this is what lets vpshufb / vqtbl1q look up 16 rows at once. Padding rows have
+all bits 0 and zero scales.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+TILE = 16
+CHUNK = 32
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+class LayoutError(ValueError):
+    """A layer's shape, group size or arrays do not fit the format."""
+
+
+@dataclass(frozen=True)
+class PackedLinear:
+    M: int
+    K: int
+    P: int
+    G: int
+    planes: np.ndarray
+    scales: np.ndarray
+    offsets: np.ndarray | None
+
+    @property
+    def tiles(self) -> int:
+        return -(-self.M // TILE)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.planes, self.scales, self.offsets) if a is not None)
+
+    def bits_per_weight(self) -> float:
+        """Every stored bit (planes, scales, offsets, row padding) over M*K weights."""
+        return 8.0 * self.nbytes() / (self.M * self.K)
+
+
+def check_shape(M: int, K: int, P: int, G: int) -> None:
+    if M < 1:
+        raise LayoutError(f"M must be at least 1, got {M}")
+    if K < CHUNK or K % CHUNK:
+        raise LayoutError(f"K must be a positive multiple of {CHUNK}, got {K}")
+    if not 1 <= P <= 8:
+        raise LayoutError(f"number of planes must be 1..8, got {P}")
+    if G not in GROUP_SIZES and G != K:
+        raise LayoutError(f"group size must be one of {GROUP_SIZES} or K={K}, got {G}")
+    if K % G:
+        raise LayoutError(f"group size {G} does not divide K={K}")
+
+
+def act_block(K: int, G: int) -> int:
+    """Activations sharing one table scale and one integer accumulator (divides G)."""
+    if G <= 256:
+        return G
+    return next(b for b in (256, 128, 64, 32) if K % b == 0)
+
+
+def pack(planes, scales, offsets=None) -> PackedLinear:
+    """planes: [P, M, K] of +-1 (or bool, True = +1); scales: [P, M, K/G]; offsets: [M, K/G]."""
+    planes = np.asarray(planes)
+    if planes.ndim != 3:
+        raise LayoutError(f"planes must be [P, M, K], got shape {planes.shape}")
+    P, M, K = planes.shape
+    scales = np.asarray(scales, dtype=np.float32)
+    if scales.ndim != 3 or scales.shape[:2] != (P, M) or scales.shape[2] == 0 or K % scales.shape[2]:
+        raise LayoutError(f"scales must be [P={P}, M={M}, K/G], got shape {scales.shape}")
+    G = K // scales.shape[2] if K >= CHUNK and K % CHUNK == 0 else 0
+    check_shape(M, K, P, G if G else -1)
+    if offsets is not None:
+        offsets = np.asarray(offsets, dtype=np.float32)
+        if offsets.shape != (M, K // G):
+            raise LayoutError(f"offsets must be [M={M}, K/G={K // G}], got shape {offsets.shape}")
+    bits = (planes > 0) if planes.dtype != np.bool_ else planes
+    Mt = -(-M // TILE)
+    pad = Mt * TILE - M
+    bits = np.pad(bits, ((0, 0), (0, pad), (0, 0))).astype(np.uint8)
+    # [P, Mt, 16 rows, K/32 chunks, 2 halves, 4 lanes, 4 bits]
+    b = bits.reshape(P, Mt, TILE, K // CHUNK, 2, 4, 4)
+    nib = (b * (1 << np.arange(4, dtype=np.uint8))).sum(-1, dtype=np.uint8)  # [P, Mt, 16, C, 2, 4]
+    byte = nib[..., 0, :] | (nib[..., 1, :] << 4)  # [P, Mt, 16 rows, C, 4 lanes]
+    packed = byte.transpose(1, 3, 0, 4, 2).reshape(Mt, K // CHUNK, P, 64)  # byte = lane*16 + row
+    sc = np.pad(scales, ((0, 0), (0, pad), (0, 0))).astype(np.float16)
+    sc = sc.reshape(P, Mt, TILE, K // G).transpose(1, 3, 0, 2)
+    off = None
+    if offsets is not None:
+        off = np.pad(offsets, ((0, pad), (0, 0))).astype(np.float16).reshape(Mt, TILE, K // G).transpose(0, 2, 1)
+        off = np.ascontiguousarray(off)
+    return PackedLinear(M, K, P, G, np.ascontiguousarray(packed), np.ascontiguousarray(sc), off)
+
+
+def unpack(w: PackedLinear):
+    """Inverse of pack: (planes int8 [P, M, K] of +-1, scales float32 [P, M, K/G], offsets or None)."""
+    Mt, C = w.tiles, w.K // CHUNK
+    byte = w.planes.reshape(Mt, C, w.P, 4, TILE).transpose(2, 0, 4, 1, 3)  # [P, Mt, 16, C, 4 lanes]
+    nib = np.stack([byte & 15, byte >> 4], axis=-2)  # [P, Mt, 16, C, 2, 4]
+    bits = (nib[..., None] >> np.arange(4, dtype=np.uint8)) & 1
+    planes = (bits.reshape(w.P, Mt * TILE, w.K)[:, : w.M].astype(np.int8) * 2 - 1)
+    scales = w.scales.transpose(2, 0, 3, 1).reshape(w.P, Mt * TILE, w.K // w.G)[:, : w.M].astype(np.float32)
+    offsets = None
+    if w.offsets is not None:
+        offsets = w.offsets.transpose(0, 2, 1).reshape(Mt * TILE, w.K // w.G)[: w.M].astype(np.float32)
+    return planes, scales, offsets
+
+
+def dense(w: PackedLinear) -> np.ndarray:
+    """The float32 matrix the packed layer stands for."""
+    planes, scales, offsets = unpack(w)
+    W = (planes * np.repeat(scales, w.G, axis=2)).sum(0, dtype=np.float32)
+    if offsets is not None:
+        W += np.repeat(offsets, w.G, axis=1)
+    return W
