@@ -18,6 +18,7 @@ static struct {
     atomic_uint gen;           /* bumped once per job */
     atomic_int pending;        /* workers still running the current job */
     atomic_int stop;
+    unsigned start_gen;        /* gen when workers were created: a job posted before a worker first runs is not missed */
     lut_pool_fn fn;
     void *ctx;
 } pool = {.n = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
@@ -32,7 +33,7 @@ static inline void cpu_relax(void) {
 
 static void *worker(void *arg) {
     int32_t ith = (int32_t)(intptr_t)arg;
-    unsigned seen = atomic_load(&pool.gen);
+    unsigned seen = pool.start_gen;
     for (;;) {
         int spins = 0;
         while (atomic_load_explicit(&pool.gen, memory_order_acquire) == seen && spins < SPIN_ITERS) {
@@ -95,6 +96,7 @@ int lut_pool_resize(int32_t n) {
     if (n == pool.n)
         return LUT_OK;
     stop_workers();
+    pool.start_gen = atomic_load(&pool.gen);
     for (int32_t i = 1; i < n; i++) {
         if (pthread_create(&pool.th[i], NULL, worker, (void *)(intptr_t)i) != 0) {
             pool.n = i;

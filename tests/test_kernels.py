@@ -1,0 +1,165 @@
+"""The C kernels against the numpy reference, the dense product, and each other."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lutkernels as lk
+from conftest import random_layer
+from lutkernels import reference as ref
+
+ISAS = lk.supported_isas()
+
+
+@st.composite
+def cases(draw):
+    K = 32 * draw(st.integers(1, 40))
+    G = draw(st.sampled_from([g for g in (32, 64, 128, 256) if K % g == 0] + [K]))
+    return dict(M=draw(st.integers(1, 80)), K=K, P=draw(st.integers(1, 8)), G=G, off=draw(st.booleans()),
+                N=draw(st.sampled_from([1, 1, 2, 5])), exact=draw(st.booleans()), threads=draw(st.sampled_from([1, 2])),
+                seed=draw(st.integers(0, 2**32 - 1)))
+
+
+def run(w, x, exact, isa, threads):
+    lk.set_isa(isa)
+    lk.set_threads(threads)
+    acc = np.zeros((x.shape[0], w.tiles * 16, w.P, w.K // lk.act_block(w.K, w.G)), np.int32)
+    return lk.gemm(w, x, exact=exact, acc=acc), acc
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cases())
+def test_every_path_matches_the_reference(restore_kernel_state, c):
+    rng = np.random.default_rng(c["seed"])
+    w = lk.pack(*random_layer(rng, c["M"], c["K"], c["P"], c["G"], c["off"]))
+    x = (rng.standard_normal((c["N"], c["K"])) * rng.uniform(0.01, 100)).astype(np.float32)
+    y_ref, sums_ref = ref.gemm(w, x, c["exact"])
+    y_scalar, sums_scalar = run(w, x, c["exact"], "scalar", c["threads"])
+    np.testing.assert_array_equal(sums_scalar, sums_ref)
+    scale = np.abs(y_ref).max() + 1e-30
+    assert np.abs(y_scalar - y_ref).max() <= 1e-5 * scale
+    for isa in ISAS:
+        y, sums = run(w, x, c["exact"], isa, c["threads"])
+        np.testing.assert_array_equal(sums, sums_scalar, err_msg=isa)
+        np.testing.assert_array_equal(y, y_scalar, err_msg=isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_thread_count_does_not_change_results(restore_kernel_state, isa):
+    rng = np.random.default_rng(3)
+    w = lk.pack(*random_layer(rng, 300, 512, 3, 128, True))
+    x = rng.standard_normal((4, 512)).astype(np.float32)
+    outs = [run(w, x, False, isa, t)[0] for t in (1, 2, 3)]
+    for y in outs[1:]:
+        np.testing.assert_array_equal(y, outs[0])
+
+
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("G", [32, 64, 128, 256, 768])
+def test_error_against_dense_product_stays_in_bound(G, exact):
+    rng = np.random.default_rng(G)
+    w = lk.pack(*random_layer(rng, 64, 768, 4, G, True))
+    x = rng.standard_normal((3, 768)).astype(np.float32)
+    x[:, 5] = 40.0  # an outlier channel, as LLM activations have
+    y = lk.gemm(w, x, exact=exact)
+    y_dense = x.astype(np.float64) @ lk.dense(w).T.astype(np.float64)
+    bound = ref.error_bound(w, x, exact)
+    assert (np.abs(y - y_dense) <= bound + 1e-4 * np.abs(y_dense).max()).all()
+    assert np.abs(y - y_dense).max() > 0  # quantized tables: not the dense product
+
+
+def test_exact_mode_equals_integer_product():
+    """Exact mode's integer sums are sum_k B[k] * q[k] with q the int8 activations."""
+    rng = np.random.default_rng(4)
+    M, K, P, G = 40, 512, 2, 128
+    planes, scales, offs = random_layer(rng, M, K, P, G, False)
+    w = lk.pack(planes, scales)
+    x = rng.standard_normal((2, K)).astype(np.float32)
+    xb = x.reshape(2, K // G, G)
+    q = np.clip(np.rint(xb * (np.float32(127) / np.abs(xb).max(-1, keepdims=True))), -127, 127).astype(np.int64)
+    expect = np.einsum("pmbk,nbk->nmpb", planes.reshape(P, M, K // G, G).astype(np.int64), q)
+    _, sums = run(w, x, True, lk.get_isa(), 1)
+    np.testing.assert_array_equal(sums[:, :M], expect)
+
+
+def test_gemv_matches_gemm_and_fills_out():
+    rng = np.random.default_rng(5)
+    w = lk.Layer(lk.pack(*random_layer(rng, 50, 256, 2, 64, True)))
+    x = rng.standard_normal(256).astype(np.float32)
+    out = np.empty(50, np.float32)
+    y = lk.gemv(w, x, out=out)
+    assert y.base is out or y is out or np.shares_memory(y, out)
+    np.testing.assert_array_equal(out, lk.gemm(w, x[None])[0])
+
+
+def test_zero_activations_give_offsets_only():
+    rng = np.random.default_rng(6)
+    w = lk.pack(*random_layer(rng, 20, 64, 2, 32, True))
+    np.testing.assert_array_equal(lk.gemm(w, np.zeros((1, 64), np.float32)), np.zeros((1, 20), np.float32))
+
+
+# ---- bad input -------------------------------------------------------------
+
+@pytest.fixture
+def layer():
+    return lk.Layer(lk.pack(*random_layer(np.random.default_rng(7), 20, 64, 2, 32, False)))
+
+
+def test_wrong_dtype(layer):
+    with pytest.raises(TypeError, match="x must be float32, got float64"):
+        lk.gemm(layer, np.zeros((1, 64)))
+
+
+def test_non_contiguous(layer):
+    x = np.zeros((1, 128), np.float32)[:, ::2]
+    with pytest.raises(ValueError, match="x must be C-contiguous"):
+        lk.gemm(layer, x)
+    with pytest.raises(ValueError, match="x must be C-contiguous"):
+        lk.gemv(layer, np.zeros(128, np.float32)[::2])
+
+
+def test_mismatched_shapes(layer):
+    with pytest.raises(ValueError, match=r"x must have shape \(1, 64\), got \(1, 96\)"):
+        lk.gemm(layer, np.zeros((1, 96), np.float32))
+    with pytest.raises(ValueError, match=r"out must have shape \(1, 20\)"):
+        lk.gemm(layer, np.zeros((1, 64), np.float32), out=np.zeros((1, 21), np.float32))
+    with pytest.raises(ValueError, match="2-D"):
+        lk.gemm(layer, np.zeros(64, np.float32))
+
+
+def test_tampered_packed_arrays_are_caught():
+    w = lk.pack(*random_layer(np.random.default_rng(8), 20, 64, 2, 32, False))
+    bad = lk.PackedLinear(w.M, w.K, w.P, w.G, w.planes[:1], w.scales, None)
+    with pytest.raises(ValueError, match="planes must have shape"):
+        lk.Layer(bad)
+    bad = lk.PackedLinear(w.M, w.K, w.P, w.G, w.planes, w.scales.astype(np.float32), None)
+    with pytest.raises(TypeError, match="scales must be float16"):
+        lk.Layer(bad)
+    with pytest.raises(lk.LayoutError, match="multiple of 32"):
+        lk.Layer(lk.PackedLinear(20, 48, 2, 48, w.planes, w.scales, None))
+
+
+def test_isa_and_thread_errors(restore_kernel_state):
+    with pytest.raises(ValueError, match="unknown ISA 'sse9'"):
+        lk.set_isa("sse9")
+    missing = [i for i in ("avx2", "avx512", "neon") if i not in ISAS]
+    for isa in missing:
+        with pytest.raises(lk.KernelError, match=f"ISA '{isa}' is not supported by this CPU"):
+            lk.set_isa(isa)
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        lk.set_threads(0)
+
+
+def test_env_forces_isa_and_rejects_unsupported():
+    code = "import lutkernels as lk; print(lk.get_isa())"
+    out = subprocess.run([sys.executable, "-c", code], env={"LUTENGINE_ISA": "scalar", "PATH": ""},
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "scalar"
+    unsupported = next(i for i in ("neon", "avx512", "avx2") if i not in ISAS)
+    out = subprocess.run([sys.executable, "-c", code], env={"LUTENGINE_ISA": unsupported}, capture_output=True,
+                         text=True)
+    assert out.returncode != 0
+    assert f"ISA '{unsupported}' is not supported by this CPU" in out.stderr.strip().splitlines()[-1]

@@ -1,0 +1,90 @@
+"""The packed format (lutkernels/layout.py): round trips, dense form, honest bits, bad shapes."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lutkernels as lk
+from conftest import random_layer
+
+
+@st.composite
+def shapes(draw):
+    K = 32 * draw(st.integers(1, 24))
+    G = draw(st.sampled_from([g for g in (32, 64, 128, 256) if K % g == 0] + [K]))
+    return draw(st.integers(1, 70)), K, draw(st.integers(1, 8)), G, draw(st.booleans())
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes(), st.integers(0, 2**32 - 1))
+def test_pack_unpack_round_trip(shape, seed):
+    M, K, P, G, off = shape
+    planes, scales, offs = random_layer(np.random.default_rng(seed), M, K, P, G, off)
+    w = lk.pack(planes, scales, offs)
+    p2, s2, o2 = lk.unpack(w)
+    np.testing.assert_array_equal(p2, planes)
+    np.testing.assert_array_equal(s2, scales.astype(np.float16).astype(np.float32))
+    if off:
+        np.testing.assert_array_equal(o2, offs.astype(np.float16).astype(np.float32))
+    else:
+        assert o2 is None
+
+
+def test_dense_matches_the_formula():
+    rng = np.random.default_rng(1)
+    M, K, P, G = 21, 128, 3, 32
+    planes, scales, offs = random_layer(rng, M, K, P, G, True)
+    s16 = scales.astype(np.float16).astype(np.float32)
+    o16 = offs.astype(np.float16).astype(np.float32)
+    expect = np.zeros((M, K), np.float64)
+    for p in range(P):
+        for m in range(M):
+            for k in range(K):
+                expect[m, k] += s16[p, m, k // G] * planes[p, m, k]
+    expect += np.repeat(o16, G, axis=1)
+    np.testing.assert_allclose(lk.dense(lk.pack(planes, scales, offs)), expect, rtol=1e-6, atol=1e-6)
+
+
+def test_bit_layout_of_one_weight():
+    """Row 17, column 37 of a plane: tile 1, chunk 1, column 5 of the chunk ->
+    lane 1 (columns 4..7), low nibble, bit 1; byte 16*lane + row%16 = 17."""
+    P, M, K = 1, 20, 64
+    planes = -np.ones((P, M, K), np.int8)
+    planes[0, 17, 37] = 1
+    w = lk.pack(planes, np.ones((P, M, K // 32), np.float32))
+    nz = np.argwhere(w.planes)
+    assert nz.tolist() == [[1, 1, 0, 17]]
+    assert w.planes[1, 1, 0, 17] == 0b0010
+
+
+def test_bits_per_weight_counts_every_stored_byte():
+    rng = np.random.default_rng(2)
+    # M = 20 pads to 32 rows; 2 planes, G = 64, offsets: planes 2 bits, scales 2*16/64, offsets 16/64, all * 32/20
+    w = lk.pack(*random_layer(rng, 20, 128, 2, 64, True))
+    assert w.nbytes() == w.planes.nbytes + w.scales.nbytes + w.offsets.nbytes
+    assert w.bits_per_weight() == pytest.approx((2 + 2 * 16 / 64 + 16 / 64) * 32 / 20)
+    w = lk.pack(*random_layer(rng, 32, 128, 1, 128, False))
+    assert w.bits_per_weight() == pytest.approx(1 + 16 / 128)
+
+
+@pytest.mark.parametrize("M,K,P,ngroups,msg", [
+    (8, 48, 1, 1, "multiple of 32"),
+    (8, 64, 1, 4, "group size must be one of"),
+    (8, 96, 1, 2, "group size must be one of"),
+    (8, 64, 9, 2, "planes must be 1..8"),
+    (0, 64, 1, 2, "M must be at least 1"),
+])
+def test_bad_shapes_are_clear_errors(M, K, P, ngroups, msg):
+    planes = np.ones((P, M, K), np.int8)
+    with pytest.raises(lk.LayoutError, match=msg):
+        lk.pack(planes, np.ones((P, M, ngroups), np.float32))
+
+
+def test_mismatched_scales_and_offsets():
+    planes = np.ones((2, 8, 64), np.int8)
+    with pytest.raises(lk.LayoutError, match="scales must be"):
+        lk.pack(planes, np.ones((1, 8, 2), np.float32))
+    with pytest.raises(lk.LayoutError, match="offsets must be"):
+        lk.pack(planes, np.ones((2, 8, 2), np.float32), np.ones((8, 3), np.float32))
+    with pytest.raises(lk.LayoutError, match=r"planes must be \[P, M, K\]"):
+        lk.pack(np.ones((8, 64)), np.ones((1, 8, 2), np.float32))
