@@ -5,29 +5,34 @@
 
 #define TGT __attribute__((target("avx2,fma,f16c")))
 
-/* 16 rows of int16 sums of one plane over nc chunks. Each row receives
- * 8 lookups per chunk, at most 64 per block: |sum| <= 8192 (see kernel_scalar.c). */
-TGT static __m256i block_sums(const uint8_t *wt, const int8_t *tab, int32_t c0, int32_t nc, int32_t P, int32_t p) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
-    __m256i acc = _mm256_setzero_si256();
+/* 16 rows of int16 sums of one plane over nc chunks. A chunk's 4 lookups per
+ * row and lane are paired byte-wise (unpack) and summed into int16 by
+ * vpmaddubsw against ones, which cannot saturate (|a + b| <= 256). Each row
+ * receives at most 64 lookups per block: |sum| <= 8192 (see kernel_scalar.c). */
+TGT static inline __attribute__((always_inline)) __m256i block_sums(const uint8_t *wt, const int8_t *tab, int32_t c0,
+                                                                   int32_t nc, int32_t P, int32_t p) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi8(1);
+    __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256(); /* rows 0-7 / 8-15, one partial per lane */
     for (int32_t c = c0; c < c0 + nc; c++) {
         const uint8_t *wb = wt + ((int64_t)c * P + p) * 64;
         const int8_t *tb = tab + (int64_t)c * 8 * LUT_TAB;
         __m256i w0 = _mm256_loadu_si256((const __m256i *)wb), w1 = _mm256_loadu_si256((const __m256i *)(wb + 32));
-        __m256i r[4] = {
-            _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)tb), _mm256_and_si256(w0, m4)),
-            _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(tb + 64)),
-                                _mm256_and_si256(_mm256_srli_epi16(w0, 4), m4)),
-            _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(tb + 32)), _mm256_and_si256(w1, m4)),
-            _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(tb + 96)),
-                                _mm256_and_si256(_mm256_srli_epi16(w1, 4), m4)),
-        };
-        for (int i = 0; i < 4; i++) {
-            acc = _mm256_add_epi16(acc, _mm256_cvtepi8_epi16(_mm256_castsi256_si128(r[i])));
-            acc = _mm256_add_epi16(acc, _mm256_cvtepi8_epi16(_mm256_extracti128_si256(r[i], 1)));
-        }
+        /* lane l of r0: groups l (low nibbles of bytes 0-31); r1: l+4; r2: l+2; r3: l+6 */
+        __m256i r0 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)tb), _mm256_and_si256(w0, m4));
+        __m256i r1 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(tb + 64)),
+                                         _mm256_and_si256(_mm256_srli_epi16(w0, 4), m4));
+        __m256i r2 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(tb + 32)), _mm256_and_si256(w1, m4));
+        __m256i r3 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(tb + 96)),
+                                         _mm256_and_si256(_mm256_srli_epi16(w1, 4), m4));
+        __m256i a = _mm256_add_epi16(_mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(r0, r1)),
+                                     _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(r2, r3)));
+        __m256i b = _mm256_add_epi16(_mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(r0, r1)),
+                                     _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(r2, r3)));
+        lo = _mm256_add_epi16(lo, a);
+        hi = _mm256_add_epi16(hi, b);
     }
-    return acc;
+    /* fold the two lanes: [rows 0-7, rows 8-15] */
+    return _mm256_add_epi16(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
 }
 
 TGT void lut_tile_avx2(const lut_job *j, int32_t tile, int32_t tok) {

@@ -7,7 +7,7 @@
 
 /* Words 0-15 hold rows 0-15 from lanes 0 and 2, words 16-31 the same rows from
  * lanes 1 and 3; each word gets at most 32 lookups per block, |sum| <= 4096. */
-TGT static __m256i block_sums(const uint8_t *wt, const int8_t *tab, int32_t c0, int32_t nc, int32_t P, int32_t p) {
+TGT static inline __attribute__((always_inline)) __m256i block_sums(const uint8_t *wt, const int8_t *tab, int32_t c0, int32_t nc, int32_t P, int32_t p) {
     const __m512i m4 = _mm512_set1_epi8(0x0f);
     __m512i acc = _mm512_setzero_si512();
     for (int32_t c = c0; c < c0 + nc; c++) {

@@ -3,7 +3,6 @@
  * Table construction is shared C compiled once, so every ISA path sees
  * byte-identical tables and must produce identical integer sums. */
 #define _POSIX_C_SOURCE 200809L
-#include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include "lut_internal.h"
@@ -96,57 +95,79 @@ int32_t lut_act_block(int32_t K, int32_t G) {
 /* ---- activation tables ---------------------------------------------------
  * For 4 activations x0..x3, entry idx holds sum_i (bit i of idx ? +x_i : -x_i).
  * Entries 8..15 are computed as ((x3 +- x2) +- x1) +- x0 in float32 and
- * entries 0..7 are their negations (idx and 15-idx have opposite signs). */
-static void sums16(const float *x, float *t) {
-    for (int idx = 8; idx < 16; idx++) {
-        float v = x[3];
-        v = (idx & 4) ? v + x[2] : v - x[2];
-        v = (idx & 2) ? v + x[1] : v - x[1];
-        v = (idx & 1) ? v + x[0] : v - x[0];
-        t[idx] = v;
-        t[15 - idx] = -v;
-    }
+ * entries 0..7 are their negations (idx and 15-idx have opposite signs).
+ * The loops are written so the compiler vectorises them without fast-math:
+ * |v| by clearing the sign bit, max|v| as an integer max (non-negative floats
+ * order like their bit patterns), and rounding by adding and subtracting
+ * 1.5 * 2^23, which rounds half to even (as np.rint) for |v| < 2^22. */
+static inline uint32_t abs_bits(float v) {
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    return u & 0x7fffffffu;
 }
 
-/* Fast mode: one block of Kb activations -> int8 tables, scale = max|T| / 127. */
-static float tables_fast(const float *x, int32_t Kb, int8_t *tab) {
-    float t[LUT_TAB], maxabs = 0.0f;
+static inline float bits_float(uint32_t u) {
+    float v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+/* Same C, compiled twice on x86: the AVX2 clone only widens the vectors, and
+ * without FMA contraction it computes the identical IEEE results. */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#define TABLE_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define TABLE_CLONES
+#endif
+
+static inline int32_t round_even(float v) { return (int32_t)((v + 12582912.0f) - 12582912.0f); }
+
+/* Fast mode: one block of Kb <= 256 activations -> int8 tables, scale = max|T| / 127.
+ * |T * 127/max|T|| <= 127 up to one rounding, so entries fit int8 without a clamp. */
+TABLE_CLONES static float tables_fast(const float *x, int32_t Kb, int8_t *tab) {
+    float t[256 / 4 * 16];
+    uint32_t maxbits = 0;
     for (int32_t j = 0; j < Kb / 4; j++) {
-        sums16(x + 4 * j, t);
-        for (int i = 8; i < 16; i++)
-            maxabs = fmaxf(maxabs, fabsf(t[i]));
+        const float *a = x + 4 * j;
+        float *o = t + 16 * j;
+        float m2 = a[3] - a[2], p2 = a[3] + a[2];
+        float m2m1 = m2 - a[1], m2p1 = m2 + a[1], p2m1 = p2 - a[1], p2p1 = p2 + a[1];
+        o[8] = m2m1 - a[0], o[9] = m2m1 + a[0], o[10] = m2p1 - a[0], o[11] = m2p1 + a[0];
+        o[12] = p2m1 - a[0], o[13] = p2m1 + a[0], o[14] = p2p1 - a[0], o[15] = p2p1 + a[0];
+        for (int i = 0; i < 8; i++)
+            o[i] = -o[15 - i];
     }
-    float inv = maxabs > 0.0f ? 127.0f / maxabs : 0.0f;
-    for (int32_t j = 0; j < Kb / 4; j++) {
-        sums16(x + 4 * j, t);
-        for (int i = 0; i < 16; i++) {
-            float q = nearbyintf(t[i] * inv);
-            tab[16 * j + i] = (int8_t)fminf(fmaxf(q, -127.0f), 127.0f);
-        }
+    for (int32_t i = 0; i < 4 * Kb; i++) {
+        uint32_t u = abs_bits(t[i]);
+        maxbits = u > maxbits ? u : maxbits;
     }
+    float maxabs = bits_float(maxbits), inv = maxabs > 0.0f ? 127.0f / maxabs : 0.0f;
+    for (int32_t i = 0; i < 4 * Kb; i++)
+        tab[i] = (int8_t)round_even(t[i] * inv);
     return maxabs / 127.0f;
 }
 
 /* Exact mode: activations to int8 with scale max|x| / 127; the integer sums
  * (|T| <= 508) split into signed bytes T = 256*hi + lo, lo in [-128,127]. */
-static float tables_exact(const float *x, int32_t Kb, int8_t *lo, int8_t *hi) {
-    float maxabs = 0.0f;
+TABLE_CLONES static float tables_exact(const float *x, int32_t Kb, int8_t *lo, int8_t *hi) {
+    uint32_t maxbits = 0;
+    for (int32_t k = 0; k < Kb; k++) {
+        uint32_t u = abs_bits(x[k]);
+        maxbits = u > maxbits ? u : maxbits;
+    }
+    float maxabs = bits_float(maxbits), inv = maxabs > 0.0f ? 127.0f / maxabs : 0.0f;
+    int32_t q[256];
     for (int32_t k = 0; k < Kb; k++)
-        maxabs = fmaxf(maxabs, fabsf(x[k]));
-    float inv = maxabs > 0.0f ? 127.0f / maxabs : 0.0f;
-    for (int32_t j = 0; j < Kb / 4; j++) {
-        int32_t q[4];
-        for (int i = 0; i < 4; i++)
-            q[i] = (int32_t)fminf(fmaxf(nearbyintf(x[4 * j + i] * inv), -127.0f), 127.0f);
+        q[k] = round_even(x[k] * inv);
+    for (int32_t j = 0; j < Kb / 4; j++)
         for (int idx = 0; idx < 16; idx++) {
             int32_t v = 0;
             for (int i = 0; i < 4; i++)
-                v += (idx >> i & 1) ? q[i] : -q[i];
+                v += (idx >> i & 1) ? q[4 * j + i] : -q[4 * j + i];
             int32_t l = ((v + 128) & 255) - 128;
             lo[16 * j + idx] = (int8_t)l;
             hi[16 * j + idx] = (int8_t)((v - l) / 256);
         }
-    }
     return maxabs / 127.0f;
 }
 
@@ -169,11 +190,16 @@ static void build_tables(void *arg, int32_t ith, int32_t nth) {
         float *ts = (float *)j->tscale + (int64_t)tok * nb + b;
         *ts = c->exact ? tables_exact(x, j->Kb, tab, tab + (int64_t)K * 4) : tables_fast(x, j->Kb, tab);
     }
+    if (!j->w->offsets)
+        return;
     for (int64_t u = (int64_t)c->n * ng * ith / nth; u < (int64_t)c->n * ng * (ith + 1) / nth; u++) {
         const float *x = c->x + u * G; /* groups tile each token's row exactly: K = ng * G */
-        float s = 0.0f;
-        for (int32_t k = 0; k < G; k++)
-            s += x[k];
+        float part[8] = {0}, s = 0.0f; /* 8 partial sums: a vector add chain, not a scalar one */
+        for (int32_t k = 0; k < G; k += 8)
+            for (int i = 0; i < 8; i++)
+                part[i] += x[k + i];
+        for (int i = 0; i < 8; i++)
+            s += part[i];
         ((float *)j->xsum)[u] = s;
     }
 }
