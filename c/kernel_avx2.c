@@ -9,13 +9,11 @@
  * row and lane are paired byte-wise (unpack) and summed into int16 by
  * vpmaddubsw against ones, which cannot saturate (|a + b| <= 256). Each row
  * receives at most 64 lookups per block: |sum| <= 8192 (see kernel_scalar.c). */
-TGT static inline __attribute__((always_inline)) __m256i block_sums(const uint8_t *wt, const int8_t *tab, int32_t c0,
-                                                                   int32_t nc, int32_t P, int32_t p) {
+TGT static inline __attribute__((always_inline)) __m256i block_sums(const uint8_t *wb, const int8_t *tb, int32_t nc,
+                                                                   int64_t wstride) {
     const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi8(1);
     __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256(); /* rows 0-7 / 8-15, one partial per lane */
-    for (int32_t c = c0; c < c0 + nc; c++) {
-        const uint8_t *wb = wt + ((int64_t)c * P + p) * 64;
-        const int8_t *tb = tab + (int64_t)c * 8 * LUT_TAB;
+    for (int32_t c = 0; c < nc; c++, wb += wstride, tb += 8 * LUT_TAB) {
         __m256i w0 = _mm256_loadu_si256((const __m256i *)wb), w1 = _mm256_loadu_si256((const __m256i *)(wb + 32));
         /* lane l of r0: groups l (low nibbles of bytes 0-31); r1: l+4; r2: l+2; r3: l+6 */
         __m256i r0 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)tb), _mm256_and_si256(w0, m4));
@@ -48,11 +46,13 @@ TGT void lut_tile_avx2(const lut_job *j, int32_t tile, int32_t tok) {
         const uint16_t *sc = w->scales + ((int64_t)tile * ng + g) * P * LUT_TILE;
         __m256 tsv = _mm256_set1_ps(ts[b]);
         for (int32_t p = 0; p < P; p++) {
-            __m256i s = block_sums(wt, tab, b * cpb, cpb, P, p);
+            const uint8_t *wb = wt + ((int64_t)b * cpb * P + p) * 64;
+            const int8_t *tb = tab + (int64_t)b * cpb * 8 * LUT_TAB;
+            __m256i s = block_sums(wb, tb, cpb, (int64_t)P * 64);
             __m256i s0 = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s));
             __m256i s1 = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s, 1));
             if (j->ntab == 2) {
-                __m256i h = block_sums(wt, tab + (int64_t)K * 4, b * cpb, cpb, P, p);
+                __m256i h = block_sums(wb, tb + (int64_t)K * 4, cpb, (int64_t)P * 64);
                 s0 = _mm256_add_epi32(s0, _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)), 8));
                 s1 = _mm256_add_epi32(s1, _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)), 8));
             }
