@@ -173,3 +173,25 @@ def test_env_forces_isa_and_rejects_unsupported():
                          text=True)
     assert out.returncode != 0
     assert f"ISA '{unsupported}' is not supported by this CPU" in out.stderr.strip().splitlines()[-1]
+
+
+def test_concurrent_python_threads_get_correct_results():
+    """Calls release the GIL and are serialized in C: concurrent callers each get their own answer."""
+    import threading
+    rng = np.random.default_rng(9)
+    w = lk.Layer(lk.pack(*random_layer(rng, 200, 512, 2, 128, True)))
+    xs = [rng.standard_normal((2, 512)).astype(np.float32) for _ in range(4)]
+    expect = [lk.gemm(w, x) for x in xs]
+    errors = []
+
+    def worker(i):
+        for _ in range(50):
+            if not np.array_equal(lk.gemm(w, xs[i]), expect[i]):
+                errors.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
