@@ -13,14 +13,16 @@ TGT static inline __attribute__((always_inline)) __m256i block_sums(const uint8_
                                                                    int64_t wstride) {
     const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi8(1);
     __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256(); /* rows 0-7 / 8-15, one partial per lane */
-    for (int32_t c = 0; c < nc; c++, wb += wstride, tb += 8 * LUT_TAB) {
-        __m256i w0 = _mm256_loadu_si256((const __m256i *)wb), w1 = _mm256_loadu_si256((const __m256i *)(wb + 32));
+    for (int32_t c = 0; c < nc; c++) {
+        const uint8_t *w = wb + c * wstride; /* indexed, not stepped: no pointer past the array's end */
+        const int8_t *t = tb + c * 8 * LUT_TAB;
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)w), w1 = _mm256_loadu_si256((const __m256i *)(w + 32));
         /* lane l of r0: groups l (low nibbles of bytes 0-31); r1: l+4; r2: l+2; r3: l+6 */
-        __m256i r0 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)tb), _mm256_and_si256(w0, m4));
-        __m256i r1 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(tb + 64)),
+        __m256i r0 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)t), _mm256_and_si256(w0, m4));
+        __m256i r1 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(t + 64)),
                                          _mm256_and_si256(_mm256_srli_epi16(w0, 4), m4));
-        __m256i r2 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(tb + 32)), _mm256_and_si256(w1, m4));
-        __m256i r3 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(tb + 96)),
+        __m256i r2 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(t + 32)), _mm256_and_si256(w1, m4));
+        __m256i r3 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(t + 96)),
                                          _mm256_and_si256(_mm256_srli_epi16(w1, 4), m4));
         __m256i a = _mm256_add_epi16(_mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(r0, r1)),
                                      _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(r2, r3)));

@@ -1,0 +1,87 @@
+/* NEON tile kernel for the AArch64 baseline (ARMv8.0: no dotprod, no fp16
+ * arithmetic). tbl looks up 16 rows per 128-bit register, one group of 4
+ * activations per instruction, exactly the lane split of kernel_scalar.c. */
+#include <arm_neon.h>
+#include "lut_internal.h"
+
+/* Lane l of a chunk (rows 0-15): group l's table indexed by the low nibbles
+ * plus group l+4's by the high nibbles, as int16 rows 0-7 (val[0]) and 8-15
+ * (val[1]). Two int8 entries can sum past int8, hence the widening add. */
+static inline int16x8x2_t lane_sums(const uint8_t *wc, const int8_t *tc, int l) {
+    uint8x16_t wv = vld1q_u8(wc + 16 * l);
+    int8x16_t a = vqtbl1q_s8(vld1q_s8(tc + l * LUT_TAB), vandq_u8(wv, vdupq_n_u8(0x0f)));
+    int8x16_t b = vqtbl1q_s8(vld1q_s8(tc + (l + 4) * LUT_TAB), vshrq_n_u8(wv, 4));
+    return (int16x8x2_t){{vaddl_s8(vget_low_s8(a), vget_low_s8(b)), vaddl_high_s8(a, b)}};
+}
+
+/* 16 rows of int16 sums of one plane over nc chunks (halves as lane_sums).
+ * The four lanes are summed as a tree so the accumulators' dependency chains
+ * get one add per chunk. A row receives at most 64 lookups per block, |sum| <=
+ * 8192 (see kernel_scalar.c): int16 partial sums cannot overflow. */
+static inline int16x8x2_t block_sums(const uint8_t *wb, const int8_t *tb, int32_t nc, int64_t wstride) {
+    int16x8x2_t s = {{vdupq_n_s16(0), vdupq_n_s16(0)}};
+    for (int32_t c = 0; c < nc; c++) {
+        /* indexed rather than stepped pointers: a step past the last chunk could leave the array */
+        const uint8_t *wc = wb + c * wstride;
+        const int8_t *tc = tb + (int64_t)c * 8 * LUT_TAB;
+        int16x8x2_t l0 = lane_sums(wc, tc, 0), l1 = lane_sums(wc, tc, 1);
+        int16x8x2_t l2 = lane_sums(wc, tc, 2), l3 = lane_sums(wc, tc, 3);
+        s.val[0] = vaddq_s16(s.val[0], vaddq_s16(vaddq_s16(l0.val[0], l1.val[0]), vaddq_s16(l2.val[0], l3.val[0])));
+        s.val[1] = vaddq_s16(s.val[1], vaddq_s16(vaddq_s16(l0.val[1], l1.val[1]), vaddq_s16(l2.val[1], l3.val[1])));
+    }
+    return s;
+}
+
+/* fp16 -> fp32 by the ARMv8.0 conversion instruction: exact, like lut_h2f. */
+static inline float32x4_t h2f4(const uint16_t *h) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h))); }
+
+void lut_tile_neon(const lut_job *j, int32_t tile, int32_t tok) {
+    const lut_layer *w = j->w;
+    int32_t K = w->K, P = w->P, nb = K / j->Kb, ng = K / w->G, bpg = w->G / j->Kb, cpb = j->Kb / LUT_CHUNK;
+    int32_t nchunk = K / LUT_CHUNK, rows = ((w->M + LUT_TILE - 1) / LUT_TILE) * LUT_TILE;
+    const uint8_t *wt = w->planes + (int64_t)tile * nchunk * P * 64;
+    const int8_t *tab = j->tab + tok * lut_tab_stride(j);
+    const float *ts = j->tscale + (int64_t)tok * nb, *xs = j->xsum + (int64_t)tok * ng;
+    float32x4_t y[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
+    for (int32_t b = 0; b < nb; b++) {
+        int32_t g = b / bpg;
+        const uint16_t *sc = w->scales + ((int64_t)tile * ng + g) * P * LUT_TILE;
+        float32x4_t tsv = vdupq_n_f32(ts[b]);
+        for (int32_t p = 0; p < P; p++) {
+            const uint8_t *wb = wt + ((int64_t)b * cpb * P + p) * 64;
+            const int8_t *tb = tab + (int64_t)b * cpb * 8 * LUT_TAB;
+            int16x8x2_t s16 = block_sums(wb, tb, cpb, (int64_t)P * 64);
+            int32x4_t s[4] = {vmovl_s16(vget_low_s16(s16.val[0])), vmovl_high_s16(s16.val[0]),
+                              vmovl_s16(vget_low_s16(s16.val[1])), vmovl_high_s16(s16.val[1])};
+            if (j->ntab == 2) {
+                /* widening shift: |hi sum| <= 2 * 64, and 256 * 128 does not fit int16 */
+                int16x8x2_t h = block_sums(wb, tb + (int64_t)K * 4, cpb, (int64_t)P * 64);
+                s[0] = vaddq_s32(s[0], vshll_n_s16(vget_low_s16(h.val[0]), 8));
+                s[1] = vaddq_s32(s[1], vshll_high_n_s16(h.val[0], 8));
+                s[2] = vaddq_s32(s[2], vshll_n_s16(vget_low_s16(h.val[1]), 8));
+                s[3] = vaddq_s32(s[3], vshll_high_n_s16(h.val[1], 8));
+            }
+            if (j->acc) {
+                int32_t tmp[LUT_TILE];
+                for (int i = 0; i < 4; i++)
+                    vst1q_s32(tmp + 4 * i, s[i]);
+                for (int32_t r = 0; r < LUT_TILE; r++)
+                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = tmp[r];
+            }
+            /* scale * ts rounded first, then one fused step: the scalar kernel's fmaf order */
+            for (int i = 0; i < 4; i++)
+                y[i] = vfmaq_f32(y[i], vcvtq_f32_s32(s[i]), vmulq_f32(h2f4(sc + p * LUT_TILE + 4 * i), tsv));
+        }
+        if (w->offsets && (b + 1) % bpg == 0) {
+            const uint16_t *z = w->offsets + ((int64_t)tile * ng + g) * LUT_TILE;
+            float32x4_t xv = vdupq_n_f32(xs[g]);
+            for (int i = 0; i < 4; i++)
+                y[i] = vfmaq_f32(y[i], h2f4(z + 4 * i), xv);
+        }
+    }
+    float out[LUT_TILE];
+    for (int i = 0; i < 4; i++)
+        vst1q_f32(out + 4 * i, y[i]);
+    int32_t n = w->M - tile * LUT_TILE < LUT_TILE ? w->M - tile * LUT_TILE : LUT_TILE;
+    memcpy(j->y + (int64_t)tok * w->M + tile * LUT_TILE, out, (size_t)n * sizeof(float));
+}

@@ -1,0 +1,150 @@
+"""Test vectors for the standalone C harness (c/tests/test_lut.c).
+
+    python tests/gen_vectors.py OUT [--cases N] [--seed S]
+
+Only numpy is needed: the expected values come from lutkernels/layout.py and
+lutkernels/reference.py, loaded without the package's __init__ (which imports
+the compiled module), so vectors can be made where the C core is not built,
+e.g. for a cross-compiled harness.
+
+File format, little-endian:
+    header  char[8] "LUTVEC1\\0", uint32 0x01020304 (byte-order check), uint32 ncases
+    case    int32 M, K, P, G, Kb, has_offsets, N, exact
+            uint8   planes  [Mt, K/32, P, 64]
+            uint16  scales  [Mt, K/G, P, 16]         (fp16 bits)
+            uint16  offsets [Mt, K/G, 16]            (only if has_offsets)
+            float32 x       [N, K]
+            int32   sums    [N, Mt*16, P, K/Kb]      (the exact integer block sums)
+            float64 y       [N, M]                   (float64 reference output)
+            float64 mag     [N, M]                   (sum of |terms| of each output)
+"""
+import argparse
+import importlib
+import struct
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"LUTVEC1\0"
+GROUPS = (32, 64, 128, 256, "K")
+
+
+def _load_spec():
+    """lutkernels.layout and lutkernels.reference as submodules of a stand-in
+    package whose __init__ is never run: their relative imports still resolve."""
+    name = "_lutkernels_spec"
+    if name not in sys.modules:
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [str(Path(__file__).resolve().parent.parent / "lutkernels")]
+        sys.modules[name] = pkg
+    return importlib.import_module(name + ".layout"), importlib.import_module(name + ".reference")
+
+
+layout, reference = _load_spec()
+
+
+def magnitude(w, x, sums, exact):
+    """Sum of |terms| of each output: float32 accumulation error is relative to this, not to |y|."""
+    _, ts = reference.tables(x, w.K, w.G, exact)
+    _, scales, offsets = layout.unpack(w)
+    blk = np.repeat(np.abs(scales.astype(np.float64)), w.G // layout.act_block(w.K, w.G), axis=2)
+    mag = np.einsum("nmpb,pmb,nb->nm", np.abs(sums[:, : w.M].astype(np.float64)), blk, ts.astype(np.float64))
+    if offsets is not None:
+        mag += np.abs(x.astype(np.float64)).reshape(x.shape[0], -1, w.G).sum(-1) @ np.abs(offsets.T)
+    return mag
+
+
+def plan(ncases, rng):
+    """Shapes. G, exact and offsets cycle with periods 5, 2 and 4, so any 20
+    consecutive cases hold all 20 combinations; the edge cases that replace
+    the first slots leave 20 consecutive ones from 40 cases on."""
+    out = []
+    for i in range(ncases):
+        G = GROUPS[i % 5]
+        if G == "K":
+            K = 32 * int(rng.integers(1, 33))
+            G = K
+        else:
+            K = G * int(rng.integers(1, 1024 // G + 1))
+        M = int(rng.integers(1, 81))
+        if i % 4 == 0:
+            M = 16 * int(rng.integers(1, 5))  # whole tiles too, not only a partial last one
+        out.append(dict(M=M, K=K, P=int(rng.integers(1, 9)), G=G, off=(i // 2) % 2 == 1, N=1 + i % 3,
+                        exact=i % 2 == 1, kind="random"))
+    # Edge cases overwrite the first slots so the count stays ncases.
+    edges = [
+        dict(M=1, K=32, P=1, G=32, off=False, N=1, exact=False, kind="random"),
+        dict(M=33, K=992, P=3, G=992, off=True, N=2, exact=True, kind="random"),  # G=K, act block 32
+        dict(M=17, K=320, P=2, G=320, off=False, N=1, exact=False, kind="random"),  # G=K, act block 64
+        dict(M=40, K=384, P=5, G=384, off=True, N=3, exact=False, kind="random"),  # G=K, act block 128
+        dict(M=31, K=1024, P=8, G=1024, off=True, N=3, exact=True, kind="random"),  # G=K, act block 256
+        dict(M=20, K=512, P=2, G=256, off=False, N=2, exact=False, kind="extreme"),  # int16 bound, fast
+        dict(M=20, K=1024, P=2, G=1024, off=True, N=1, exact=True, kind="extreme"),  # int16 bound, exact
+        dict(M=25, K=256, P=4, G=64, off=True, N=3, exact=False, kind="zero_token"),
+        dict(M=45, K=512, P=3, G=128, off=True, N=2, exact=True, kind="subnormal"),
+    ]
+    out[: len(edges)] = edges[:ncases]
+    return out
+
+
+def make_case(c, rng):
+    M, K, P, G, N = c["M"], c["K"], c["P"], c["G"], c["N"]
+    planes = rng.integers(0, 2, (P, M, K), dtype=np.int8) * 2 - 1
+    scales = rng.standard_normal((P, M, K // G)).astype(np.float32)
+    offsets = rng.standard_normal((M, K // G)).astype(np.float32) if c["off"] else None
+    x = (rng.standard_normal((N, K)) * rng.uniform(0.01, 100)).astype(np.float32)
+    if c["kind"] == "extreme":
+        # Every lookup of a row picks the same extreme entry: rows alternate
+        # all +1 / all -1. Fast mode: constant x makes that entry +-127, so a
+        # 256-activation block sums to +-8128. Exact mode: groups summing to
+        # 128 make the low byte -128 (the exact bound, -8192 per block).
+        planes[:] = np.where(np.arange(M)[None, :, None] % 2 == 0, 1, -1)
+        if c["exact"]:
+            x[:] = 32.0
+            x[:, ::256] = 127.0  # the block maximum, so the activations quantize to themselves
+            x[:, 1::256] = 1.0
+            x[:, 2::256] = 0.0
+            x[:, 3::256] = 0.0
+        else:
+            x[:] = 1.0
+    elif c["kind"] == "zero_token":
+        x[1] = 0.0  # all-zero tables and a zero table scale
+    elif c["kind"] == "subnormal":
+        scales *= 1e-6  # mostly float16 subnormals
+        offsets *= 1e-6
+    w = layout.pack(planes, scales, offsets)
+    y, sums = reference.gemm(w, x, c["exact"])
+    return w, x, y, sums, magnitude(w, x, sums, c["exact"])
+
+
+def write(path, ncases=40, seed=0):
+    rng = np.random.default_rng(seed)
+    with open(path, "wb") as f:
+        f.write(MAGIC + struct.pack("<II", 0x01020304, ncases))
+        for c in plan(ncases, rng):
+            w, x, y, sums, mag = make_case(c, rng)
+            Kb = layout.act_block(w.K, w.G)
+            f.write(struct.pack("<8i", w.M, w.K, w.P, w.G, Kb, int(w.offsets is not None), x.shape[0], int(c["exact"])))
+            arrays = [w.planes.astype("<u1"), w.scales.view(np.uint16).astype("<u2")]
+            if w.offsets is not None:
+                arrays.append(w.offsets.view(np.uint16).astype("<u2"))
+            arrays += [x.astype("<f4"), sums.astype("<i4"), y.astype("<f8"), mag.astype("<f8")]
+            for a in arrays:
+                f.write(np.ascontiguousarray(a).tobytes())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out")
+    ap.add_argument("--cases", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.cases < 1:
+        ap.error("--cases must be at least 1")
+    write(args.out, args.cases, args.seed)
+
+
+if __name__ == "__main__":
+    main()
