@@ -48,4 +48,10 @@ const char *lut_isa_name(int32_t isa);
 int lut_set_threads(int32_t n);
 int32_t lut_threads(void);
 
+/* Benchmark roofline (c/roofline.c): sums buf[0..n) split across the
+ * lut_set_threads pool, vectorised and bandwidth-bound; returns the sum so
+ * the reads are kept. Not for concurrent use with itself, lut_gemm or
+ * lut_set_threads. */
+double lut_stream_read(const float *buf, int64_t n);
+
 #endif

@@ -8,7 +8,7 @@ from cffi import FFI
 
 # setuptools wants paths relative to the project root, where setup.py runs.
 C_DIR = "c"
-SOURCES = ["lut.c", "pool.c", "kernel_scalar.c"]
+SOURCES = ["lut.c", "pool.c", "kernel_scalar.c", "roofline.c"]
 if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386"):
     SOURCES += ["kernel_avx2.c", "kernel_avx512.c"]
 elif platform.machine().lower() in ("aarch64", "arm64"):
@@ -29,6 +29,7 @@ int lut_set_isa(int32_t isa);
 const char *lut_isa_name(int32_t isa);
 int lut_set_threads(int32_t n);
 int32_t lut_threads(void);
+double lut_stream_read(const float *buf, int64_t n);
 """
 
 ffibuilder = FFI()

@@ -127,4 +127,13 @@ def gemv(w, x: np.ndarray, out: np.ndarray | None = None, exact: bool = False) -
     return y[0]
 
 
+def stream_read(buf: np.ndarray) -> float:
+    """Sum a float32 C-contiguous array on the kernel thread pool (set_threads):
+    the streaming-read roofline of bench/kernels.py. Returns the sum, so the
+    reads are not optimised away. Not to be called concurrently with gemm."""
+    if not isinstance(buf, np.ndarray) or buf.dtype != np.float32 or not buf.flags.c_contiguous:
+        raise TypeError("buf must be a C-contiguous float32 numpy array")
+    return lib.lut_stream_read(ffi.cast("const float *", ffi.from_buffer(buf)), buf.size)
+
+
 _apply_env_isa()
