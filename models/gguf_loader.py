@@ -1,0 +1,258 @@
+"""GGUF files (llama.cpp) to a ModelSource: HF tensor names, float32, Q/K rows in rotate-half order.
+
+The header is parsed here rather than with gguf.GGUFReader, which builds a numpy
+view per string and takes ~17 s on Qwen's 150k-token vocabulary; this parser
+takes well under a second. gguf's constants and dequantizers are still used.
+"""
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
+from gguf.quants import dequantize
+
+from .config import ARCHITECTURES, ModelConfig, ModelError, check_architecture, check_tensors
+from .source import ModelSource
+
+# GGUF tensor names -> HF names (models/config.py); a ".weight"/".bias" suffix follows both.
+GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+GGUF_LAYER_NAMES = {  # blk.{i}.<key> -> model.layers.{i}.<value>
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# llama.cpp's converter permutes Q/K rows of these architectures for its interleaved RoPE.
+PERMUTED_ARCHS = {"llama", "mistral"}
+
+_SCALARS = {GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
+            GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
+            GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "Q",
+            GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d"}
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+class GGUFTensor(NamedTuple):
+    type: GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy order, [out, in]: GGUF's ne reversed
+    data: np.ndarray  # uint8 over the memory map, [*shape[:-1], bytes per row]
+
+
+class _Truncated(Exception):
+    pass
+
+
+class _Cursor:
+    """Little-endian reads from a buffer, in the values GGUFReader's field.contents() gives."""
+
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def unpack(self, fmt: str) -> tuple:
+        self._need(struct.calcsize("<" + fmt))
+        values = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += struct.calcsize("<" + fmt)
+        return values
+
+    def _need(self, n: int) -> None:
+        if self.pos + n > len(self.buf):
+            raise _Truncated(f"{n} bytes needed at byte {self.pos}, the file has {len(self.buf)}")
+
+    def scalar(self, fmt: str):
+        return self.unpack(fmt)[0]
+
+    def string(self) -> str:
+        n = self.scalar("Q")
+        self._need(n)
+        self.pos += n
+        return str(self.buf[self.pos - n:self.pos], "utf-8")
+
+    def value(self, vtype: GGUFValueType):
+        if vtype == GGUFValueType.STRING:
+            return self.string()
+        if vtype != GGUFValueType.ARRAY:
+            return self.scalar(_SCALARS[vtype])
+        itype, n = GGUFValueType(self.scalar("I")), self.scalar("Q")
+        if itype in _SCALARS:  # numeric arrays in one go: token types have 150k entries
+            dtype = np.dtype("<" + _SCALARS[itype])
+            self._need(n * dtype.itemsize)
+            values = np.frombuffer(self.buf, dtype, n, self.pos).tolist()
+            self.pos += n * dtype.itemsize
+            return values
+        return [self.value(itype) for _ in range(n)]
+
+
+def read_gguf(path) -> tuple[dict, dict[str, GGUFTensor]]:
+    """Metadata {key: value} and tensors {GGUF name: GGUFTensor} of a GGUF file, memory-mapped."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelError(f"{path}: not a GGUF file (bad magic)")
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read: {e.strerror or e}") from None
+    c = _Cursor(buf)
+    c.pos = 4
+    try:
+        version = c.scalar("I")
+        if version not in (2, 3):
+            raise ModelError(f"{path}: unsupported GGUF version {version}")
+        n_tensors, n_kv = c.unpack("QQ")
+        metadata = {}
+        for _ in range(n_kv):
+            key = c.string()
+            metadata[key] = c.value(GGUFValueType(c.scalar("I")))
+        infos = []
+        for _ in range(n_tensors):
+            name, n_dims = c.string(), c.scalar("I")
+            if n_dims > _MAX_DIMS:
+                raise ModelError(f"{path}: tensor {name} has {n_dims} dimensions (corrupt header?)")
+            ne = c.unpack("Q" * n_dims)
+            infos.append((name, ne, GGMLQuantizationType(c.scalar("I")), c.scalar("Q")))
+    except ModelError:
+        raise
+    except _Truncated as e:
+        raise ModelError(f"{path}: truncated GGUF header ({e})") from None
+    except ValueError as e:  # unknown value or tensor type codes, bad UTF-8
+        raise ModelError(f"{path}: corrupt GGUF header ({e})") from None
+
+    align = metadata.get("general.alignment", 32)
+    if not isinstance(align, int) or align <= 0:
+        raise ModelError(f"{path}: bad general.alignment {align!r}")
+    start = -(-c.pos // align) * align
+    tensors = {}
+    for name, ne, qtype, offset in infos:
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        if not ne or ne[0] % block:
+            raise ModelError(f"{path}: tensor {name} shape {list(ne)} does not fit {qtype.name} blocks of {block}")
+        row_bytes = ne[0] // block * type_size
+        shape = tuple(reversed(ne))
+        begin, nbytes = start + offset, row_bytes * math.prod(shape[:-1])
+        if begin + nbytes > len(buf):
+            raise ModelError(f"{path}: tensor {name} data ends at byte {begin + nbytes}, "
+                             f"beyond the end of the file ({len(buf)} bytes): truncated?")
+        data = np.frombuffer(buf, np.uint8, nbytes, begin)
+        tensors[name] = GGUFTensor(qtype, shape, data.reshape(shape[:-1] + (row_bytes,)))
+    return metadata, tensors
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """The HF name of a GGUF tensor, or None for tensors the runtime does not use."""
+    base, _, kind = gguf_name.rpartition(".")
+    if base in GGUF_GLOBAL_NAMES:
+        return f"{GGUF_GLOBAL_NAMES[base]}.{kind}"
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in GGUF_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}.{kind}"
+    return None
+
+
+def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's Q/K permutation: per head, interleaved RoPE pairs back to rotate-half halves."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_gguf(path, tokenizer: bool = True) -> ModelSource:
+    path = Path(path)
+    metadata, raw = read_gguf(path)
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ModelError(f"{path}: no general.architecture in the metadata")
+    check_architecture(arch, path)
+    if "rope_freqs.weight" in raw:  # llama3-style RoPE scaling, which the runtime cannot apply
+        raise ModelError(f"{path}: per-frequency RoPE factors (rope_freqs.weight) are not supported")
+    config = _config(metadata, raw, arch, path)
+    named = {hf: raw[g] for g in raw if (hf := hf_tensor_name(g)) is not None}
+    check_tensors(config, named, path)  # shapes only, before seconds of dequantization
+
+    heads = {}
+    if arch in PERMUTED_ARCHS:
+        for i in range(config.n_layers):
+            for kind in ("weight", "bias"):
+                heads[f"model.layers.{i}.self_attn.q_proj.{kind}"] = config.n_heads
+                heads[f"model.layers.{i}.self_attn.k_proj.{kind}"] = config.n_kv_heads
+
+    def convert(item):
+        name, t = item
+        try:
+            a = dequantize(t.data, t.type)
+        except NotImplementedError:
+            raise ModelError(f"{path}: tensor {name} has unsupported type {t.type.name}") from None
+        a = a.reshape(t.shape)
+        if t.type == GGMLQuantizationType.F32:
+            a = a.copy()  # own the memory rather than view the read-only map
+        return unpermute_rows(a, heads[name]) if name in heads else a
+
+    # numpy releases the GIL in the dequantizers' array operations
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        tensors = dict(zip(named, pool.map(convert, named.items())))
+
+    if tokenizer:
+        from .gguf_tokenizer import tokenizer_from_gguf
+        tok = tokenizer_from_gguf(metadata, path)
+    else:
+        tok = None
+    meta = {
+        "file_type": _file_type_name(metadata.get("general.file_type")),
+        "tensor_types": {name: t.type.name for name, t in named.items()},
+        "metadata": metadata,
+    }
+    return ModelSource(path, "gguf", config, tensors, tok, None, meta)
+
+
+def _config(md: dict, raw: dict, arch: str, path: Path) -> ModelConfig:
+    def get(key, default=None, kind=int):
+        value = md.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelError(f"{path}: missing metadata key {arch}.{key}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ModelError(f"{path}: metadata key {arch}.{key} is {value!r}, expected a number")
+        return kind(value)
+
+    hidden, n_heads = get("embedding_length"), get("attention.head_count")
+    head_dim = get("attention.key_length", md.get(f"{arch}.rope.dimension_count", hidden // n_heads))
+    if "tokenizer.ggml.tokens" in md:
+        vocab = get("vocab_size", len(md["tokenizer.ggml.tokens"]))
+    else:
+        vocab = get("vocab_size", raw["token_embd.weight"].shape[0] if "token_embd.weight" in raw else None)
+    scaling = md.get(f"{arch}.rope.scaling.type")
+    rope_scaling = None
+    if scaling and scaling != "none":
+        rope_scaling = {"rope_type": scaling, "factor": get("rope.scaling.factor", 1.0, float)}
+        if f"{arch}.rope.scaling.original_context_length" in md:
+            rope_scaling["original_max_position_embeddings"] = get("rope.scaling.original_context_length")
+    return ModelConfig(
+        arch=arch,
+        n_layers=get("block_count"),
+        hidden=hidden,
+        n_heads=n_heads,
+        n_kv_heads=get("attention.head_count_kv", n_heads),
+        head_dim=head_dim,
+        ffn=get("feed_forward_length"),
+        vocab=vocab,
+        norm_eps=get("attention.layer_norm_rms_epsilon", kind=float),
+        rope_theta=get("rope.freq_base", ARCHITECTURES[arch].default_rope_theta, float),
+        tied_embeddings="output.weight" not in raw,
+        max_context=get("context_length"),
+        rope_scaling=rope_scaling,
+    )
+
+
+def _file_type_name(file_type):
+    try:
+        return LlamaFileType(file_type).name
+    except ValueError:
+        return file_type  # absent (None) or a type newer than this gguf package

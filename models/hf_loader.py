@@ -1,0 +1,221 @@
+"""Hugging Face folders (config.json, *.safetensors, tokenizer files) to a ModelSource.
+
+HF checkpoints already use the runtime's tensor names and rotate-half Q/K order,
+so loading is reading: the safetensors parser below checks every header field
+against the file before trusting it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .config import ARCHITECTURES, ModelConfig, ModelError, check_architecture, check_tensors
+from .source import ModelSource, TokenizerInfo
+
+# BF16 is read as its raw uint16 bits: numpy has no bfloat16
+_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+
+
+class SafeTensor(NamedTuple):
+    dtype: str  # "F32" | "F16" | "BF16"
+    shape: tuple[int, ...]
+    data: np.ndarray  # over the memory map, in the stored dtype (BF16 as uint16)
+
+    def float32(self) -> np.ndarray:
+        if self.dtype == "BF16":
+            return (self.data.astype(np.uint32) << 16).view(np.float32)
+        return self.data.astype(np.float32)  # a copy, so it does not pin the map
+
+
+def read_safetensors(path) -> dict[str, SafeTensor]:
+    """The tensors of one .safetensors file, memory-mapped, after validating its header."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(0)
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
+            n = int.from_bytes(head, "little")
+            if 8 + n > size:
+                raise ModelError(f"{path}: safetensors header length {n} goes beyond the end of the file ({size} bytes)")
+            text = f.read(n)
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(text)
+    except ValueError as e:
+        raise ModelError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+
+    data_start, data_len = 8 + n, size - 8 - n
+    spans, tensors = [], {}
+    for name, entry in header.items():
+        dtype, shape, (begin, end) = _entry(entry, name, path)
+        if dtype not in _DTYPES:
+            raise ModelError(f"{path}: tensor {name} has unsupported dtype {dtype} (supported: {', '.join(_DTYPES)})")
+        if not 0 <= begin <= end <= data_len:
+            raise ModelError(f"{path}: tensor {name} data offsets [{begin}, {end}] are out of order "
+                             f"or beyond the end of the data ({data_len} bytes)")
+        need = math.prod(shape) * _DTYPES[dtype].itemsize
+        if end - begin != need:
+            raise ModelError(f"{path}: tensor {name} has {end - begin} bytes, but {dtype} {list(shape)} needs {need}")
+        spans.append((begin, end, name))
+        data = np.frombuffer(buf, _DTYPES[dtype], math.prod(shape), data_start + begin)
+        tensors[name] = SafeTensor(dtype, shape, data.reshape(shape))
+    spans.sort()
+    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < prev_end:
+            raise ModelError(f"{path}: tensor {name} overlaps tensor {prev}")
+    return tensors
+
+
+def _entry(entry, name: str, path: Path):
+    try:
+        dtype, shape, offsets = entry["dtype"], tuple(entry["shape"]), tuple(entry["data_offsets"])
+    except (KeyError, TypeError) as e:
+        raise ModelError(f"{path}: tensor {name} has a malformed header entry ({e!r})") from None
+    ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in shape + offsets)
+    if not isinstance(dtype, str) or len(offsets) != 2 or not ints:
+        raise ModelError(f"{path}: tensor {name} has a malformed header entry")
+    return dtype, shape, offsets
+
+
+def load_hf(folder, tokenizer: bool = True) -> ModelSource:
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"{folder}: no config.json")
+    cfg = _read_json(config_path)
+    check_architecture(cfg.get("model_type"), config_path)
+    config = _config(cfg, config_path)
+
+    raw = {}
+    for file in _weight_files(folder):
+        raw.update(read_safetensors(file))
+    if config.tied_embeddings:  # some tied checkpoints still store a copy of the head
+        raw.pop("lm_head.weight", None)
+    check_tensors(config, raw, folder)
+    tensors = {name: raw[name].float32() for name in config.expected_shapes()}
+    meta = {"tensor_types": {name: raw[name].dtype for name in tensors}}
+    tok = _tokenizer(folder, cfg) if tokenizer else None
+    return ModelSource(folder, "hf", config, tensors, tok, None, meta)
+
+
+def _config(cfg: dict, path: Path) -> ModelConfig:
+    def get(key, default=None, kind=int):
+        value = cfg.get(key)
+        value = default if value is None else value
+        if value is None:
+            raise ModelError(f"{path}: missing {key}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ModelError(f"{path}: {key} is {value!r}, expected a number")
+        return kind(value)
+
+    arch = cfg["model_type"]
+    hidden, n_heads = get("hidden_size"), get("num_attention_heads")
+    scaling = cfg.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ModelError(f"{path}: rope_scaling is {scaling!r}, expected an object")
+    if scaling is not None:  # older configs spell rope_type as "type"
+        scaling = {("rope_type" if k == "type" else k): v for k, v in scaling.items()}
+    return ModelConfig(
+        arch=arch,
+        n_layers=get("num_hidden_layers"),
+        hidden=hidden,
+        n_heads=n_heads,
+        n_kv_heads=get("num_key_value_heads", n_heads),
+        head_dim=get("head_dim", hidden // n_heads),
+        ffn=get("intermediate_size"),
+        vocab=get("vocab_size"),
+        norm_eps=get("rms_norm_eps", 1e-6, float),  # the HF default for all three architectures
+        rope_theta=get("rope_theta", ARCHITECTURES[arch].default_rope_theta, float),
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_context=get("max_position_embeddings"),
+        rope_scaling=scaling,
+    )
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelError(f"{index}: no weight_map")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise ModelError(f"{index}: shard {file.name} is missing")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{folder}: no *.safetensors weights")
+    return files
+
+
+def _tokenizer(folder: Path, cfg: dict) -> TokenizerInfo:
+    from tokenizers import Tokenizer
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise ModelError(f"{folder}: no tokenizer.json")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises its own exception type
+        raise ModelError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    tc_path, gc_path = folder / "tokenizer_config.json", folder / "generation_config.json"
+    tc = _read_json(tc_path) if tc_path.is_file() else {}
+    gc = _read_json(gc_path) if gc_path.is_file() else {}
+
+    def token_id(value):
+        text = value.get("content") if isinstance(value, dict) else value
+        if text is None:
+            return None
+        tid = tok.token_to_id(text)
+        if tid is None:
+            raise ModelError(f"{tc_path}: special token {text!r} is not in the vocabulary")
+        return tid
+
+    bos = token_id(tc.get("bos_token"))
+    if bos is None:
+        bos = cfg.get("bos_token_id")
+    eos = [token_id(tc.get("eos_token"))] + _ids(gc.get("eos_token_id")) + _ids(cfg.get("eos_token_id"))
+    add_bos = tc.get("add_bos_token")
+    if add_bos is None:  # then tokenizer.json's post-processor decides, as in transformers
+        add_bos = bos is not None and tok.encode("a").ids[:1] == [bos]
+
+    template = tc.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    return TokenizerInfo(tok, bos, tuple(dict.fromkeys(i for i in eos if i is not None)), bool(add_bos), template)
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from a file; every JSON file of an HF folder holds one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ModelError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: not a JSON object")
+    return data
