@@ -54,4 +54,18 @@ int32_t lut_threads(void);
  * lut_set_threads. */
 double lut_stream_read(const float *buf, int64_t n);
 
+/* Decode-step helpers (c/ops.c), one token, float32, no allocation.
+ * x += delta (delta may be NULL); y = w * x / sqrt(mean(x^2) + eps). */
+void lut_add_rmsnorm(float *x, const float *delta, const float *w, int32_t n, float eps, float *y);
+/* q [heads*d], k and v [kv_heads*d]: add the biases (each may be NULL), apply
+ * RoPE (HF rotate-half; cos/sin tables [positions][d/2]) at `pos`, store k and v
+ * in row `pos` of the caches [positions][kv_heads*d], then grouped-query
+ * attention of q over rows 0..pos into out [heads*d]. scores: heads*(pos+1) floats. */
+void lut_attention_step(float *q, float *k, float *v, const float *q_bias, const float *k_bias,
+                        const float *v_bias, const float *cos, const float *sin, float *k_cache,
+                        float *v_cache, int32_t pos, int32_t heads, int32_t kv_heads, int32_t d,
+                        float *scores, float *out);
+/* g = silu(g) * u */
+void lut_silu_mul(float *g, const float *u, int32_t n);
+
 #endif

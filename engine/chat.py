@@ -40,9 +40,10 @@ class ChatTemplate:
 
 
 def template_for(tok) -> ChatTemplate:
-    bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else ""
-    eos = tok.decode([tok.eos_ids[0]]) if tok.eos_ids else ""
-    return ChatTemplate(tok.chat_template, bos, eos)
+    info = tok.info
+    bos = tok.decode([info.bos_id]) if info.bos_id is not None else ""
+    eos = tok.decode([info.eos_ids[0]]) if info.eos_ids else ""
+    return ChatTemplate(info.chat_template, bos, eos)
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Conversation:
         text = self.template.render(messages)
         tok = self.session.tok
         # Templates that write the BOS text themselves must not get a second one.
-        add_bos = tok.add_bos and not (self.template.bos and text.startswith(self.template.bos))
+        add_bos = tok.info.add_bos and not (self.template.bos and text.startswith(self.template.bos))
         return tok.encode(text, add_bos=add_bos, special=True)
 
     def reply(self, user: str, params: SamplingParams, max_tokens: int, stats: Stats) -> Iterator[str]:

@@ -98,7 +98,7 @@ class Session:
             sampler.accept(t)
         decoder = StreamDecoder(self.tok)
         scanner = StopScanner(stop)
-        eos = set(self.tok.eos_ids)
+        eos = set(self.tok.info.eos_ids)
         stats.stop_reason = "length"
         try:
             for _ in range(max_tokens):

@@ -17,18 +17,42 @@ from models.config import ModelError
 from .api import Model
 from .tokenizer import Tokenizer
 
-# The default format until the quantization work picks one from its sweep:
-# 4-bit round-to-nearest with per-group scales and offsets; head at 8 bits.
-DEFAULT_QUANT = {"method": "rtn", "bits": 4, "group": 128, "head_bits": 8}
-DEFAULT_TAG = "rtn4"
-
 
 def is_qfile(path: Path) -> bool:
     return path.is_file() and path.suffix == ".safetensors"
 
 
+def default_tag() -> str:
+    from .quant import DEFAULT
+
+    return f"{DEFAULT['method']}{DEFAULT['bits']}"
+
+
 def cached_qfile(name: str) -> Path:
-    return catalog.cache_dir() / "models" / f"{name}.{DEFAULT_TAG}.lut.safetensors"
+    return catalog.cache_dir() / "models" / f"{name}.{default_tag()}.lut.safetensors"
+
+
+def default_qfile(name: str, progress: bool = False) -> Path:
+    """The catalog model in the default format, quantized and cached on first use."""
+    from models import qfile
+    from models.load import open_source
+
+    q = cached_qfile(name)
+    if not q.exists():
+        src = open_source(name, progress=progress)
+        _say(progress, f"{name}: quantizing to the default format ({default_tag()}), once")
+        qfile.save(q, src)
+        _say(progress, f"{name}: saved {q}")
+    return q
+
+
+def resolve(name_or_path: str | None) -> tuple[str, Path | None]:
+    """(name, path of a lutengine file to run, or None when the source must be loaded)."""
+    name = name_or_path or catalog.DEFAULT
+    path = Path(name).expanduser()
+    if is_qfile(path):
+        return name, path
+    return name, None
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -48,34 +72,31 @@ def load(name_or_path: str | None = None, dense: bool = False, threads: int | No
         import lutkernels
 
         lutkernels.set_threads(threads)
-    name = name_or_path or catalog.DEFAULT
-    path = Path(name).expanduser()
-    if is_qfile(path):
-        if dense:
-            raise ModelError(f"{path}: a quantized file has no float weights; --dense needs the source model")
-        return _from_qfile(path, max_context, {"name": path.name})
-    if not path.exists() and name in catalog.CATALOG and not dense:
-        q = cached_qfile(name)
-        if not q.exists():
-            src = open_source(name, progress=progress)
-            _say(progress, f"{name}: quantizing to the default format ({DEFAULT_TAG}), once")
-            qfile.save(q, src, DEFAULT_QUANT)
-            _say(progress, f"{name}: saved {q}")
-        return _from_qfile(q, max_context, {"name": name, "source": str(catalog.model_path(name))})
+    name, path = resolve(name_or_path)
+    if path is not None and dense:
+        raise ModelError(f"{path}: a quantized file has no float weights; --dense needs the source model")
+    if path is None and not dense and name in catalog.CATALOG and not Path(name).exists():
+        path = default_qfile(name, progress)
+    if path is not None:
+        q = qfile.load(path)
+        model = Transformer.from_qfile(q, max_context=max_context)
+        s = q.meta.get("quantizer", {})
+        return Model(model, Tokenizer(q.tok), {"name": name, "path": str(path), "format": "lutengine",
+                                               "quantization": f"{s.get('method')}{s.get('bits')}"})
     src = open_source(name, progress=progress)
-    quant = None if dense else DEFAULT_QUANT
-    model = Transformer.from_source(src, quant, max_context=max_context)
-    info = {"name": name, "path": str(src.path), "format": src.format,
-            "quantization": "float32 (dense reference)" if dense else DEFAULT_TAG}
-    return Model(model, Tokenizer(src.tok), info)
+    model = Transformer.from_source(src, None if dense else {}, max_context=max_context)
+    return Model(model, Tokenizer(src.tok), {"name": name, "path": str(src.path), "format": src.format,
+                                             "quantization": "float32 (dense)" if dense else default_tag()})
 
 
-def _from_qfile(path: Path, max_context, info: dict) -> Model:
+def load_tokenizer(name_or_path: str | None = None) -> Tokenizer:
+    """Only the tokenizer: no weights are read (or dequantized)."""
     from models import qfile
+    from models.load import open_tokenizer
 
-    from .model import Transformer
-
-    q = qfile.load(path)
-    model = Transformer.from_qfile(q, max_context=max_context)
-    return Model(model, Tokenizer(q.tok), {**info, "path": str(path), "format": "lutengine",
-                                           "quantization": q.meta.get("quantizer", DEFAULT_TAG)})
+    name, path = resolve(name_or_path)
+    if path is None and name in catalog.CATALOG and not Path(name).exists():
+        path = cached_qfile(name) if cached_qfile(name).exists() else None
+    if path is not None:
+        return Tokenizer(qfile.load(path).tok)
+    return Tokenizer(open_tokenizer(name))

@@ -8,7 +8,7 @@ from cffi import FFI
 
 # setuptools wants paths relative to the project root, where setup.py runs.
 C_DIR = "c"
-SOURCES = ["lut.c", "pool.c", "kernel_scalar.c", "roofline.c"]
+SOURCES = ["lut.c", "pool.c", "kernel_scalar.c", "roofline.c", "ops.c"]
 if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386"):
     SOURCES += ["kernel_avx2.c", "kernel_avx512.c"]
 elif platform.machine().lower() in ("aarch64", "arm64"):
@@ -30,6 +30,12 @@ const char *lut_isa_name(int32_t isa);
 int lut_set_threads(int32_t n);
 int32_t lut_threads(void);
 double lut_stream_read(const float *buf, int64_t n);
+void lut_add_rmsnorm(float *x, const float *delta, const float *w, int32_t n, float eps, float *y);
+void lut_attention_step(float *q, float *k, float *v, const float *q_bias, const float *k_bias,
+                        const float *v_bias, const float *cos, const float *sin, float *k_cache,
+                        float *v_cache, int32_t pos, int32_t heads, int32_t kv_heads, int32_t d,
+                        float *scores, float *out);
+void lut_silu_mul(float *g, const float *u, int32_t n);
 """
 
 ffibuilder = FFI()

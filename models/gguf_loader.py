@@ -174,7 +174,7 @@ def load_gguf(path, tokenizer: bool = True) -> ModelSource:
     check_architecture(arch, path)
     if "rope_freqs.weight" in raw:  # llama3-style RoPE scaling, which the runtime cannot apply
         raise ModelError(f"{path}: per-frequency RoPE factors (rope_freqs.weight) are not supported")
-    config = _config(metadata, raw, arch, path)
+    config = gguf_config(metadata, raw, arch, path)
     named = {hf: raw[g] for g in raw if (hf := hf_tensor_name(g)) is not None}
     check_tensors(config, named, path)  # shapes only, before seconds of dequantization
 
@@ -213,7 +213,7 @@ def load_gguf(path, tokenizer: bool = True) -> ModelSource:
     return ModelSource(path, "gguf", config, tensors, tok, None, meta)
 
 
-def _config(md: dict, raw: dict, arch: str, path: Path) -> ModelConfig:
+def gguf_config(md: dict, raw: dict, arch: str, path: Path) -> ModelConfig:
     def get(key, default=None, kind=int):
         value = md.get(f"{arch}.{key}", default)
         if value is None:

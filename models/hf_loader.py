@@ -95,9 +95,9 @@ def load_hf(folder, tokenizer: bool = True) -> ModelSource:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelError(f"{folder}: no config.json")
-    cfg = _read_json(config_path)
+    cfg = read_json(config_path)
     check_architecture(cfg.get("model_type"), config_path)
-    config = _config(cfg, config_path)
+    config = hf_config(cfg, config_path)
 
     raw = {}
     for file in _weight_files(folder):
@@ -107,11 +107,11 @@ def load_hf(folder, tokenizer: bool = True) -> ModelSource:
     check_tensors(config, raw, folder)
     tensors = {name: raw[name].float32() for name in config.expected_shapes()}
     meta = {"tensor_types": {name: raw[name].dtype for name in tensors}}
-    tok = _tokenizer(folder, cfg) if tokenizer else None
+    tok = hf_tokenizer(folder, cfg) if tokenizer else None
     return ModelSource(folder, "hf", config, tensors, tok, None, meta)
 
 
-def _config(cfg: dict, path: Path) -> ModelConfig:
+def hf_config(cfg: dict, path: Path) -> ModelConfig:
     def get(key, default=None, kind=int):
         value = cfg.get(key)
         value = default if value is None else value
@@ -148,7 +148,7 @@ def _config(cfg: dict, path: Path) -> ModelConfig:
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelError(f"{index}: no weight_map")
         files = [folder / name for name in sorted(set(weight_map.values()))]
@@ -162,7 +162,7 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _tokenizer(folder: Path, cfg: dict) -> TokenizerInfo:
+def hf_tokenizer(folder: Path, cfg: dict) -> TokenizerInfo:
     from tokenizers import Tokenizer
 
     path = folder / "tokenizer.json"
@@ -173,8 +173,8 @@ def _tokenizer(folder: Path, cfg: dict) -> TokenizerInfo:
     except Exception as e:  # the Rust side raises its own exception type
         raise ModelError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else e!r})") from None
     tc_path, gc_path = folder / "tokenizer_config.json", folder / "generation_config.json"
-    tc = _read_json(tc_path) if tc_path.is_file() else {}
-    gc = _read_json(gc_path) if gc_path.is_file() else {}
+    tc = read_json(tc_path) if tc_path.is_file() else {}
+    gc = read_json(gc_path) if gc_path.is_file() else {}
 
     def token_id(value):
         text = value.get("content") if isinstance(value, dict) else value
@@ -208,7 +208,7 @@ def _ids(value) -> list[int]:
     return list(value) if isinstance(value, list) else [value]
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     """A JSON object from a file; every JSON file of an HF folder holds one."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

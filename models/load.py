@@ -6,9 +6,9 @@ from pathlib import Path
 
 from . import catalog
 from .config import ModelError
-from .gguf_loader import load_gguf
-from .hf_loader import load_hf
-from .source import ModelSource
+from .gguf_loader import load_gguf, read_gguf
+from .hf_loader import hf_tokenizer, load_hf, read_json
+from .source import ModelSource, TokenizerInfo
 
 
 def open_source(name_or_path: str | os.PathLike, progress: bool = True, tokenizer: bool = True) -> ModelSource:
@@ -23,13 +23,28 @@ def open_source(name_or_path: str | os.PathLike, progress: bool = True, tokenize
         return load_hf(path, tokenizer=tokenizer)
     if path.is_file():
         return load_gguf(path, tokenizer=tokenizer)
-    name = str(name_or_path)
+    source = load_gguf(_pull(str(name_or_path), progress), tokenizer=tokenizer)
+    source.sha256 = catalog.lookup(str(name_or_path)).sha256
+    return source
+
+
+def open_tokenizer(name_or_path: str | os.PathLike, progress: bool = True) -> TokenizerInfo:
+    """Only the tokenizer of a model source: no weights are read."""
+    from .gguf_tokenizer import tokenizer_from_gguf
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        config_path = path / "config.json"
+        return hf_tokenizer(path, read_json(config_path) if config_path.is_file() else {})
+    if not path.is_file():
+        path = _pull(str(name_or_path), progress)
+    return tokenizer_from_gguf(read_gguf(path)[0], path)
+
+
+def _pull(name: str, progress: bool) -> Path:
     if name not in catalog.CATALOG:
         raise ModelError(f"no such model file, folder or catalog name: {name} (catalog: {', '.join(catalog.CATALOG)})")
     try:
-        file = catalog.pull(name, progress)
+        return catalog.pull(name, progress)
     except catalog.CatalogError as e:
         raise ModelError(str(e)) from e
-    source = load_gguf(file, tokenizer=tokenizer)
-    source.sha256 = catalog.lookup(name).sha256
-    return source

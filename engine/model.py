@@ -1,0 +1,333 @@
+"""The llama-family transformer on the LUT matmul core.
+
+Every linear weight is either a float32 array (dense path: numpy matmul, the
+float32 reference) or a PackedLinear (quantized path: the LUT kernels). A
+prompt goes through in one batched numpy pass (GEMM over all its tokens). A
+single token takes the decode path: buffers allocated once at construction and
+C calls bound to them once (lutkernels.ops), because per-op numpy calls cost
+about as much as the matmuls of a small model.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+import lutkernels as lk
+from lutkernels import ops
+from models.config import ModelConfig, ModelError
+
+EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+DEFAULT_MAX_CONTEXT = 4096
+ATTN_BLOCK = 256  # queries per attention block of a prompt: scores stay [heads, 256, T]
+
+Weight = np.ndarray | lk.PackedLinear
+
+
+class Dense:
+    """y = x @ W.T in float32 through BLAS (W.T is a view: no copy)."""
+
+    def __init__(self, w: np.ndarray):
+        self.wt = np.ascontiguousarray(w, np.float32).T
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.matmul(x, self.wt)
+
+    def bind(self, x: np.ndarray, y: np.ndarray):
+        wt = self.wt
+        return lambda: np.matmul(x, wt, out=y)
+
+
+class Packed:
+    """y = x @ W.T through the LUT kernels, descriptor built once."""
+
+    def __init__(self, w: lk.PackedLinear):
+        self.layer = lk.Layer(w)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return lk.gemm(self.layer, np.ascontiguousarray(x))
+
+    def bind(self, x: np.ndarray, y: np.ndarray):
+        return ops.bind_gemv(self.layer, x, y)
+
+
+def linear(w: Weight) -> Dense | Packed:
+    return Packed(w) if isinstance(w, lk.PackedLinear) else Dense(w)
+
+
+@dataclass
+class Block:
+    attn_norm: np.ndarray
+    q: Dense | Packed
+    k: Dense | Packed
+    v: Dense | Packed
+    q_bias: np.ndarray | None
+    k_bias: np.ndarray | None
+    v_bias: np.ndarray | None
+    o: Dense | Packed
+    mlp_norm: np.ndarray
+    gate: Dense | Packed
+    up: Dense | Packed
+    down: Dense | Packed
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim/2], with config.rope_scaling applied (HF semantics)."""
+    d = config.head_dim
+    inv = 1.0 / config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    rs = config.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / rs["factor"]
+    if kind == "llama3":
+        return _llama3_inv_freq(inv, rs)
+    raise ModelError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
+
+
+def _llama3_inv_freq(inv: np.ndarray, rs: dict) -> np.ndarray:
+    """Long wavelengths slowed by `factor`, short ones kept, a smooth blend in between."""
+    factor, lo, hi = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+    old = rs.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / inv
+    smooth = (old / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    out = np.where(wavelen > old / lo, inv / factor, inv)
+    return np.where((wavelen >= old / hi) & (wavelen <= old / lo), blended, out)
+
+
+def rope_tables(config: ModelConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin float32 [n, head_dim/2] for positions 0..n-1."""
+    angles = np.arange(n, dtype=np.float64)[:, None] * rope_inv_freq(config)[None]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+class Transformer:
+    def __init__(self, config: ModelConfig, weights: dict[str, Weight], max_context: int | None = None, tok=None):
+        """weights: HF names (models/config.py); linear layers float32 or PackedLinear, the embedding
+        float32 or float16, norms and biases float32. lm_head.weight, when present, is the head
+        even for a tied model (a packed copy of the embedding)."""
+        _check_weights(config, weights)
+        self.config = config
+        self.tok = tok  # models.source.TokenizerInfo of the source, when known
+        self.weights = weights
+        self.max_context = _context(config, max_context)
+        self.embed = weights[EMBED]
+        self.norm = np.asarray(weights[NORM], np.float32)
+        head = weights.get(HEAD, self.embed)
+        self.head = linear(head if isinstance(head, lk.PackedLinear) else np.asarray(head, np.float32))
+        self.blocks = [_block(config, weights, i) for i in range(config.n_layers)]
+        self.cos, self.sin = rope_tables(config, self.max_context)
+        shape = (config.n_layers, self.max_context, config.n_kv_heads, config.head_dim)
+        self.k_cache = np.zeros(shape, np.float32)
+        self.v_cache = np.zeros(shape, np.float32)
+        self.filled = 0  # positions 0..filled-1 of the cache hold keys and values
+        self._decoder = _Decoder(self)
+
+    @classmethod
+    def from_source(cls, src, quant: dict | None, max_context: int | None = None) -> "Transformer":
+        """quant None: the dense float32 reference; else every linear layer quantized (engine.quant settings)."""
+        if quant is None:
+            return cls(src.config, src.tensors, max_context, src.tok)
+        from .quant import quantize_model
+
+        weights, _ = quantize_model(src.config, src.tensors, quant)
+        return cls(src.config, weights, max_context, src.tok)
+
+    @classmethod
+    def from_qfile(cls, qf, max_context: int | None = None) -> "Transformer":
+        """qf: a path, or what models.qfile.load returned."""
+        from models import qfile
+
+        if not isinstance(qf, qfile.QFile):
+            qf = qfile.load(qf)
+        return cls(qf.config, qf.weights, max_context, qf.tok)
+
+    def reset(self) -> None:
+        self.filled = 0
+
+    def forward(self, tokens: Sequence[int] | np.ndarray, pos: int, all_logits: bool = False) -> np.ndarray:
+        """Evaluate tokens at positions pos..pos+n-1, writing their keys and values to the cache
+        (pos may rewind to any position already cached); logits [n, vocab] if all_logits, else
+        [vocab] of the last token. A single token's logits are a buffer the next call overwrites."""
+        n = len(tokens)
+        self._check_span(pos, n)
+        if n == 1:
+            logits = self._decoder(self._token(tokens[0]), pos)
+        else:
+            logits = self._batch(self._ids(tokens), pos, all_logits)
+        self.filled = pos + n
+        return logits if all_logits else logits[-1]
+
+    def _check_span(self, pos: int, n: int) -> None:
+        if n == 0:
+            raise ValueError("no tokens to evaluate")
+        if not 0 <= pos <= self.filled:
+            raise ValueError(f"position {pos} is not in 0..{self.filled} (the cache holds {self.filled} positions)")
+        if pos + n > self.max_context:
+            raise ValueError(f"positions {pos}..{pos + n - 1} exceed the context of {self.max_context}")
+
+    def _token(self, t) -> int:
+        """One id, checked without making an array: the decode step allocates none."""
+        t = operator.index(t)
+        if not 0 <= t < self.config.vocab:
+            raise ValueError(f"token id {t} out of range 0..{self.config.vocab - 1}")
+        return t
+
+    def _ids(self, tokens) -> np.ndarray:
+        ids = np.asarray(tokens, np.int64).reshape(-1)
+        bad = ids[(ids < 0) | (ids >= self.config.vocab)]
+        if bad.size:
+            raise ValueError(f"token id {bad[0]} out of range 0..{self.config.vocab - 1}")
+        return ids
+
+    def _batch(self, ids: np.ndarray, pos: int, all_logits: bool) -> np.ndarray:
+        c = self.config
+        n, end = len(ids), pos + len(ids)
+        x = self.embed[ids].astype(np.float32)
+        cos, sin = self.cos[pos:end, None], self.sin[pos:end, None]
+        for b, kc, vc in zip(self.blocks, self.k_cache, self.v_cache):
+            h = rmsnorm(x, b.attn_norm, c.norm_eps)
+            q = _add(b.q(h), b.q_bias).reshape(n, c.n_heads, c.head_dim)
+            kc[pos:end] = rope(_add(b.k(h), b.k_bias).reshape(n, c.n_kv_heads, c.head_dim), cos, sin)
+            vc[pos:end] = _add(b.v(h), b.v_bias).reshape(n, c.n_kv_heads, c.head_dim)
+            x += b.o(attend(rope(q, cos, sin), kc[:end], vc[:end], pos))
+            h = rmsnorm(x, b.mlp_norm, c.norm_eps)
+            x += b.down(silu(b.gate(h)) * b.up(h))
+        return self.head(rmsnorm(x if all_logits else x[-1:], self.norm, c.norm_eps))
+
+
+class _Decoder:
+    """One token through the model in preallocated buffers, by calls bound once."""
+
+    def __init__(self, m: Transformer):
+        c, f32 = m.config, np.float32
+        self.embed = m.embed
+        self.x = np.zeros((1, c.hidden), f32)  # the residual stream
+        h, delta = np.zeros((1, c.hidden), f32), np.zeros((1, c.hidden), f32)  # normed input; block output
+        q, att = np.zeros((1, c.n_heads * c.head_dim), f32), np.zeros((1, c.n_heads * c.head_dim), f32)
+        k, v = np.zeros((1, c.n_kv_heads * c.head_dim), f32), np.zeros((1, c.n_kv_heads * c.head_dim), f32)
+        gate, up = np.zeros((1, c.ffn), f32), np.zeros((1, c.ffn), f32)
+        scores = np.zeros(c.n_heads * m.max_context, f32)
+        self.logits = np.zeros((1, c.vocab), f32)
+        self.blocks = []
+        for i, b in enumerate(m.blocks):
+            biases = (b.q_bias, b.k_bias, b.v_bias) if c.qkv_bias else None
+            pre = (ops.bind_add_rmsnorm(self.x, delta if i else None, b.attn_norm, c.norm_eps, h),
+                   b.q.bind(h, q), b.k.bind(h, k), b.v.bind(h, v))
+            attn = ops.bind_attention(q, k, v, biases, m.cos, m.sin, m.k_cache[i], m.v_cache[i], c.n_heads,
+                                      scores, att)
+            post = (b.o.bind(att, delta), ops.bind_add_rmsnorm(self.x, delta, b.mlp_norm, c.norm_eps, h),
+                    b.gate.bind(h, gate), b.up.bind(h, up), ops.bind_silu_mul(gate, up), b.down.bind(gate, delta))
+            self.blocks.append((pre, attn, post))
+        self.final = (ops.bind_add_rmsnorm(self.x, delta if m.blocks else None, m.norm, c.norm_eps, h),
+                      m.head.bind(h, self.logits))
+
+    def __call__(self, token: int, pos: int) -> np.ndarray:
+        np.copyto(self.x[0], self.embed[token])  # float16 rows convert here
+        for pre, attn, post in self.blocks:
+            for f in pre:
+                f()
+            attn(pos)
+            for f in post:
+                f()
+        for f in self.final:
+            f()
+        return self.logits
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * w
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """HF rotate-half: x [n, heads, d], cos/sin [n, 1, d/2]."""
+    x1, x2 = np.split(x, 2, axis=-1)
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int) -> np.ndarray:
+    """Causal grouped-query attention of queries at positions pos.. over keys 0..T-1.
+    q [n, H, d], k/v [T, Hkv, d] -> [n, H*d]. Queries go in blocks, which bounds the
+    score array of a long prompt and skips keys no query of the block can see."""
+    n, H, d = q.shape
+    out = np.empty((n, H * d), np.float32)
+    for a in range(0, n, ATTN_BLOCK):
+        e = min(n, a + ATTN_BLOCK)
+        out[a:e] = _attend_block(q[a:e], k[:pos + e], v[:pos + e], pos + a)
+    return out
+
+
+def _attend_block(q: np.ndarray, k: np.ndarray, v: np.ndarray, first: int) -> np.ndarray:
+    """Contiguous operands, so each matmul is one BLAS call per kv head (strided ones fall off BLAS)."""
+    n, H, d = q.shape
+    T, Hkv, _ = k.shape
+    rep = H // Hkv
+    qg = np.ascontiguousarray(q.reshape(n, Hkv, rep, d).transpose(1, 2, 0, 3)).reshape(Hkv, rep * n, d)
+    s = qg @ np.ascontiguousarray(k.transpose(1, 2, 0))  # [Hkv, rep*n, T]
+    s *= np.float32(1 / math.sqrt(d))
+    s = s.reshape(Hkv, rep, n, T)
+    future = np.where(np.arange(T)[None, :] > np.arange(first, first + n)[:, None], -np.inf, 0).astype(np.float32)
+    s -= (s + future).max(-1, keepdims=True)
+    # exp of less than -87 is subnormal, which numpy's exp computes ~10x slower; e^-80 is 0 to softmax
+    np.maximum(s, -80, out=s)
+    s += future
+    np.exp(s, out=s)
+    s /= s.sum(-1, keepdims=True)
+    out = s.reshape(Hkv, rep * n, T) @ np.ascontiguousarray(v.transpose(1, 0, 2))  # [Hkv, rep*n, d]
+    return out.reshape(Hkv, rep, n, d).transpose(2, 0, 1, 3).reshape(n, H * d)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x * (0.5 + 0.5 * np.tanh(0.5 * x))  # x * sigmoid(x), without exp overflow
+
+
+def _add(x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    if bias is not None:
+        x += bias
+    return x
+
+
+def _block(c: ModelConfig, w: dict[str, Weight], i: int) -> Block:
+    p = f"model.layers.{i}."
+
+    def bias(name):
+        return np.asarray(w[p + name], np.float32) if c.qkv_bias else None
+
+    return Block(
+        attn_norm=np.asarray(w[p + "input_layernorm.weight"], np.float32),
+        q=linear(w[p + "self_attn.q_proj.weight"]), k=linear(w[p + "self_attn.k_proj.weight"]),
+        v=linear(w[p + "self_attn.v_proj.weight"]),
+        q_bias=bias("self_attn.q_proj.bias"), k_bias=bias("self_attn.k_proj.bias"),
+        v_bias=bias("self_attn.v_proj.bias"),
+        o=linear(w[p + "self_attn.o_proj.weight"]),
+        mlp_norm=np.asarray(w[p + "post_attention_layernorm.weight"], np.float32),
+        gate=linear(w[p + "mlp.gate_proj.weight"]), up=linear(w[p + "mlp.up_proj.weight"]),
+        down=linear(w[p + "mlp.down_proj.weight"]),
+    )
+
+
+def _shape(w: Weight) -> tuple[int, ...]:
+    return (w.M, w.K) if isinstance(w, lk.PackedLinear) else tuple(w.shape)
+
+
+def _check_weights(config: ModelConfig, weights: dict[str, Weight]) -> None:
+    expected = config.expected_shapes()
+    if HEAD in weights:
+        expected[HEAD] = (config.vocab, config.hidden)
+    for name, shape in expected.items():
+        if name not in weights:
+            raise ModelError(f"missing tensor {name}")
+        if _shape(weights[name]) != shape:
+            raise ModelError(f"tensor {name} has shape {_shape(weights[name])}, config says {shape}")
+
+
+def _context(config: ModelConfig, max_context: int | None) -> int:
+    n = min(config.max_context, DEFAULT_MAX_CONTEXT) if max_context is None else max_context
+    if n < 1:
+        raise ValueError(f"max_context must be positive, got {n}")
+    return n

@@ -1,0 +1,78 @@
+"""Bound C calls for a decode step (c/ops.c, and lut_gemm for one token).
+
+Each bind_* checks its arrays once and casts their pointers once, returning a
+callable that only makes the C call: a decode step is then a few dozen direct
+calls instead of hundreds of checked numpy calls. The callables hold the
+arrays, so the buffers stay alive as long as they do.
+"""
+from typing import Callable
+
+import numpy as np
+
+from ._lut import ffi, lib
+from .kernels import KernelError, _layer, _require
+
+
+def _ptr(a: np.ndarray | None, size: int, name: str):
+    if a is None:
+        return ffi.NULL
+    _require(a, np.float32, a.shape, name)
+    if a.size != size:
+        raise ValueError(f"{name} must have {size} elements, got {a.size}")
+    return ffi.cast("float *", ffi.from_buffer(a))
+
+
+def bind_gemv(w, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
+    """y = W x for one token (fast mode); x holds K floats, y M floats."""
+    L = _layer(w)
+    xp, yp = _ptr(x, L.w.K, "x"), _ptr(y, L.w.M, "y")
+    c, gemm, null = L.c, lib.lut_gemm, ffi.NULL
+
+    def call(keep=(L, x, y)):
+        rc = gemm(c, xp, 1, yp, 0, null)
+        if rc:
+            raise KernelError(f"lut_gemm failed with code {rc}")
+
+    return call
+
+
+def bind_add_rmsnorm(x: np.ndarray, delta: np.ndarray | None, w: np.ndarray, eps: float,
+                     y: np.ndarray) -> Callable[[], None]:
+    """x += delta (unless None); y = w * x / sqrt(mean(x^2) + eps)."""
+    n = w.size
+    args = (_ptr(x, n, "x"), _ptr(delta, n, "delta"), _ptr(w, n, "w"), n, float(eps), _ptr(y, n, "y"))
+    fn = lib.lut_add_rmsnorm
+    return lambda keep=(x, delta, w, y): fn(*args)
+
+
+def bind_silu_mul(g: np.ndarray, u: np.ndarray) -> Callable[[], None]:
+    """g = silu(g) * u."""
+    args = (_ptr(g, g.size, "g"), _ptr(u, g.size, "u"), g.size)
+    fn = lib.lut_silu_mul
+    return lambda keep=(g, u): fn(*args)
+
+
+def bind_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, biases, cos: np.ndarray, sin: np.ndarray,
+                   k_cache: np.ndarray, v_cache: np.ndarray, heads: int, scores: np.ndarray,
+                   out: np.ndarray) -> Callable[[int], None]:
+    """step(pos): biases (q, k, v; or None), RoPE at pos, k and v into row pos of the
+    caches [positions, kv_heads, d], attention of q over rows 0..pos into out."""
+    positions, kv_heads, d = k_cache.shape
+    if cos.shape != (positions, d // 2) or sin.shape != cos.shape or v_cache.shape != k_cache.shape:
+        raise ValueError("RoPE tables and caches must cover the same positions and head size")
+    if heads % kv_heads:
+        raise ValueError(f"{heads} heads do not group over {kv_heads} kv heads")
+    qb, kb, vb = biases if biases is not None else (None, None, None)
+    kv = kv_heads * d
+    args = (_ptr(q, heads * d, "q"), _ptr(k, kv, "k"), _ptr(v, kv, "v"), _ptr(qb, heads * d, "q_bias"),
+            _ptr(kb, kv, "k_bias"), _ptr(vb, kv, "v_bias"), _ptr(cos, cos.size, "cos"), _ptr(sin, sin.size, "sin"),
+            _ptr(k_cache, k_cache.size, "k_cache"), _ptr(v_cache, v_cache.size, "v_cache"))
+    tail = (heads, kv_heads, d, _ptr(scores, heads * positions, "scores"), _ptr(out, heads * d, "out"))
+    fn = lib.lut_attention_step
+
+    def step(pos: int, keep=(q, k, v, biases, cos, sin, k_cache, v_cache, scores, out)) -> None:
+        if not 0 <= pos < positions:
+            raise ValueError(f"position {pos} outside the cache of {positions}")
+        fn(*args, pos, *tail)
+
+    return step

@@ -1,0 +1,284 @@
+"""The lutengine quantized model file: one standard .safetensors file.
+
+Layout (readable by the safetensors library):
+    8-byte little-endian header length, JSON header, then the tensor bytes.
+    Each packed linear layer <name> (HF name, models/config.py) is three tensors:
+        <name>.planes  U8   [ceil(M/16), K/32, P, 64]     (lutkernels/layout.py)
+        <name>.scales  F16  [ceil(M/16), K/G, P, 16]
+        <name>.offsets F16  [ceil(M/16), K/G, 16]         (when the layer has offsets)
+    Norms and biases are F32 and the embedding F16 (or F32), under their own names.
+    __metadata__["lutengine"] is a JSON string:
+        format_version, config (ModelConfig.to_dict()), tokenizer (tokenizer.json text),
+        bos_id, eos_ids, add_bos, chat_template,
+        tensors: {name: {method, bits, planes, group, M, K, offsets, bpw}},
+        source: {path, sha256}, quantizer (the settings that made the file).
+
+Loading memory-maps the file: the packed arrays are views of the mapping, so a
+model starts without reading its weights and pages them in on first use. The
+data section starts 64-byte aligned and holds planes first, then F32, then
+F16 tensors, so every array is aligned to its element size.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import lutkernels as lk
+
+from .config import ModelConfig, ModelError, check_architecture
+from .source import ModelSource, TokenizerInfo
+
+FORMAT_VERSION = 1
+KEY = "lutengine"
+ALIGN = 64
+MAX_HEADER = 100 << 20  # a header is a few hundred KB even for large models; more means a corrupt length
+DTYPES = {"U8": np.dtype("<u1"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+PARTS = ("planes", "scales", "offsets")
+
+
+@dataclass
+class QFile:
+    path: Path
+    config: ModelConfig
+    packed: dict[str, lk.PackedLinear]
+    tensors: dict[str, np.ndarray]  # norms, biases, embedding: read-only views of the mapping
+    meta: dict  # the "lutengine" metadata (module docstring)
+    _tok: TokenizerInfo | None = field(default=None, repr=False)
+
+    @property
+    def weights(self) -> dict:
+        """What engine.model.Transformer takes."""
+        return {**self.tensors, **self.packed}
+
+    @property
+    def tok(self) -> TokenizerInfo:
+        """Built on first use: parsing a 150k-entry tokenizer takes longer than mapping the weights."""
+        if self._tok is None:
+            from tokenizers import Tokenizer
+
+            m = self.meta
+            try:
+                tokenizer = Tokenizer.from_str(m["tokenizer"])
+            except Exception as e:
+                raise ModelError(f"{self.path}: tokenizer does not load: {e}") from None
+            self._tok = TokenizerInfo(tokenizer, m.get("bos_id"), tuple(m.get("eos_ids", ())),
+                                      bool(m.get("add_bos", False)), m.get("chat_template"))
+        return self._tok
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+def save(path, src: ModelSource, quant: dict | None = None) -> Path:
+    """Quantize a source model (engine.quant settings; None = defaults) and write it to path."""
+    from engine.quant import quantize_model, settings
+
+    s = settings(quant)
+    weights, info = quantize_model(src.config, src.tensors, s)
+    return write(path, src.config, weights, src.tok, info=info,
+                 source={"path": str(src.path), "sha256": src.sha256}, quantizer=s)
+
+
+def write(path, config: ModelConfig, weights: dict, tok: TokenizerInfo, *, info: dict | None = None,
+          source: dict | None = None, quantizer: dict | None = None) -> Path:
+    """Write weights (name -> PackedLinear or float16/float32 array) atomically: a temp file in
+    the same folder, renamed over path once complete. info: {name: {"method", "bits"}} of packed layers."""
+    path = Path(path)
+    arrays, tensor_meta = _flatten(weights, info or {})
+    meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "tokenizer": tok.tokenizer.to_str(),
+            "bos_id": tok.bos_id, "eos_ids": list(tok.eos_ids), "add_bos": tok.add_bos,
+            "chat_template": tok.chat_template, "tensors": tensor_meta, "source": source or {},
+            "quantizer": quantizer or {}}
+    header, order = _header(arrays, meta)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes it private; a model file is not a secret
+            f.write(header)
+            for name in order:
+                f.write(memoryview(arrays[name]).cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt included: never leave a half file behind
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _flatten(weights: dict, info: dict) -> tuple[dict[str, np.ndarray], dict]:
+    arrays, tensor_meta = {}, {}
+    for name, w in weights.items():
+        if isinstance(w, lk.PackedLinear):
+            for part in PARTS:
+                a = getattr(w, part)
+                if a is not None:
+                    arrays[f"{name}.{part}"] = np.ascontiguousarray(a, DTYPES["U8" if part == "planes" else "F16"])
+            i = info.get(name, {})
+            tensor_meta[name] = {"method": i.get("method", "unknown"), "bits": i.get("bits", w.P), "planes": w.P,
+                                 "group": w.G, "M": w.M, "K": w.K, "offsets": w.offsets is not None,
+                                 "bpw": w.bits_per_weight()}
+        else:
+            a = np.asarray(w)
+            if a.dtype not in (np.float16, np.float32):
+                raise ValueError(f"tensor {name}: dtype {a.dtype} cannot be stored (float16 or float32 only)")
+            arrays[name] = np.ascontiguousarray(a, a.dtype.newbyteorder("<"))
+    return arrays, tensor_meta
+
+
+def _rank(name: str, a: np.ndarray) -> tuple:
+    """Planes (multiples of 64 bytes) first, then wider elements before narrower: each stays aligned."""
+    return (not name.endswith(".planes"), -a.dtype.itemsize, name)
+
+
+def _header(arrays: dict[str, np.ndarray], meta: dict) -> tuple[bytes, list[str]]:
+    codes = {v: k for k, v in DTYPES.items()}
+    order = sorted(arrays, key=lambda n: _rank(n, arrays[n]))
+    entries, at = {}, 0
+    for name in order:
+        a = arrays[name]
+        entries[name] = {"dtype": codes[a.dtype], "shape": list(a.shape), "data_offsets": [at, at + a.nbytes]}
+        at += a.nbytes
+    text = json.dumps({"__metadata__": {KEY: json.dumps(meta)}, **entries}, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)  # trailing spaces are valid JSON: the data starts aligned
+    return len(text).to_bytes(8, "little") + text, order
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+def load(path) -> QFile:
+    """Map a quantized model file and check it against its own metadata and config."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise ModelError(f"{path}: too short to be a safetensors file ({size} bytes)")
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read: {e.strerror or e}") from None
+    header, base = _read_header(buf, size, path)
+    meta = _read_meta(header.pop("__metadata__", None), path)
+    config = _read_config(meta, path)
+    arrays = {name: _array(buf, base, size, entry, path, name) for name, entry in header.items()}
+    packed = {name: _packed(arrays, name, info, path) for name, info in _tensor_meta(meta, path).items()}
+    for name, a in arrays.items():
+        if a.dtype not in (DTYPES["F16"], DTYPES["F32"]):
+            raise ModelError(f"{path}: tensor {name} has dtype {a.dtype}, not float16/float32, and no packed-layer metadata")
+    qf = QFile(path, config, packed, arrays, meta)
+    _check_complete(qf)
+    return qf
+
+
+def _read_header(buf, size: int, path: Path) -> tuple[dict, int]:
+    n = int.from_bytes(buf[:8], "little")
+    if n > size - 8 or n > MAX_HEADER:
+        raise ModelError(f"{path}: header length {n} does not fit the file of {size} bytes (truncated or not safetensors)")
+    try:
+        header = json.loads(bytes(buf[8:8 + n]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: header is not a JSON object")
+    return header, 8 + n
+
+
+def _read_meta(md, path: Path) -> dict:
+    if not isinstance(md, dict) or KEY not in md:
+        raise ModelError(f"{path}: not a lutengine quantized file (no '{KEY}' metadata)")
+    try:
+        meta = json.loads(md[KEY])
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: '{KEY}' metadata is not valid JSON ({e})") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if not isinstance(version, int):
+        raise ModelError(f"{path}: metadata has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise ModelError(f"{path}: format version {version} is newer than this lutengine supports ({FORMAT_VERSION})")
+    return meta
+
+
+def _read_config(meta: dict, path: Path) -> ModelConfig:
+    try:
+        config = ModelConfig.from_dict(meta["config"])
+    except (KeyError, TypeError) as e:
+        raise ModelError(f"{path}: metadata config is missing or malformed ({e})") from None
+    check_architecture(config.arch, path)
+    return config
+
+
+def _tensor_meta(meta: dict, path: Path) -> dict:
+    tm = meta.get("tensors")
+    if not isinstance(tm, dict):
+        raise ModelError(f"{path}: metadata has no tensors table")
+    return tm
+
+
+def _array(buf, base: int, size: int, entry, path: Path, name: str) -> np.ndarray:
+    try:
+        dtype = DTYPES[entry["dtype"]]
+        shape = tuple(int(s) for s in entry["shape"])
+        start, end = (int(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise ModelError(f"{path}: tensor {name}: malformed header entry {entry!r} "
+                         f"(dtype must be one of {', '.join(DTYPES)})") from None
+    count = int(np.prod(shape, dtype=np.int64))
+    if min(shape, default=0) < 0 or not 0 <= start <= end or end - start != count * dtype.itemsize:
+        raise ModelError(f"{path}: tensor {name}: data_offsets {[start, end]} disagree with {entry['dtype']} {list(shape)}")
+    if base + end > size:
+        raise ModelError(f"{path}: tensor {name}: data ends at byte {base + end} beyond the file's {size} (truncated?)")
+    a = np.frombuffer(buf, dtype, count, base + start).reshape(shape)
+    return a.copy() if (base + start) % dtype.itemsize else a  # a misaligned view would be UB for the C kernels
+
+
+def _packed(arrays: dict[str, np.ndarray], name: str, info, path: Path) -> lk.PackedLinear:
+    try:
+        M, K, P, G, has_off = (info[k] for k in ("M", "K", "planes", "group", "offsets"))
+        lk.check_shape(M, K, P, G)
+    except (KeyError, TypeError, lk.LayoutError) as e:
+        raise ModelError(f"{path}: tensor {name}: bad packed-layer metadata ({e})") from None
+    Mt = -(-M // lk.layout.TILE)
+    expect = {"planes": ("U8", (Mt, K // 32, P, 64)), "scales": ("F16", (Mt, K // G, P, 16)),
+              "offsets": ("F16", (Mt, K // G, 16))}
+    parts = {}
+    for part in PARTS:
+        key = f"{name}.{part}"
+        if part == "offsets" and not has_off:
+            if key in arrays:
+                raise ModelError(f"{path}: tensor {name}: metadata says no offsets, but {key} is present")
+            parts[part] = None
+            continue
+        if key not in arrays:
+            raise ModelError(f"{path}: tensor {name}: {key} is missing")
+        a = arrays.pop(key)
+        dtype, shape = expect[part]
+        if a.dtype != DTYPES[dtype] or a.shape != shape:
+            raise ModelError(f"{path}: tensor {key} is {a.dtype} {list(a.shape)}; metadata "
+                             f"(M={M}, K={K}, P={P}, G={G}) needs {dtype} {list(shape)}")
+        parts[part] = a
+    return lk.PackedLinear(M, K, P, G, parts["planes"], parts["scales"], parts["offsets"])
+
+
+def _check_complete(qf: QFile) -> None:
+    """Every tensor the config needs, with its shape (the head may be packed even when tied)."""
+    c = qf.config
+    expected = c.expected_shapes()
+    expected["lm_head.weight"] = (c.vocab, c.hidden)
+    for name, shape in expected.items():
+        if name in qf.packed:
+            got = (qf.packed[name].M, qf.packed[name].K)
+        elif name in qf.tensors:
+            got = qf.tensors[name].shape
+        elif name == "lm_head.weight" and c.tied_embeddings:
+            continue
+        else:
+            raise ModelError(f"{qf.path}: missing tensor {name}")
+        if tuple(got) != shape:
+            raise ModelError(f"{qf.path}: tensor {name} has shape {list(got)}, config says {list(shape)}")

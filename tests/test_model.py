@@ -1,0 +1,404 @@
+"""The transformer runtime (engine/model.py) and the RTN quantizer (engine/quant) on tiny random models."""
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import lutkernels as lk
+from engine import model as em
+from engine.model import Transformer, rope_inv_freq
+from engine.quant import quantize_model, rtn, settings
+from models.config import ModelConfig, ModelError
+
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def tiny_config(arch="llama", **kw) -> ModelConfig:
+    base = dict(arch=arch, n_layers=2, hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn=128, vocab=100,
+                norm_eps=1e-5, rope_theta=10000.0 if arch == "llama" else 1e6, tied_embeddings=arch == "llama",
+                max_context=64)
+    return ModelConfig(**{**base, **kw})
+
+
+def random_tensors(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    t = {}
+    for name, shape in config.expected_shapes().items():
+        if name.endswith("norm.weight"):
+            a = 1 + 0.2 * rng.standard_normal(shape)
+        elif name.endswith(".bias"):
+            a = 0.2 * rng.standard_normal(shape)
+        elif name == EMBED:
+            a = rng.standard_normal(shape)
+        else:
+            a = rng.standard_normal(shape) / math.sqrt(shape[1])
+        t[name] = a.astype(np.float32)
+    return t
+
+
+CONFIGS = {"llama-tied": tiny_config("llama"), "qwen2-untied-bias": tiny_config("qwen2")}
+
+
+@pytest.fixture(params=list(CONFIGS))
+def cfg(request) -> ModelConfig:
+    return CONFIGS[request.param]
+
+
+# Plain multi-head attention, and a head size that leaves tails in the C dot products (20 = 8+8+4)
+ODD = {**CONFIGS, "llama-mha-head20": tiny_config("llama", n_heads=8, n_kv_heads=8, head_dim=20)}
+
+
+@pytest.fixture(params=list(ODD))
+def any_cfg(request) -> ModelConfig:
+    return ODD[request.param]
+
+
+def quantized(config, tensors, **quant):
+    return quantize_model(config, tensors, quant)[0]
+
+
+def dequantized(weights: dict) -> dict:
+    """The same weights with every PackedLinear as its float32 matrix."""
+    return {k: lk.dense(w) if isinstance(w, lk.PackedLinear) else w for k, w in weights.items()}
+
+
+def rel(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# ---- an independent reference: float64, no cache, explicit loops over heads ----------------------
+
+def reference_logits(c: ModelConfig, t: dict, ids) -> np.ndarray:
+    f = {k: np.asarray(lk.dense(v) if isinstance(v, lk.PackedLinear) else v, np.float64) for k, v in t.items()}
+    n, d = len(ids), c.head_dim
+    x = f[EMBED][ids]
+    inv = 1.0 / c.rope_theta ** (np.arange(0, d, 2) / d)
+    ang = np.arange(n)[:, None] * inv[None]
+    cos, sin = np.cos(np.concatenate([ang, ang], 1)), np.sin(np.concatenate([ang, ang], 1))
+
+    def norm(v, w):
+        return v / np.sqrt((v * v).mean(-1, keepdims=True) + c.norm_eps) * w
+
+    def rotate_half(v):
+        return np.concatenate([-v[..., d // 2:], v[..., :d // 2]], -1)
+
+    def proj(h, p, name):
+        y = h @ f[p + name + ".weight"].T
+        return y + f[p + name + ".bias"] if p + name + ".bias" in f else y
+
+    for i in range(c.n_layers):
+        p = f"model.layers.{i}."
+        h = norm(x, f[p + "input_layernorm.weight"])
+        q = proj(h, p, "self_attn.q_proj").reshape(n, c.n_heads, d)
+        k = proj(h, p, "self_attn.k_proj").reshape(n, c.n_kv_heads, d)
+        v = proj(h, p, "self_attn.v_proj").reshape(n, c.n_kv_heads, d)
+        q = q * cos[:, None] + rotate_half(q) * sin[:, None]
+        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        out = np.zeros((n, c.n_heads, d))
+        for head in range(c.n_heads):
+            g = head // (c.n_heads // c.n_kv_heads)
+            s = np.einsum("id,jd->ij", q[:, head], k[:, g]) / math.sqrt(d)
+            s[np.triu(np.ones((n, n), bool), 1)] = -np.inf
+            pr = np.exp(s - s.max(1, keepdims=True))
+            out[:, head] = (pr / pr.sum(1, keepdims=True)) @ v[:, g]
+        x = x + out.reshape(n, -1) @ f[p + "self_attn.o_proj.weight"].T
+        h = norm(x, f[p + "post_attention_layernorm.weight"])
+        gate, up = proj(h, p, "mlp.gate_proj"), proj(h, p, "mlp.up_proj")
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ f[p + "mlp.down_proj.weight"].T
+    head = f[HEAD] if HEAD in f else f[EMBED]
+    return norm(x, f["model.norm.weight"]) @ head.T
+
+
+IDS = [3, 17, 99, 0, 42, 42, 7, 63, 12, 5, 88, 31]
+
+
+def test_dense_matches_independent_reference(any_cfg):
+    cfg = any_cfg
+    t = random_tensors(cfg)
+    m = Transformer(cfg, t)
+    got = m.forward(IDS, 0, all_logits=True)
+    ref = reference_logits(cfg, t, IDS)
+    assert got.shape == (len(IDS), cfg.vocab) and got.dtype == np.float32
+    assert rel(got, ref) < 2e-6
+    m.reset()
+    steps = np.stack([m.forward([tok], i).copy() for i, tok in enumerate(IDS)])  # the C decode path
+    assert rel(steps, ref) < 2e-6
+
+
+def test_last_token_logits_are_the_last_row(cfg):
+    m = Transformer(cfg, random_tensors(cfg))
+    full = m.forward(IDS, 0, all_logits=True)
+    last = m.forward(IDS, 0)
+    assert last.shape == (cfg.vocab,)
+    np.testing.assert_allclose(last, full[-1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_decode_token_by_token_equals_one_pass(any_cfg, quant):
+    cfg = any_cfg
+    t = random_tensors(cfg, 1)
+    m = Transformer(cfg, quantized(cfg, t) if quant else t)
+    full = m.forward(IDS, 0, all_logits=True).copy()
+    m.reset()
+    steps = np.stack([m.forward([tok], i).copy() for i, tok in enumerate(IDS)])
+    # quantized: decode and batch feed the LUT tables slightly different activations (C vs numpy
+    # norms), and table rounding amplifies that up to the table error itself
+    assert rel(steps, full) < (5e-3 if quant else 2e-6)
+
+
+def test_prompt_in_pieces_and_attention_blocks(cfg, monkeypatch):
+    t = random_tensors(cfg, 2)
+    m = Transformer(cfg, t)
+    full = m.forward(IDS, 0, all_logits=True).copy()
+    monkeypatch.setattr(em, "ATTN_BLOCK", 3)
+    m.reset()
+    a = m.forward(IDS[:5], 0, all_logits=True)
+    b = m.forward(IDS[5:], 5, all_logits=True)
+    np.testing.assert_allclose(np.concatenate([a, b]), full, rtol=1e-5, atol=1e-5)
+
+
+def test_rewind_recomputes_from_the_cache(cfg):
+    m = Transformer(cfg, random_tensors(cfg, 3))
+    m.forward(IDS, 0)
+    again = m.forward(IDS[4:], 4, all_logits=True).copy()
+    m.reset()
+    np.testing.assert_allclose(again, m.forward(IDS, 0, all_logits=True)[4:], rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_path_matches_dense_of_the_same_weights(cfg):
+    """Packed layers through the LUT kernels vs their dequantized float32 matrices through numpy:
+    the only difference left is the kernel's int8 activation tables. Those cost about 0.75% relative
+    error per 4-bit matmul on Gaussian activations (lutkernels.reference reproduces it), compounded
+    here over 2 blocks and the head."""
+    w = quantized(cfg, random_tensors(cfg, 4))
+    q = Transformer(cfg, w).forward(IDS, 0, all_logits=True)
+    d = Transformer(cfg, dequantized(w)).forward(IDS, 0, all_logits=True)
+    assert rel(q, d) < 3e-2
+    assert (q.argmax(-1) == d.argmax(-1)).mean() >= 0.9
+    x = np.random.default_rng(0).standard_normal((8, cfg.hidden)).astype(np.float32)
+    layer = w["model.layers.0.mlp.gate_proj.weight"]
+    assert rel(lk.gemm(layer, x), x @ lk.dense(layer).T) < 1.2e-2
+
+
+def test_quantized_model_layout(cfg):
+    w = quantized(cfg, random_tensors(cfg))
+    assert w[EMBED].dtype == np.float16
+    assert isinstance(w[HEAD], lk.PackedLinear) and w[HEAD].P == 8  # tied: a packed copy of the embedding
+    q = w["model.layers.0.self_attn.q_proj.weight"]
+    assert isinstance(q, lk.PackedLinear) and (q.P, q.G) == (4, 64) and q.offsets is not None
+    assert w["model.layers.1.mlp.down_proj.weight"].G == 128
+    assert w["model.norm.weight"].dtype == np.float32
+
+
+def test_from_source_dense_and_quantized(cfg):
+    from models.source import ModelSource, TokenizerInfo
+
+    t = random_tensors(cfg)
+    src = ModelSource(path=None, format="hf", config=cfg, tensors=t, tok=TokenizerInfo(None, 1, (2,), True, None))
+    dense = Transformer.from_source(src, None, max_context=32)
+    assert dense.max_context == 32 and dense.tok is src.tok
+    np.testing.assert_allclose(dense.forward(IDS, 0), Transformer(cfg, t).forward(IDS, 0), rtol=1e-6, atol=1e-6)
+    q = Transformer.from_source(src, {"bits": 3})
+    assert q.max_context == cfg.max_context
+    assert q.weights["model.layers.0.mlp.up_proj.weight"].P == 3
+
+
+def test_max_context_defaults_to_at_most_4096():
+    c = tiny_config(max_context=100_000)
+    assert Transformer(c, random_tensors(c)).max_context == 4096
+
+
+def test_position_and_token_checks(cfg):
+    m = Transformer(cfg, random_tensors(cfg), max_context=8)
+    with pytest.raises(ValueError, match="exceed the context of 8"):
+        m.forward(list(range(9)), 0)
+    m.forward(list(range(6)), 0)
+    with pytest.raises(ValueError, match="exceed the context"):
+        m.forward([1, 2, 3], 6)
+    m.forward([1, 2], 6)  # exactly fills the cache
+    with pytest.raises(ValueError, match="exceed the context"):
+        m.forward([1], 8)
+    m.reset()
+    with pytest.raises(ValueError, match="position 3"):
+        m.forward([1], 3)  # nothing cached before it
+    with pytest.raises(ValueError, match="token id"):
+        m.forward([cfg.vocab], 0)
+    with pytest.raises(ValueError, match="no tokens"):
+        m.forward([], 0)
+
+
+def test_missing_or_misshapen_weights_are_model_errors(cfg):
+    t = random_tensors(cfg)
+    del t["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ModelError, match="missing tensor model.layers.1.mlp.up_proj.weight"):
+        Transformer(cfg, t)
+    t = random_tensors(cfg)
+    t["model.norm.weight"] = t["model.norm.weight"][:10]
+    with pytest.raises(ModelError, match="model.norm.weight has shape"):
+        Transformer(cfg, t)
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_decode_step_allocates_no_arrays(quant):
+    """The smallest per-token temporary here (one hidden vector) is 2 KiB; what a step may allocate
+    is view objects and numpy's call machinery (the dense path's matmul), a few hundred bytes."""
+    c = tiny_config(hidden=512, n_heads=8, n_kv_heads=2, head_dim=64, ffn=1024, vocab=1000)
+    t = random_tensors(c)
+    m = Transformer(c, quantized(c, t) if quant else t)
+    logits = m.forward(IDS[:4], 0)
+    tracemalloc.start()
+    try:
+        for i in range(4, 12):
+            token = int(logits.argmax())
+            tracemalloc.reset_peak()
+            start = tracemalloc.get_traced_memory()[0]
+            logits = m.forward([token], i)
+            now, peak = tracemalloc.get_traced_memory()
+            assert peak - start < 1024 and now - start < 1024
+    finally:
+        tracemalloc.stop()
+
+
+def test_bound_calls_check_their_arrays():
+    from lutkernels import ops
+
+    f32 = np.float32
+    q, k, out, scores = np.zeros(64, f32), np.zeros(32, f32), np.zeros(64, f32), np.zeros(4 * 8, f32)
+    cache = np.zeros((8, 2, 16), f32)
+    cos = np.zeros((8, 8), f32)
+    step = ops.bind_attention(q, k, k.copy(), None, cos, cos.copy(), cache, cache.copy(), 4, scores, out)
+    with pytest.raises(ValueError, match="position 8 outside the cache of 8"):
+        step(8)
+    with pytest.raises(ValueError, match="same positions"):
+        ops.bind_attention(q, k, k, None, cos[:4], cos[:4], cache, cache, 4, scores, out)
+    with pytest.raises(ValueError, match="scores must have 32 elements"):
+        ops.bind_attention(q, k, k, None, cos, cos, cache, cache, 4, scores[:8], out)
+    with pytest.raises(TypeError, match="float32"):
+        ops.bind_silu_mul(np.zeros(4), np.zeros(4))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ops.bind_add_rmsnorm(np.zeros(8, f32)[::2], None, np.zeros(4, f32), 1e-5, np.zeros(4, f32))
+
+
+def test_decode_returns_a_reused_buffer(cfg):
+    m = Transformer(cfg, random_tensors(cfg))
+    a = m.forward([5], 0)
+    b = m.forward([6], 1)
+    assert np.shares_memory(a, b)
+
+
+# ---- RoPE scaling -----------------------------------------------------------------------------
+
+def hf_llama3(inv, factor, lo, hi, old):
+    out = []
+    for f in inv:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / hi:
+            out.append(f)
+        elif wavelen > old / lo:
+            out.append(f / factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return np.array(out)
+
+
+def test_rope_scaling():
+    c = tiny_config(head_dim=128, n_heads=1, n_kv_heads=1, hidden=128, rope_theta=500000.0)
+    base = rope_inv_freq(c)
+    np.testing.assert_allclose(base, 1 / 500000.0 ** (np.arange(0, 128, 2) / 128))
+    lin = tiny_config(head_dim=128, n_heads=1, n_kv_heads=1, hidden=128, rope_theta=500000.0,
+                      rope_scaling={"type": "linear", "factor": 4.0})
+    np.testing.assert_allclose(rope_inv_freq(lin), base / 4)
+    rs = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+    l3 = tiny_config(head_dim=128, n_heads=1, n_kv_heads=1, hidden=128, rope_theta=500000.0, rope_scaling=rs)
+    got = rope_inv_freq(l3)
+    np.testing.assert_allclose(got, hf_llama3(base, 8.0, 1.0, 4.0, 8192), rtol=1e-12)
+    assert got[0] == base[0] and got[-1] == base[-1] / 8  # short wavelengths kept, long ones slowed
+    with pytest.raises(ModelError, match="unsupported rope_scaling type 'yarn'"):
+        rope_inv_freq(tiny_config(rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+
+
+def test_linear_rope_scaling_is_position_division():
+    c = tiny_config(rope_scaling={"rope_type": "linear", "factor": 2.0})
+    cos, sin = em.rope_tables(c, 16)
+    cos0, sin0 = em.rope_tables(tiny_config(), 32)
+    np.testing.assert_allclose(cos[::1][:16:2], cos0[:8], atol=1e-6)
+    np.testing.assert_allclose(sin[:16:2], sin0[:8], atol=1e-6)
+
+
+# ---- RTN ------------------------------------------------------------------------------------
+
+def rtn_case(seed, M=37, K=256):
+    rng = np.random.default_rng(seed)
+    W = (rng.standard_normal((M, K)) * 0.05).astype(np.float32)
+    W[2, :64] = 1e-7 * rng.standard_normal(64)  # a group so narrow its step is tiny (subnormal float16)
+    W[3, :64] = 0.25  # a constant group: zero step
+    W[4, 64:128] = rng.standard_normal(64) * 3 + 50  # a group far from zero: offset rounding matters
+    return W
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("G", [32, 64, 256])
+def test_rtn_pack_is_exactly_the_reconstruction(bits, symmetric, G):
+    W = rtn_case(bits * 10 + G)
+    c = rtn.codes(W, bits, G, symmetric)
+    np.testing.assert_array_equal(lk.dense(rtn.to_packed(c)), rtn.reconstruct(c))
+    np.testing.assert_array_equal(lk.dense(rtn.quantize(W, bits, G, symmetric)), rtn.reconstruct(c))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_rtn_error_is_at_most_half_a_step(bits, symmetric):
+    W = rtn_case(bits)
+    G = 64
+    c = rtn.codes(W, bits, G, symmetric)
+    err = np.abs(rtn.reconstruct(c).astype(np.float64) - W).reshape(W.shape[0], -1, G).max(-1)
+    # the float16 offset can sit up to half its ulp off the group's minimum; that bounds the
+    # error of weights clamped at the grid's ends (and float32 rounds the sum once)
+    slack = 0 if symmetric else np.abs(c.offset) * 2.0**-11 + 2.0**-25
+    assert (err <= c.scale / 2 * (1 + 1e-6) + slack + np.abs(W).reshape(err.shape + (G,)).max(-1) * 2**-23).all()
+    assert c.q.max() <= 2**bits - 1
+    if symmetric:
+        assert c.offset is None
+        assert rtn.to_packed(c).offsets is None
+
+
+def test_rtn_codes_are_round_to_nearest():
+    W = np.array([[0.0, 1.0, 2.0, 3.0] * 8], np.float32)  # asymmetric 2-bit: the grid is exactly 0..3
+    c = rtn.codes(W, 2, 32)
+    np.testing.assert_array_equal(c.q[0], np.array([0, 1, 2, 3] * 8))
+    np.testing.assert_array_equal(rtn.reconstruct(c), W)
+
+
+def test_rtn_row_chunks_stack(monkeypatch):
+    W = rtn_case(7, M=100, K=128)
+    whole = rtn.quantize(W, 4, 64)
+    monkeypatch.setattr(rtn, "ROW_CHUNK", 32)
+    chunked = rtn.quantize(W, 4, 64)
+    assert chunked.M == 100
+    for a, b in ((whole.planes, chunked.planes), (whole.scales, chunked.scales), (whole.offsets, chunked.offsets)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_group_size_choice():
+    assert rtn.group_size(576) == 64
+    assert rtn.group_size(896) == 128
+    assert rtn.group_size(1536, 256) == 256
+    assert rtn.group_size(96) == 32
+    assert rtn.group_size(576, 576) == 576
+    with pytest.raises(lk.LayoutError):
+        rtn.group_size(48)
+
+
+def test_quant_settings():
+    assert settings(None) == {"method": "rtn", "bits": 4, "group": 128, "symmetric": False, "head_bits": 8}
+    assert settings({"bits": 2})["bits"] == 2
+    with pytest.raises(ValueError, match="unknown quantizer settings: colour"):
+        settings({"colour": 1})
+    with pytest.raises(ValueError, match="bits must be"):
+        settings({"bits": 9})
+    with pytest.raises(ValueError, match="unknown quantization method"):
+        settings({"method": "gptq"})

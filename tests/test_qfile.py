@@ -1,0 +1,211 @@
+"""The quantized model file (models/qfile.py): round trip, memory mapping, validation, atomic save."""
+import json
+import mmap
+import os
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import lutkernels as lk
+from engine.model import Transformer
+from engine.quant import quantize_model
+from models import qfile
+from models.config import ModelError
+from models.source import ModelSource, TokenizerInfo
+from test_model import CONFIGS, IDS, random_tensors
+
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+
+
+def tiny_tok() -> TokenizerInfo:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return TokenizerInfo(tk, 1, (2,), True, "{{ messages }}")
+
+
+@pytest.fixture(params=list(CONFIGS))
+def src(request, tmp_path) -> ModelSource:
+    c = CONFIGS[request.param]
+    return ModelSource(path=tmp_path / "model.gguf", format="gguf", config=c, tensors=random_tensors(c, 5),
+                       tok=tiny_tok(), sha256="ab" * 32)
+
+
+@pytest.fixture
+def saved(src, tmp_path):
+    return qfile.save(tmp_path / "m.lut.safetensors", src, {"bits": 3})
+
+
+def rewrite_header(path, edit) -> None:
+    """Apply edit(header dict) and write the file back with the same tensor bytes."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+def edit_meta(edit):
+    def apply(header):
+        meta = json.loads(header["__metadata__"]["lutengine"])
+        edit(meta)
+        header["__metadata__"]["lutengine"] = json.dumps(meta)
+    return apply
+
+
+def test_round_trip_gives_the_same_logits(src, saved):
+    weights, _ = quantize_model(src.config, src.tensors, {"bits": 3})
+    expect = Transformer(src.config, weights).forward(IDS, 0, all_logits=True)
+    q = qfile.load(saved)
+    assert q.config == src.config
+    m = Transformer.from_qfile(q)
+    np.testing.assert_array_equal(m.forward(IDS, 0, all_logits=True), expect)
+    m.reset()
+    steps = np.stack([m.forward([t], i).copy() for i, t in enumerate(IDS)])
+    assert np.linalg.norm(steps - expect) / np.linalg.norm(expect) < 5e-3
+    np.testing.assert_array_equal(Transformer.from_qfile(saved).forward(IDS, 0), expect[-1])  # from a path
+
+
+def test_packed_arrays_are_views_of_the_mapping(saved):
+    q = qfile.load(saved)
+    for w in q.packed.values():
+        for a in (w.planes, w.scales, w.offsets):
+            assert not a.flags.owndata and not a.flags.writeable and a.flags.aligned and a.flags.c_contiguous
+            assert isinstance(_root(a), mmap.mmap)
+    emb = q.tensors["model.embed_tokens.weight"]
+    assert emb.dtype == np.float16 and isinstance(_root(emb), mmap.mmap)
+    assert np.shares_memory(q.packed[Q_PROJ].planes, np.frombuffer(_root(q.packed[Q_PROJ].planes), np.uint8))
+
+
+def _root(a):
+    """What an array's memory ultimately belongs to."""
+    while isinstance(a, (np.ndarray, memoryview)):
+        a = a.base if isinstance(a, np.ndarray) else a.obj
+    return a
+
+
+def test_metadata(src, saved):
+    q = qfile.load(saved)
+    m = q.meta
+    assert m["format_version"] == 1
+    assert m["source"] == {"path": str(src.path), "sha256": "ab" * 32}
+    assert m["quantizer"] == {"method": "rtn", "bits": 3, "group": 128, "symmetric": False, "head_bits": 8}
+    t = m["tensors"][Q_PROJ]
+    w = q.packed[Q_PROJ]
+    assert t == {"method": "rtn", "bits": 3, "planes": 3, "group": 64, "M": 64, "K": 64, "offsets": True,
+                 "bpw": w.bits_per_weight()}
+    assert m["tensors"]["lm_head.weight"]["bits"] == 8
+    tok = q.tok
+    assert (tok.bos_id, tok.eos_ids, tok.add_bos, tok.chat_template) == (1, (2,), True, "{{ messages }}")
+    assert tok.tokenizer.encode("hello world").ids == [3, 4]
+    assert q.tok is tok  # built once
+
+
+def test_readable_by_safetensors(saved):
+    q = qfile.load(saved)
+    with safe_open(str(saved), "numpy") as f:
+        names = set(f.keys())
+        assert "lutengine" in f.metadata()
+        np.testing.assert_array_equal(f.get_tensor(Q_PROJ + ".planes"), q.packed[Q_PROJ].planes)
+        np.testing.assert_array_equal(f.get_tensor("model.norm.weight"), q.tensors["model.norm.weight"])
+    expect = set(q.tensors) | {f"{n}.{p}" for n in q.packed for p in ("planes", "scales", "offsets")}
+    assert names == expect
+
+
+def test_data_section_is_aligned(saved):
+    raw = saved.read_bytes()
+    assert (8 + int.from_bytes(raw[:8], "little")) % 64 == 0
+
+
+def test_newer_format_version_is_refused(saved):
+    rewrite_header(saved, edit_meta(lambda m: m.update(format_version=2)))
+    with pytest.raises(ModelError, match=r"format version 2 is newer than this lutengine supports \(1\)"):
+        qfile.load(saved)
+
+
+def test_metadata_disagreeing_with_arrays(saved):
+    rewrite_header(saved, edit_meta(lambda m: m["tensors"][Q_PROJ].update(K=128)))
+    with pytest.raises(ModelError, match=f"{saved}: tensor {Q_PROJ}.planes is uint8 \\[4, 2, 3, 64\\]; metadata"):
+        qfile.load(saved)
+
+
+def test_missing_offsets_array(saved):
+    rewrite_header(saved, lambda h: h.pop(Q_PROJ + ".offsets"))
+    with pytest.raises(ModelError, match=f"tensor {Q_PROJ}: {Q_PROJ}.offsets is missing"):
+        qfile.load(saved)
+
+
+def test_offsets_beyond_the_data(saved):
+    def grow(h):
+        a, b = h["model.norm.weight"]["data_offsets"]
+        h["model.norm.weight"]["data_offsets"] = [a, b + 4]
+    rewrite_header(saved, grow)
+    with pytest.raises(ModelError, match="model.norm.weight: data_offsets .* disagree with F32"):
+        qfile.load(saved)
+
+
+def test_shape_disagreeing_with_config(saved):
+    rewrite_header(saved, edit_meta(lambda m: m["config"].update(hidden=96)))
+    with pytest.raises(ModelError, match="config says"):
+        qfile.load(saved)
+
+
+def test_truncated_file(saved):
+    size = saved.stat().st_size
+    with open(saved, "r+b") as f:
+        f.truncate(size - 100)
+    with pytest.raises(ModelError, match="truncated"):
+        qfile.load(saved)
+    with open(saved, "r+b") as f:
+        f.truncate(20)
+    with pytest.raises(ModelError, match="header length"):
+        qfile.load(saved)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "too short"),
+    (b"\x05\x00\x00\x00\x00\x00\x00\x00{oops", "not valid JSON"),
+    (b"\x02\x00\x00\x00\x00\x00\x00\x00{}", "not a lutengine quantized file"),
+])
+def test_not_a_qfile(tmp_path, content, message):
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(content)
+    with pytest.raises(ModelError, match=message):
+        qfile.load(p)
+    with pytest.raises(ModelError, match="cannot read"):
+        qfile.load(tmp_path / "absent.safetensors")
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError])
+def test_failed_save_leaves_nothing(src, tmp_path, monkeypatch, exc):
+    path = tmp_path / "m.lut.safetensors"
+
+    def fail(fd):
+        raise exc("disk gone")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(exc):
+        qfile.save(path, src)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_save_keeps_the_previous_file(src, saved, monkeypatch):
+    before = saved.read_bytes()
+    monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        qfile.save(saved, src, {"bits": 2})
+    assert saved.read_bytes() == before
+    assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]
+
+
+def test_write_dense_tensors_and_symmetric_layers(src, tmp_path):
+    weights, info = quantize_model(src.config, src.tensors, {"symmetric": True, "bits": 2})
+    path = qfile.write(tmp_path / "s.safetensors", src.config, weights, src.tok, info=info)
+    q = qfile.load(path)
+    assert q.packed[Q_PROJ].offsets is None and q.meta["tensors"][Q_PROJ]["offsets"] is False
+    assert lk.dense(q.packed[Q_PROJ]).tobytes() == lk.dense(weights[Q_PROJ]).tobytes()
+    with pytest.raises(ValueError, match="float16 or float32 only"):
+        qfile.write(tmp_path / "bad.safetensors", src.config, {**weights, "x": np.zeros(3, np.int64)}, src.tok)
