@@ -48,8 +48,11 @@ static inline float lut_h2f(uint16_t h) {
 }
 
 /* Thread pool: fn(ctx, ith, nth) runs once on each of nth threads (the caller is ith 0). */
-typedef void (*lut_pool_fn)(void *ctx, int32_t ith, int32_t nth);
+/* fn(ctx, chunk, nchunks) runs once for every chunk in [0, nchunks), on any thread,
+ * in any order: it must compute its share from (chunk, nchunks) alone. */
+typedef void (*lut_pool_fn)(void *ctx, int32_t chunk, int32_t nchunks);
 void lut_pool_run(lut_pool_fn fn, void *ctx);
+int32_t lut_pool_chunks(void);
 int lut_pool_resize(int32_t n);
 int32_t lut_pool_size(void);
 

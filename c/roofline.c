@@ -11,13 +11,13 @@
 #include "lut_internal.h"
 
 #define LANES 32          /* floats per step: 128 bytes, two cache lines; 8 SSE accumulators, no spills */
-#define SLOT 16           /* doubles per partial sum: one 128-byte slot per thread, no false sharing */
-#define MAX_THREADS 256
+#define SLOT 16           /* doubles per partial sum: one 128-byte slot per chunk, no false sharing */
+#define MAX_CHUNKS 1024  /* POOL_MAX threads x CHUNKS_PER_THREAD (c/pool.c) */
 
 typedef struct {
     const float *buf;
     int64_t n;
-    double part[MAX_THREADS * SLOT];
+    double part[MAX_CHUNKS * SLOT];
 } stream_ctx;
 
 static void stream_slice(void *arg, int32_t ith, int32_t nth) {
@@ -45,7 +45,7 @@ double lut_stream_read(const float *buf, int64_t n) {
     static stream_ctx c; /* too large for the stack; calls are not concurrent (see lut.h) */
     c.buf = buf;
     c.n = n;
-    int32_t nth = lut_pool_size();
+    int32_t nth = lut_pool_chunks();
     for (int32_t i = 0; i < nth; i++)
         c.part[(int64_t)i * SLOT] = 0.0;
     lut_pool_run(stream_slice, &c);

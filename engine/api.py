@@ -34,14 +34,18 @@ class Model:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids)
 
-    def stream(self, prompt: str, max_tokens: int = 256, stop: Sequence[str] = (), **sampling) -> Iterator[str]:
-        """Text pieces of the continuation of `prompt` (raw text, no chat template)."""
+    def stream(self, prompt: str, max_tokens: int = 256, stop: Sequence[str] = (), ignore_eos: bool = False,
+               **sampling) -> Iterator[str]:
+        """Text pieces of the continuation of `prompt` (raw text, no chat template).
+        sampling: the fields of engine.sampling.SamplingParams (temperature, top_k, top_p, min_p,
+        repeat_penalty, repeat_last_n, seed)."""
         ids = self.tokenizer.encode(prompt)
         params = SamplingParams(**sampling)
-        return self._locked(lambda stats: self._session.stream(ids, params, max_tokens, stop, stats))
+        return self._locked(lambda stats: self._session.stream(ids, params, max_tokens, stop, stats, ignore_eos))
 
-    def generate(self, prompt: str, max_tokens: int = 256, stop: Sequence[str] = (), **sampling) -> str:
-        return "".join(self.stream(prompt, max_tokens, stop, **sampling))
+    def generate(self, prompt: str, max_tokens: int = 256, stop: Sequence[str] = (), ignore_eos: bool = False,
+                 **sampling) -> str:
+        return "".join(self.stream(prompt, max_tokens, stop, ignore_eos, **sampling))
 
     def chat(self, messages: list[dict], max_tokens: int = 512, stream: bool = False, **sampling):
         """messages: [{"role": "system"|"user"|"assistant", "content": str}, ...], the last one the user's.

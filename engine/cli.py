@@ -80,7 +80,7 @@ def cmd_info(args) -> int:
 def cmd_generate(args) -> int:
     prompt = _read_prompt(args)
     model = _load(args, args.dense)
-    for piece in model.stream(prompt, args.max_tokens, args.stop, **_sampling(args)):
+    for piece in model.stream(prompt, args.max_tokens, args.stop, args.ignore_eos, **_sampling(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", help="prompt text")
     p.add_argument("-f", "--file", help="UTF-8 file holding the prompt")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="go on past end-of-sequence tokens")
     _run_args(p)
     _sampling_args(p, 128)
     p.set_defaults(func=cmd_generate)

@@ -86,8 +86,9 @@ class Session:
         return logits, len(ids) - common
 
     def stream(self, ids: Sequence[int], params: SamplingParams = SamplingParams(), max_tokens: int = 256,
-               stop: Sequence[str] = (), stats: Stats | None = None) -> Iterator[str]:
-        """Yields the reply as text pieces, never a broken UTF-8 character nor a stop string."""
+               stop: Sequence[str] = (), stats: Stats | None = None, ignore_eos: bool = False) -> Iterator[str]:
+        """Yields the reply as text pieces, never a broken UTF-8 character nor a stop string.
+        ignore_eos: go on past end-of-sequence tokens (benchmarks, exact token counts)."""
         stats = stats if stats is not None else Stats()
         t0 = time.perf_counter()
         logits, stats.prompt_tokens = self.feed(ids)
@@ -98,7 +99,7 @@ class Session:
             sampler.accept(t)
         decoder = StreamDecoder(self.tok)
         scanner = StopScanner(stop)
-        eos = set(self.tok.info.eos_ids)
+        eos = set() if ignore_eos else set(self.tok.info.eos_ids)
         stats.stop_reason = "length"
         try:
             for _ in range(max_tokens):

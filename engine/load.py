@@ -25,7 +25,12 @@ def is_qfile(path: Path) -> bool:
 def default_tag() -> str:
     from .quant import DEFAULT
 
-    return f"{DEFAULT['method']}{DEFAULT['bits']}"
+    return tag(DEFAULT)
+
+
+def tag(settings: dict) -> str:
+    """Short name of quantizer settings, e.g. rtn4g32: names the cached file, so a new default makes a new file."""
+    return f"{settings.get('method')}{settings.get('bits')}g{settings.get('group')}"
 
 
 def cached_qfile(name: str) -> Path:
@@ -80,9 +85,8 @@ def load(name_or_path: str | None = None, dense: bool = False, threads: int | No
     if path is not None:
         q = qfile.load(path)
         model = Transformer.from_qfile(q, max_context=max_context)
-        s = q.meta.get("quantizer", {})
         return Model(model, Tokenizer(q.tok), {"name": name, "path": str(path), "format": "lutengine",
-                                               "quantization": f"{s.get('method')}{s.get('bits')}"})
+                                               "quantization": tag(q.meta.get("quantizer", {}))})
     src = open_source(name, progress=progress)
     model = Transformer.from_source(src, None if dense else {}, max_context=max_context)
     return Model(model, Tokenizer(src.tok), {"name": name, "path": str(src.path), "format": src.format,

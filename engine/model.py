@@ -107,6 +107,8 @@ def rope_tables(config: ModelConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Transformer:
+    """One model with one KV cache and one set of decode buffers: not for concurrent calls."""
+
     def __init__(self, config: ModelConfig, weights: dict[str, Weight], max_context: int | None = None, tok=None):
         """weights: HF names (models/config.py); linear layers float32 or PackedLinear, the embedding
         float32 or float16, norms and biases float32. lm_head.weight, when present, is the head

@@ -16,7 +16,7 @@ from models.config import ModelConfig
 
 from . import rtn
 
-DEFAULT = {"method": "rtn", "bits": 4, "group": 128, "symmetric": False, "head_bits": 8}
+DEFAULT = {"method": "rtn", "bits": 4, "group": 32, "symmetric": False, "head_bits": 8}
 METHODS = {"rtn": rtn.quantize}
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
