@@ -171,7 +171,8 @@ def load(path) -> QFile:
     packed = {name: _packed(arrays, name, info, path) for name, info in _tensor_meta(meta, path).items()}
     for name, a in arrays.items():
         if a.dtype not in (DTYPES["F16"], DTYPES["F32"]):
-            raise ModelError(f"{path}: tensor {name} has dtype {a.dtype}, not float16/float32, and no packed-layer metadata")
+            raise ModelError(f"{path}: tensor {name} has dtype {a.dtype}, not float16/float32, "
+                             "and no packed-layer metadata")
     qf = QFile(path, config, packed, arrays, meta)
     _check_complete(qf)
     return qf
@@ -180,7 +181,8 @@ def load(path) -> QFile:
 def _read_header(buf, size: int, path: Path) -> tuple[dict, int]:
     n = int.from_bytes(buf[:8], "little")
     if n > size - 8 or n > MAX_HEADER:
-        raise ModelError(f"{path}: header length {n} does not fit the file of {size} bytes (truncated or not safetensors)")
+        raise ModelError(f"{path}: header length {n} does not fit the file of {size} bytes "
+                         "(truncated or not safetensors)")
     try:
         header = json.loads(bytes(buf[8:8 + n]))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -231,7 +233,8 @@ def _array(buf, base: int, size: int, entry, path: Path, name: str) -> np.ndarra
                          f"(dtype must be one of {', '.join(DTYPES)})") from None
     count = int(np.prod(shape, dtype=np.int64))
     if min(shape, default=0) < 0 or not 0 <= start <= end or end - start != count * dtype.itemsize:
-        raise ModelError(f"{path}: tensor {name}: data_offsets {[start, end]} disagree with {entry['dtype']} {list(shape)}")
+        raise ModelError(f"{path}: tensor {name}: data_offsets {[start, end]} disagree with "
+                         f"{entry['dtype']} {list(shape)}")
     if base + end > size:
         raise ModelError(f"{path}: tensor {name}: data ends at byte {base + end} beyond the file's {size} (truncated?)")
     a = np.frombuffer(buf, dtype, count, base + start).reshape(shape)

@@ -8,7 +8,7 @@ import pytest
 import lutkernels as lk
 from engine import model as em
 from engine.model import Transformer, rope_inv_freq
-from engine.quant import quantize_model, rtn, settings
+from engine.quant import DEFAULT, quantize_model, rtn, settings
 from models.config import ModelConfig, ModelError
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -143,8 +143,8 @@ def test_decode_token_by_token_equals_one_pass(any_cfg, quant):
     m.reset()
     steps = np.stack([m.forward([tok], i).copy() for i, tok in enumerate(IDS)])
     # quantized: decode and batch feed the LUT tables slightly different activations (C vs numpy
-    # norms), and table rounding amplifies that up to the table error itself
-    assert rel(steps, full) < (5e-3 if quant else 2e-6)
+    # norms), and table rounding amplifies that up to the table error itself (see the next test)
+    assert rel(steps, full) < (3e-2 if quant else 2e-6)
 
 
 def test_prompt_in_pieces_and_attention_blocks(cfg, monkeypatch):
@@ -182,7 +182,7 @@ def test_quantized_path_matches_dense_of_the_same_weights(cfg):
 
 
 def test_quantized_model_layout(cfg):
-    w = quantized(cfg, random_tensors(cfg))
+    w = quantized(cfg, random_tensors(cfg), group=128)
     assert w[EMBED].dtype == np.float16
     assert isinstance(w[HEAD], lk.PackedLinear) and w[HEAD].P == 8  # tied: a packed copy of the embedding
     q = w["model.layers.0.self_attn.q_proj.weight"]
@@ -394,8 +394,9 @@ def test_group_size_choice():
 
 
 def test_quant_settings():
-    assert settings(None) == {"method": "rtn", "bits": 4, "group": 128, "symmetric": False, "head_bits": 8}
-    assert settings({"bits": 2})["bits"] == 2
+    assert settings(None) == DEFAULT
+    assert set(DEFAULT) == {"method", "bits", "group", "symmetric", "head_bits"}
+    assert settings({"bits": 2}) == {**DEFAULT, "bits": 2}
     with pytest.raises(ValueError, match="unknown quantizer settings: colour"):
         settings({"colour": 1})
     with pytest.raises(ValueError, match="bits must be"):

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import lutkernels as lk
 from engine.model import Transformer
-from engine.quant import quantize_model
+from engine.quant import DEFAULT, quantize_model, rtn
 from models import qfile
 from models.config import ModelError
 from models.source import ModelSource, TokenizerInfo
@@ -92,11 +92,11 @@ def test_metadata(src, saved):
     m = q.meta
     assert m["format_version"] == 1
     assert m["source"] == {"path": str(src.path), "sha256": "ab" * 32}
-    assert m["quantizer"] == {"method": "rtn", "bits": 3, "group": 128, "symmetric": False, "head_bits": 8}
+    assert m["quantizer"] == {**DEFAULT, "bits": 3}
     t = m["tensors"][Q_PROJ]
     w = q.packed[Q_PROJ]
-    assert t == {"method": "rtn", "bits": 3, "planes": 3, "group": 64, "M": 64, "K": 64, "offsets": True,
-                 "bpw": w.bits_per_weight()}
+    assert t == {"method": "rtn", "bits": 3, "planes": 3, "group": rtn.group_size(64, DEFAULT["group"]), "M": 64,
+                 "K": 64, "offsets": True, "bpw": w.bits_per_weight()}
     assert m["tensors"]["lm_head.weight"]["bits"] == 8
     tok = q.tok
     assert (tok.bos_id, tok.eos_ids, tok.add_bos, tok.chat_template) == (1, (2,), True, "{{ messages }}")
