@@ -1,6 +1,5 @@
 """Model loaders: GGUF and HF folders agree, real models load with their known facts, bad input fails cleanly."""
 import json
-import os
 import sys
 import types
 from pathlib import Path
@@ -319,24 +318,13 @@ def test_bad_config_json(tmp_path, text):
 
 # --- real models (pulled through the catalog) --------------------------------------------------
 
-@pytest.fixture(scope="session")
-def lutengine_home(tmp_path_factory):
-    """The user's model cache when LUTENGINE_HOME is set, else a fresh one for this session."""
-    if os.environ.get("LUTENGINE_HOME"):
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LUTENGINE_HOME", str(tmp_path_factory.mktemp("lutengine_home")))
-        yield
-
-
 def dequantized(raw, name):
     t = raw[name]
     return dequantize(t.data, t.type).reshape(t.shape)
 
 
 @pytest.mark.slow
-def test_real_smollm2(lutengine_home):
+def test_real_smollm2():
     src = open_source("smollm2-135m-instruct", progress=False, tokenizer=False)
     c = src.config
     assert (c.arch, c.n_layers, c.hidden, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn, c.vocab) == \
@@ -362,7 +350,7 @@ def test_real_smollm2(lutengine_home):
 
 
 @pytest.mark.slow
-def test_header_parser_matches_gguf_reader(lutengine_home):
+def test_header_parser_matches_gguf_reader():
     """read_gguf replaces gguf.GGUFReader for speed; it must see the same file."""
     path = catalog.pull("smollm2-135m-instruct", progress=False)
     metadata, raw = read_gguf(path)
@@ -382,7 +370,7 @@ def _rotation_pair_spread(w, n_heads):
 
 
 @pytest.mark.slow
-def test_real_qwen(lutengine_home):
+def test_real_qwen():
     src = open_source("qwen2.5-coder-0.5b-instruct", progress=False, tokenizer=False)
     c = src.config
     assert (c.arch, c.n_layers, c.hidden, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn, c.vocab) == \

@@ -1,0 +1,57 @@
+"""The catalog models, end to end, against figures llama.cpp produced on the same GGUF files.
+
+tests/data/llamacpp/*.json were recorded by bench/llamacpp_ref.py with
+llama-cpp-python 0.3.36 (each file holds its command); these tests do not need llama.cpp.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from engine import load
+from engine.load import load_tokenizer
+from engine.perplexity import perplexity
+from engine.tokenizer import read_text_file
+
+pytestmark = pytest.mark.slow
+
+DATA = Path(__file__).parent / "data" / "llamacpp"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SMOL, QWEN = "smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"
+
+
+def reference(model: str, text: str) -> dict:
+    return json.loads((DATA / f"{model}-{text}.json").read_text())
+
+
+def protocol_ids(model: str, text: str) -> list[int]:
+    """PROTOCOL.md: the text from its start, no BOS, special tokens not parsed, first 8192 tokens
+    (a prefix of the text is enough for that many)."""
+    return load_tokenizer(model).encode(read_text_file(SHARED / f"{text}.txt")[:200_000], add_bos=False)[:8192]
+
+
+@pytest.mark.parametrize("model", [SMOL, QWEN])
+@pytest.mark.parametrize("text", ["wiki", "c4-eval"])
+def test_token_ids_equal_llama_cpp(model, text):
+    assert protocol_ids(model, text) == reference(model, text)["token_ids"]
+
+
+def test_dense_perplexity_reproduces_llama_cpp():
+    ref = reference(SMOL, "wiki")
+    m = load(SMOL, dense=True, max_context=512)
+    got = perplexity(m.transformer, ref["token_ids"])
+    assert got.n_scored == ref["n_scored"] == 8176
+    assert abs(got.ppl / ref["ppl"] - 1) < 0.005, (got.ppl, ref["ppl"])
+
+
+@pytest.mark.parametrize("model, question, expect", [
+    # Not France: there the 135M model's greedy answer hinges on activation rounding; llama.cpp on the
+    # same GGUF answers "L'Etoile, la Marseillaise, ..." as our quantized path does, the dense path "Paris".
+    (SMOL, "What is the capital of Japan?", "Tokyo"),
+    (QWEN, "Write a Python function that returns the square of a number.", "def "),
+])
+def test_default_format_answers_in_chat(model, question, expect):
+    m = load(model)
+    reply = m.chat([{"role": "user", "content": question}], max_tokens=96, temperature=0)
+    assert expect in reply, reply
+    assert m.last_stats.stop_reason in ("eos", "length")
