@@ -14,8 +14,8 @@ from models.config import ModelError
 from models.gguf_loader import load_gguf, read_gguf, unpermute_rows
 from models.hf_loader import load_hf, read_safetensors
 from models.load import open_source
-from tiny_models import (BOS, CHAT_TEMPLATE, EOS, llama_permute, random_weights, tiny_config, write_gguf,
-                         write_hf, write_safetensors)
+from tiny_models import (BOS, CHAT_TEMPLATE, EOS, llama_permute, random_weights, rewrite_safetensors_header,
+                         tiny_config, write_gguf, write_hf, write_safetensors)
 
 ARCHS = ["llama", "qwen2", "mistral"]
 
@@ -246,16 +246,6 @@ def test_wrong_shape(tmp_path, fmt):
     assert "model.layers.0.mlp.up_proj.weight has shape (128, 96), config says (128, 64)" in msg
 
 
-def edit_safetensors(path: Path, edit) -> None:
-    """Rewrite a .safetensors header through edit(header_dict), keeping the data bytes."""
-    data = path.read_bytes()
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
-    edit(header)
-    text = json.dumps(header).encode()
-    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
-
-
 def _shift_last(header):
     last = max((e for e in header.values()), key=lambda e: e["data_offsets"][1])
     last["data_offsets"] = [o + 64 for o in last["data_offsets"]]
@@ -282,7 +272,7 @@ def _bad_entry(header):
 ])
 def test_lying_safetensors_header(tmp_path, edit, words):
     folder = write_hf(tmp_path / "hf", "llama")
-    edit_safetensors(folder / "model.safetensors", edit)
+    rewrite_safetensors_header(folder / "model.safetensors", edit)
     assert words in model_error(load_hf, folder, names=folder / "model.safetensors")
 
 

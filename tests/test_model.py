@@ -10,6 +10,7 @@ from engine import model as em
 from engine.model import Transformer, rope_inv_freq
 from engine.quant import DEFAULT, quantize_model, rtn, settings
 from models.config import ModelConfig, ModelError
+from tiny_models import random_weights
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -19,22 +20,6 @@ def tiny_config(arch="llama", **kw) -> ModelConfig:
                 norm_eps=1e-5, rope_theta=10000.0 if arch == "llama" else 1e6, tied_embeddings=arch == "llama",
                 max_context=64)
     return ModelConfig(**{**base, **kw})
-
-
-def random_tensors(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    t = {}
-    for name, shape in config.expected_shapes().items():
-        if name.endswith("norm.weight"):
-            a = 1 + 0.2 * rng.standard_normal(shape)
-        elif name.endswith(".bias"):
-            a = 0.2 * rng.standard_normal(shape)
-        elif name == EMBED:
-            a = rng.standard_normal(shape)
-        else:
-            a = rng.standard_normal(shape) / math.sqrt(shape[1])
-        t[name] = a.astype(np.float32)
-    return t
 
 
 CONFIGS = {"llama-tied": tiny_config("llama"), "qwen2-untied-bias": tiny_config("qwen2")}
@@ -115,7 +100,7 @@ IDS = [3, 17, 99, 0, 42, 42, 7, 63, 12, 5, 88, 31]
 
 def test_dense_matches_independent_reference(any_cfg):
     cfg = any_cfg
-    t = random_tensors(cfg)
+    t = random_weights(cfg)
     m = Transformer(cfg, t)
     got = m.forward(IDS, 0, all_logits=True)
     ref = reference_logits(cfg, t, IDS)
@@ -127,7 +112,7 @@ def test_dense_matches_independent_reference(any_cfg):
 
 
 def test_last_token_logits_are_the_last_row(cfg):
-    m = Transformer(cfg, random_tensors(cfg))
+    m = Transformer(cfg, random_weights(cfg))
     full = m.forward(IDS, 0, all_logits=True)
     last = m.forward(IDS, 0)
     assert last.shape == (cfg.vocab,)
@@ -137,7 +122,7 @@ def test_last_token_logits_are_the_last_row(cfg):
 @pytest.mark.parametrize("quant", [False, True])
 def test_decode_token_by_token_equals_one_pass(any_cfg, quant):
     cfg = any_cfg
-    t = random_tensors(cfg, 1)
+    t = random_weights(cfg, 1)
     m = Transformer(cfg, quantized(cfg, t) if quant else t)
     full = m.forward(IDS, 0, all_logits=True).copy()
     m.reset()
@@ -148,7 +133,7 @@ def test_decode_token_by_token_equals_one_pass(any_cfg, quant):
 
 
 def test_prompt_in_pieces_and_attention_blocks(cfg, monkeypatch):
-    t = random_tensors(cfg, 2)
+    t = random_weights(cfg, 2)
     m = Transformer(cfg, t)
     full = m.forward(IDS, 0, all_logits=True).copy()
     monkeypatch.setattr(em, "ATTN_BLOCK", 3)
@@ -159,7 +144,7 @@ def test_prompt_in_pieces_and_attention_blocks(cfg, monkeypatch):
 
 
 def test_rewind_recomputes_from_the_cache(cfg):
-    m = Transformer(cfg, random_tensors(cfg, 3))
+    m = Transformer(cfg, random_weights(cfg, 3))
     m.forward(IDS, 0)
     again = m.forward(IDS[4:], 4, all_logits=True).copy()
     m.reset()
@@ -171,7 +156,7 @@ def test_quantized_path_matches_dense_of_the_same_weights(cfg):
     the only difference left is the kernel's int8 activation tables. Those cost about 0.75% relative
     error per 4-bit matmul on Gaussian activations (lutkernels.reference reproduces it), compounded
     here over 2 blocks and the head."""
-    w = quantized(cfg, random_tensors(cfg, 4))
+    w = quantized(cfg, random_weights(cfg, 4))
     q = Transformer(cfg, w).forward(IDS, 0, all_logits=True)
     d = Transformer(cfg, dequantized(w)).forward(IDS, 0, all_logits=True)
     assert rel(q, d) < 3e-2
@@ -182,7 +167,7 @@ def test_quantized_path_matches_dense_of_the_same_weights(cfg):
 
 
 def test_quantized_model_layout(cfg):
-    w = quantized(cfg, random_tensors(cfg), group=128)
+    w = quantized(cfg, random_weights(cfg), group=128)
     assert w[EMBED].dtype == np.float16
     assert isinstance(w[HEAD], lk.PackedLinear) and w[HEAD].P == 8  # tied: a packed copy of the embedding
     q = w["model.layers.0.self_attn.q_proj.weight"]
@@ -194,7 +179,7 @@ def test_quantized_model_layout(cfg):
 def test_from_source_dense_and_quantized(cfg):
     from models.source import ModelSource, TokenizerInfo
 
-    t = random_tensors(cfg)
+    t = random_weights(cfg)
     src = ModelSource(path=None, format="hf", config=cfg, tensors=t, tok=TokenizerInfo(None, 1, (2,), True, None))
     dense = Transformer.from_source(src, None, max_context=32)
     assert dense.max_context == 32 and dense.tok is src.tok
@@ -206,11 +191,11 @@ def test_from_source_dense_and_quantized(cfg):
 
 def test_max_context_defaults_to_at_most_4096():
     c = tiny_config(max_context=100_000)
-    assert Transformer(c, random_tensors(c)).max_context == 4096
+    assert Transformer(c, random_weights(c)).max_context == 4096
 
 
 def test_position_and_token_checks(cfg):
-    m = Transformer(cfg, random_tensors(cfg), max_context=8)
+    m = Transformer(cfg, random_weights(cfg), max_context=8)
     with pytest.raises(ValueError, match="exceed the context of 8"):
         m.forward(list(range(9)), 0)
     m.forward(list(range(6)), 0)
@@ -229,11 +214,11 @@ def test_position_and_token_checks(cfg):
 
 
 def test_missing_or_misshapen_weights_are_model_errors(cfg):
-    t = random_tensors(cfg)
+    t = random_weights(cfg)
     del t["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(ModelError, match="missing tensor model.layers.1.mlp.up_proj.weight"):
         Transformer(cfg, t)
-    t = random_tensors(cfg)
+    t = random_weights(cfg)
     t["model.norm.weight"] = t["model.norm.weight"][:10]
     with pytest.raises(ModelError, match="model.norm.weight has shape"):
         Transformer(cfg, t)
@@ -244,7 +229,7 @@ def test_decode_step_allocates_no_arrays(quant):
     """The smallest per-token temporary here (one hidden vector) is 2 KiB; what a step may allocate
     is view objects and numpy's call machinery (the dense path's matmul), a few hundred bytes."""
     c = tiny_config(hidden=512, n_heads=8, n_kv_heads=2, head_dim=64, ffn=1024, vocab=1000)
-    t = random_tensors(c)
+    t = random_weights(c)
     m = Transformer(c, quantized(c, t) if quant else t)
     logits = m.forward(IDS[:4], 0)
     tracemalloc.start()
@@ -281,7 +266,7 @@ def test_bound_calls_check_their_arrays():
 
 
 def test_decode_returns_a_reused_buffer(cfg):
-    m = Transformer(cfg, random_tensors(cfg))
+    m = Transformer(cfg, random_weights(cfg))
     a = m.forward([5], 0)
     b = m.forward([6], 1)
     assert np.shares_memory(a, b)

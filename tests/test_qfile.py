@@ -14,7 +14,8 @@ from engine.quant import DEFAULT, quantize_model, rtn
 from models import qfile
 from models.config import ModelError
 from models.source import ModelSource, TokenizerInfo
-from test_model import CONFIGS, IDS, random_tensors
+from test_model import CONFIGS, IDS
+from tiny_models import random_weights, rewrite_safetensors_header
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 
@@ -29,23 +30,13 @@ def tiny_tok() -> TokenizerInfo:
 @pytest.fixture(params=list(CONFIGS))
 def src(request, tmp_path) -> ModelSource:
     c = CONFIGS[request.param]
-    return ModelSource(path=tmp_path / "model.gguf", format="gguf", config=c, tensors=random_tensors(c, 5),
+    return ModelSource(path=tmp_path / "model.gguf", format="gguf", config=c, tensors=random_weights(c, 5),
                        tok=tiny_tok(), sha256="ab" * 32)
 
 
 @pytest.fixture
 def saved(src, tmp_path):
     return qfile.save(tmp_path / "m.lut.safetensors", src, {"bits": 3})
-
-
-def rewrite_header(path, edit) -> None:
-    """Apply edit(header dict) and write the file back with the same tensor bytes."""
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
-    edit(header)
-    text = json.dumps(header).encode()
-    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
 
 
 def edit_meta(edit):
@@ -121,19 +112,19 @@ def test_data_section_is_aligned(saved):
 
 
 def test_newer_format_version_is_refused(saved):
-    rewrite_header(saved, edit_meta(lambda m: m.update(format_version=2)))
+    rewrite_safetensors_header(saved, edit_meta(lambda m: m.update(format_version=2)))
     with pytest.raises(ModelError, match=r"format version 2 is newer than this lutengine supports \(1\)"):
         qfile.load(saved)
 
 
 def test_metadata_disagreeing_with_arrays(saved):
-    rewrite_header(saved, edit_meta(lambda m: m["tensors"][Q_PROJ].update(K=128)))
+    rewrite_safetensors_header(saved, edit_meta(lambda m: m["tensors"][Q_PROJ].update(K=128)))
     with pytest.raises(ModelError, match=f"{saved}: tensor {Q_PROJ}.planes is uint8 \\[4, 2, 3, 64\\]; metadata"):
         qfile.load(saved)
 
 
 def test_missing_offsets_array(saved):
-    rewrite_header(saved, lambda h: h.pop(Q_PROJ + ".offsets"))
+    rewrite_safetensors_header(saved, lambda h: h.pop(Q_PROJ + ".offsets"))
     with pytest.raises(ModelError, match=f"tensor {Q_PROJ}: {Q_PROJ}.offsets is missing"):
         qfile.load(saved)
 
@@ -142,13 +133,13 @@ def test_offsets_beyond_the_data(saved):
     def grow(h):
         a, b = h["model.norm.weight"]["data_offsets"]
         h["model.norm.weight"]["data_offsets"] = [a, b + 4]
-    rewrite_header(saved, grow)
+    rewrite_safetensors_header(saved, grow)
     with pytest.raises(ModelError, match="model.norm.weight: data_offsets .* disagree with F32"):
         qfile.load(saved)
 
 
 def test_shape_disagreeing_with_config(saved):
-    rewrite_header(saved, edit_meta(lambda m: m["config"].update(hidden=96)))
+    rewrite_safetensors_header(saved, edit_meta(lambda m: m["config"].update(hidden=96)))
     with pytest.raises(ModelError, match="config says"):
         qfile.load(saved)
 

@@ -150,6 +150,18 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], dtype: str = "float3
     return path
 
 
+def rewrite_safetensors_header(path, edit) -> None:
+    """Apply edit(header dict) to a .safetensors file and write it back with the same tensor bytes:
+    how tests make files whose header lies."""
+    path = Path(path)
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+
+
 def write_gguf(path, arch: str = "llama", seed: int = 0, qtype: str = "F32",
                weights: dict[str, np.ndarray] | None = None, **dims) -> Path:
     """The write_hf model as GGUF, laid out as llama.cpp's converter does (llama Q/K rows permuted).
