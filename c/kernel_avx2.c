@@ -35,6 +35,15 @@ TGT static inline __attribute__((always_inline)) __m256i block_sums(const uint8_
     return _mm256_add_epi16(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
 }
 
+/* y += s * (scale * ts) for rows 0-7 (y0) and 8-15 (y1): the scalar kernel's rounding order. */
+TGT static inline __attribute__((always_inline)) void scale_add(__m256 *y0, __m256 *y1, __m256i s0, __m256i s1,
+                                                                const uint16_t *sc, __m256 tsv) {
+    __m256 c0 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sc)), tsv);
+    __m256 c1 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 8))), tsv);
+    *y0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), c0, *y0);
+    *y1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), c1, *y1);
+}
+
 TGT void lut_tile_avx2(const lut_job *j, int32_t tile, int32_t tok) {
     const lut_layer *w = j->w;
     int32_t K = w->K, P = w->P, nb = K / j->Kb, ng = K / w->G, bpg = w->G / j->Kb, cpb = j->Kb / LUT_CHUNK;
@@ -45,8 +54,9 @@ TGT void lut_tile_avx2(const lut_job *j, int32_t tile, int32_t tok) {
     __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
     for (int32_t b = 0; b < nb; b++) {
         int32_t g = b / bpg;
-        const uint16_t *sc = w->scales + ((int64_t)tile * ng + g) * P * LUT_TILE;
+        const uint16_t *sc = lut_group_scales(w, tile, g);
         __m256 tsv = _mm256_set1_ps(ts[b]);
+        __m256i u0 = _mm256_setzero_si256(), u1 = _mm256_setzero_si256(); /* uniform: sum_p 2^p * s_p */
         for (int32_t p = 0; p < P; p++) {
             const uint8_t *wb = wt + ((int64_t)b * cpb * P + p) * 64;
             const int8_t *tb = tab + (int64_t)b * cpb * 8 * LUT_TAB;
@@ -65,11 +75,16 @@ TGT void lut_tile_avx2(const lut_job *j, int32_t tile, int32_t tok) {
                 for (int32_t r = 0; r < LUT_TILE; r++)
                     j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = tmp[r];
             }
-            __m256 c0 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + p * LUT_TILE))), tsv);
-            __m256 c1 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + p * LUT_TILE + 8))), tsv);
-            y0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), c0, y0);
-            y1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), c1, y1);
+            if (w->uniform) {
+                __m128i sh = _mm_cvtsi32_si128(p);
+                u0 = _mm256_add_epi32(u0, _mm256_sll_epi32(s0, sh));
+                u1 = _mm256_add_epi32(u1, _mm256_sll_epi32(s1, sh));
+            } else {
+                scale_add(&y0, &y1, s0, s1, sc + p * LUT_TILE, tsv);
+            }
         }
+        if (w->uniform)
+            scale_add(&y0, &y1, u0, u1, sc, tsv);
         if (w->offsets && (b + 1) % bpg == 0) {
             const uint16_t *z = w->offsets + ((int64_t)tile * ng + g) * LUT_TILE;
             __m256 xv = _mm256_set1_ps(xs[g]);

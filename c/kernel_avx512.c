@@ -23,6 +23,13 @@ TGT static inline __attribute__((always_inline)) __m256i block_sums(const uint8_
     return _mm256_add_epi16(_mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64(acc, 1));
 }
 
+/* y += s * (scale * ts), 16 rows: the scalar kernel's rounding order. */
+TGT static inline __attribute__((always_inline)) __m512 scale_add(__m512 y, __m512i s, const uint16_t *sc,
+                                                                  __m512 tsv) {
+    __m512 c = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc)), tsv);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), c, y);
+}
+
 TGT void lut_tile_avx512(const lut_job *j, int32_t tile, int32_t tok) {
     const lut_layer *w = j->w;
     int32_t K = w->K, P = w->P, nb = K / j->Kb, ng = K / w->G, bpg = w->G / j->Kb, cpb = j->Kb / LUT_CHUNK;
@@ -33,8 +40,9 @@ TGT void lut_tile_avx512(const lut_job *j, int32_t tile, int32_t tok) {
     __m512 y = _mm512_setzero_ps();
     for (int32_t b = 0; b < nb; b++) {
         int32_t g = b / bpg;
-        const uint16_t *sc = w->scales + ((int64_t)tile * ng + g) * P * LUT_TILE;
+        const uint16_t *sc = lut_group_scales(w, tile, g);
         __m512 tsv = _mm512_set1_ps(ts[b]);
+        __m512i u = _mm512_setzero_si512(); /* uniform: sum_p 2^p * s_p */
         for (int32_t p = 0; p < P; p++) {
             __m512i s = _mm512_cvtepi16_epi32(block_sums(wt, tab, b * cpb, cpb, P, p));
             if (j->ntab == 2)
@@ -46,9 +54,13 @@ TGT void lut_tile_avx512(const lut_job *j, int32_t tile, int32_t tok) {
                 for (int32_t r = 0; r < LUT_TILE; r++)
                     j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = tmp[r];
             }
-            __m512 c = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + p * LUT_TILE))), tsv);
-            y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), c, y);
+            if (w->uniform)
+                u = _mm512_add_epi32(u, _mm512_sll_epi32(s, _mm_cvtsi32_si128(p)));
+            else
+                y = scale_add(y, s, sc + p * LUT_TILE, tsv);
         }
+        if (w->uniform)
+            y = scale_add(y, u, sc, tsv);
         if (w->offsets && (b + 1) % bpg == 0) {
             const uint16_t *z = w->offsets + ((int64_t)tile * ng + g) * LUT_TILE;
             y = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)z)), _mm512_set1_ps(xs[g]), y);

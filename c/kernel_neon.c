@@ -35,6 +35,13 @@ static inline int16x8x2_t block_sums(const uint8_t *wb, const int8_t *tb, int32_
 /* fp16 -> fp32 by the ARMv8.0 conversion instruction: exact, like lut_h2f. */
 static inline float32x4_t h2f4(const uint16_t *h) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h))); }
 
+/* y += s * (scale * ts), rows 4i..4i+3 in y[i]: scale * ts rounded first, then one
+ * fused step, the scalar kernel's fmaf order. */
+static inline void scale_add(float32x4_t y[4], const int32x4_t s[4], const uint16_t *sc, float32x4_t tsv) {
+    for (int i = 0; i < 4; i++)
+        y[i] = vfmaq_f32(y[i], vcvtq_f32_s32(s[i]), vmulq_f32(h2f4(sc + 4 * i), tsv));
+}
+
 void lut_tile_neon(const lut_job *j, int32_t tile, int32_t tok) {
     const lut_layer *w = j->w;
     int32_t K = w->K, P = w->P, nb = K / j->Kb, ng = K / w->G, bpg = w->G / j->Kb, cpb = j->Kb / LUT_CHUNK;
@@ -45,8 +52,10 @@ void lut_tile_neon(const lut_job *j, int32_t tile, int32_t tok) {
     float32x4_t y[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
     for (int32_t b = 0; b < nb; b++) {
         int32_t g = b / bpg;
-        const uint16_t *sc = w->scales + ((int64_t)tile * ng + g) * P * LUT_TILE;
+        const uint16_t *sc = lut_group_scales(w, tile, g);
         float32x4_t tsv = vdupq_n_f32(ts[b]);
+        /* uniform: sum_p 2^p * s_p (vshlq shifts bits: defined for negative lanes) */
+        int32x4_t u[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
         for (int32_t p = 0; p < P; p++) {
             const uint8_t *wb = wt + ((int64_t)b * cpb * P + p) * 64;
             const int8_t *tb = tab + (int64_t)b * cpb * 8 * LUT_TAB;
@@ -68,10 +77,14 @@ void lut_tile_neon(const lut_job *j, int32_t tile, int32_t tok) {
                 for (int32_t r = 0; r < LUT_TILE; r++)
                     j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = tmp[r];
             }
-            /* scale * ts rounded first, then one fused step: the scalar kernel's fmaf order */
-            for (int i = 0; i < 4; i++)
-                y[i] = vfmaq_f32(y[i], vcvtq_f32_s32(s[i]), vmulq_f32(h2f4(sc + p * LUT_TILE + 4 * i), tsv));
+            if (w->uniform)
+                for (int i = 0; i < 4; i++)
+                    u[i] = vaddq_s32(u[i], vshlq_s32(s[i], vdupq_n_s32(p)));
+            else
+                scale_add(y, s, sc + p * LUT_TILE, tsv);
         }
+        if (w->uniform)
+            scale_add(y, u, sc, tsv);
         if (w->offsets && (b + 1) % bpg == 0) {
             const uint16_t *z = w->offsets + ((int64_t)tile * ng + g) * LUT_TILE;
             float32x4_t xv = vdupq_n_f32(xs[g]);

@@ -21,6 +21,11 @@ static void block_sums(const lut_job *j, const uint8_t *wt, const int8_t *tab, i
     }
 }
 
+/* y + s * (scale * ts): the rounding order every SIMD path repeats. */
+static inline float scale_add(float y, int32_t s, uint16_t scale, float ts) {
+    return fmaf((float)s, lut_h2f(scale) * ts, y);
+}
+
 void lut_tile_scalar(const lut_job *j, int32_t tile, int32_t tok) {
     const lut_layer *w = j->w;
     int32_t K = w->K, P = w->P, nb = K / j->Kb, ng = K / w->G, bpg = w->G / j->Kb;
@@ -31,7 +36,8 @@ void lut_tile_scalar(const lut_job *j, int32_t tile, int32_t tok) {
     float yacc[LUT_TILE] = {0};
     for (int32_t b = 0; b < nb; b++) {
         int32_t g = b / bpg;
-        const uint16_t *sc = w->scales + ((int64_t)tile * ng + g) * P * LUT_TILE;
+        const uint16_t *sc = lut_group_scales(w, tile, g);
+        int32_t u[LUT_TILE] = {0}; /* uniform: sum_p 2^p * s_p (bound in lut_internal.h) */
         for (int32_t p = 0; p < P; p++) {
             int32_t s[LUT_TILE], s_hi[LUT_TILE];
             block_sums(j, wt, tab, b * (j->Kb / LUT_CHUNK), p, s);
@@ -43,9 +49,15 @@ void lut_tile_scalar(const lut_job *j, int32_t tile, int32_t tok) {
             for (int32_t r = 0; r < LUT_TILE; r++) {
                 if (j->acc)
                     j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = s[r];
-                yacc[r] = fmaf((float)s[r], lut_h2f(sc[p * LUT_TILE + r]) * ts[b], yacc[r]);
+                if (w->uniform)
+                    u[r] += s[r] * (1 << p); /* a multiply: shifting a negative int left is UB in C */
+                else
+                    yacc[r] = scale_add(yacc[r], s[r], sc[p * LUT_TILE + r], ts[b]);
             }
         }
+        if (w->uniform)
+            for (int32_t r = 0; r < LUT_TILE; r++)
+                yacc[r] = scale_add(yacc[r], u[r], sc[r], ts[b]);
         if (w->offsets && (b + 1) % bpg == 0) {
             const uint16_t *z = w->offsets + ((int64_t)tile * ng + g) * LUT_TILE;
             for (int32_t r = 0; r < LUT_TILE; r++)

@@ -3,9 +3,11 @@
  * A packed linear layer W[M,K] is P binary planes B_p in {-1,+1} with fp16
  * scales per plane per group of G activations, and optional fp16 offsets:
  *     W ~= sum_p s_p[m,g] * B_p[m,k] + z[m,g]
+ * uniform=1 stores only plane 0's scale h; plane p's is h * 2^p (a uniform
+ * grid of step s has h = s/2), so S = 1 scale per row and group, else S = P.
  * The byte layout is specified by lutkernels/layout.py (the executable spec):
  *     planes  uint8  [ceil(M/16)][K/32][P][64]
- *     scales  fp16   [ceil(M/16)][K/G][P][16]
+ *     scales  fp16   [ceil(M/16)][K/G][S][16]
  *     offsets fp16   [ceil(M/16)][K/G][16]      (or NULL)
  */
 #ifndef LUT_H
@@ -14,6 +16,7 @@
 
 typedef struct lut_layer {
     int32_t M, K, P, G;
+    int32_t uniform; /* 0: a scale per plane; 1: one scale, plane p's implied as scale * 2^p */
     const uint8_t *planes;
     const uint16_t *scales;
     const uint16_t *offsets;

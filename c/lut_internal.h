@@ -34,6 +34,20 @@ void lut_tile_neon(const lut_job *job, int32_t tile, int32_t tok);
 
 static inline int64_t lut_tab_stride(const lut_job *j) { return (int64_t)j->ntab * j->w->K * 4; }
 
+/* The fp16 scales of one tile and group: [S][16], S = 1 (uniform) or P.
+ *
+ * Uniform layers: plane p's scale is h * 2^p, so every kernel adds the planes'
+ * integer block sums as sum_p 2^p * S_p, then converts and scales once (one
+ * multiply and one fma per row and block instead of P). Bound: a fast-mode
+ * |S_p| <= 64 * 127 and an exact-mode S_p = lo + 256*hi sums at most 64
+ * table entries |T| <= 4 * 127 = 508, so |S_p| <= 32512; with P <= 8,
+ * |sum_p 2^p S_p| <= 255 * 32512 = 8290560 < 2^23. It fits int32 and, like a
+ * single plane's sum, converts to float32 exactly. */
+static inline const uint16_t *lut_group_scales(const lut_layer *w, int32_t tile, int32_t g) {
+    int32_t S = w->uniform ? 1 : w->P;
+    return w->scales + ((int64_t)tile * (w->K / w->G) + g) * S * LUT_TILE;
+}
+
 /* Exact IEEE half -> float (subnormals included), the scalar twin of F16C/NEON fcvt. */
 static inline float lut_h2f(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, bits;

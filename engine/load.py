@@ -34,7 +34,11 @@ def tag(settings: dict) -> str:
 
 
 def cached_qfile(name: str) -> Path:
-    return catalog.cache_dir() / "models" / f"{name}.{default_tag()}.lut.safetensors"
+    """The file's format version is in its name: a lutengine that changes the format
+    ignores the stale cache (left for the user to delete) and makes a new file."""
+    from models.qfile import FORMAT_VERSION
+
+    return catalog.cache_dir() / "models" / f"{name}.{default_tag()}.v{FORMAT_VERSION}.lut.safetensors"
 
 
 def default_qfile(name: str, progress: bool = False) -> Path:

@@ -57,7 +57,10 @@ class Tokenizer:
         (chat templates); otherwise it is ordinary text (perplexity, user input).
         User-defined added tokens are always matched, as llama.cpp does."""
         self._tok.encode_special_tokens = not special
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            raise ValueError(_not_unicode(text)) from None
         if (self.info.add_bos if add_bos is None else add_bos) and self.info.bos_id is not None:
             ids.insert(0, self.info.bos_id)
         return ids
@@ -69,6 +72,17 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def _not_unicode(text) -> str:
+    """Why `tokenizers` refused a str: a lone surrogate (from an API caller; files are read strictly)."""
+    if not isinstance(text, str):
+        return f"text must be a str, got {type(text).__name__}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"text is not valid Unicode: lone surrogate at index {e.start}"
+    return "text could not be tokenized"
 
 
 class StreamDecoder:

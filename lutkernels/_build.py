@@ -17,6 +17,7 @@ elif platform.machine().lower() in ("aarch64", "arm64"):
 CDEF = """
 typedef struct lut_layer {
     int32_t M, K, P, G;
+    int32_t uniform;
     const uint8_t *planes;
     const uint16_t *scales;
     const uint16_t *offsets;

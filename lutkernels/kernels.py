@@ -63,12 +63,13 @@ class Layer:
         check_shape(w.M, w.K, w.P, w.G)
         Mt = w.tiles
         _require(w.planes, np.uint8, (Mt, w.K // 32, w.P, 64), "planes")
-        _require(w.scales, np.float16, (Mt, w.K // w.G, w.P, 16), "scales")
+        _require(w.scales, np.float16, (Mt, w.K // w.G, w.scale_planes, 16), "scales")
         if w.offsets is not None:
             _require(w.offsets, np.float16, (Mt, w.K // w.G, 16), "offsets")
         self.w = w
         self.c = ffi.new("lut_layer *")
         self.c.M, self.c.K, self.c.P, self.c.G = w.M, w.K, w.P, w.G
+        self.c.uniform = int(bool(w.uniform))
         self.c.planes = ffi.from_buffer("uint8_t[]", w.planes)
         self.c.scales = ffi.cast("const uint16_t *", ffi.from_buffer(w.scales))
         self.c.offsets = ffi.NULL if w.offsets is None else ffi.cast("const uint16_t *", ffi.from_buffer(w.offsets))
@@ -95,7 +96,8 @@ def _layer(w) -> Layer:
 
 def gemm(w, x: np.ndarray, out: np.ndarray | None = None, exact: bool = False, acc: np.ndarray | None = None):
     """Y[N, M] = X[N, K] @ W.T through the LUT kernels. x must be float32 and C-contiguous.
-    acc, if given, receives the integer block sums int32 [N, ceil(M/16)*16, P, K/Kb]."""
+    acc, if given, receives the integer block sums int32 [N, ceil(M/16)*16, P, K/Kb], per
+    plane in both scale modes."""
     L = _layer(w)
     M, K = L.w.M, L.w.K
     if not isinstance(x, np.ndarray) or x.ndim != 2:

@@ -6,11 +6,26 @@ row and group:
 
     W ~= sum_p s_p[m, k // G] * B_p[m, k]  +  z[m, k // G]
 
-Kernel layout (TILE = 16 rows, CHUNK = 32 columns, Mt = ceil(M / 16)):
+Two scale modes share everything else:
+
+    per-plane  (uniform=False) one stored scale per plane: s_p as given (HLQ,
+               multi-scale binary, any per-plane fit);
+    uniform    (uniform=True) one stored scale h per row and group, the scale of
+               plane 0; plane p's scale is implied as h * 2^p. A b-bit uniform
+               grid of step s has h = s/2: W = s * sum_p 2^(p-1) * B_p + z.
+               Storing h rather than s lets the kernels combine the planes'
+               integer sums as sum_p 2^p * S_p and multiply once by h.
+
+Kernel layout (TILE = 16 rows, CHUNK = 32 columns, Mt = ceil(M / 16),
+S = 1 if uniform else P):
 
     planes   uint8   [Mt, K/32, P, 64]
-    scales   float16 [Mt, K/G,  P, 16]
+    scales   float16 [Mt, K/G,  S, 16]
     offsets  float16 [Mt, K/G,  16]        (optional)
+
+Stored bits per weight, P + 16*S/G + 16/G (the last term with offsets), times
+ceil(M/16)*16/M for row padding: 4 bits with offsets at G = 32 cost
+4 + 0.5 + 0.5 = 5.0 uniform (as llama.cpp's Q4_1) and 4 + 2 + 0.5 = 6.5 per-plane.
 
 Inside one 64-byte chunk, byte b belongs to row 16*tile + b % 16 and lane b // 16;
 its low nibble holds columns 4*lane .. 4*lane+3 of the chunk and its high nibble
@@ -41,10 +56,16 @@ class PackedLinear:
     planes: np.ndarray
     scales: np.ndarray
     offsets: np.ndarray | None
+    uniform: bool = False  # one stored scale per row and group, plane p's implied as scale * 2^p
 
     @property
     def tiles(self) -> int:
         return -(-self.M // TILE)
+
+    @property
+    def scale_planes(self) -> int:
+        """S: scales stored per row and group (1 when uniform, else P)."""
+        return 1 if self.uniform else self.P
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.planes, self.scales, self.offsets) if a is not None)
@@ -74,15 +95,18 @@ def act_block(K: int, G: int) -> int:
     return next(b for b in (256, 128, 64, 32) if K % b == 0)
 
 
-def pack(planes, scales, offsets=None) -> PackedLinear:
-    """planes: [P, M, K] of +-1 (or bool, True = +1); scales: [P, M, K/G]; offsets: [M, K/G]."""
+def pack(planes, scales, offsets=None, uniform: bool = False) -> PackedLinear:
+    """planes: [P, M, K] of +-1 (or bool, True = +1); scales: [P, M, K/G], or when uniform
+    [1, M, K/G] holding plane 0's scale h (plane p's is h * 2^p); offsets: [M, K/G]."""
     planes = np.asarray(planes)
     if planes.ndim != 3:
         raise LayoutError(f"planes must be [P, M, K], got shape {planes.shape}")
     P, M, K = planes.shape
+    S = 1 if uniform else P
     scales = np.asarray(scales, dtype=np.float32)
-    if scales.ndim != 3 or scales.shape[:2] != (P, M) or scales.shape[2] == 0 or K % scales.shape[2]:
-        raise LayoutError(f"scales must be [P={P}, M={M}, K/G], got shape {scales.shape}")
+    if scales.ndim != 3 or scales.shape[:2] != (S, M) or scales.shape[2] == 0 or K % scales.shape[2]:
+        raise LayoutError(f"scales must be [{'1 (uniform)' if uniform else f'P={P}'}, M={M}, K/G], "
+                          f"got shape {scales.shape}")
     G = K // scales.shape[2] if K >= CHUNK and K % CHUNK == 0 else 0
     check_shape(M, K, P, G if G else -1)
     if offsets is not None:
@@ -99,22 +123,31 @@ def pack(planes, scales, offsets=None) -> PackedLinear:
     byte = nib[..., 0, :] | (nib[..., 1, :] << 4)  # [P, Mt, 16 rows, C, 4 lanes]
     packed = byte.transpose(1, 3, 0, 4, 2).reshape(Mt, K // CHUNK, P, 64)  # byte = lane*16 + row
     sc = np.pad(scales, ((0, 0), (0, pad), (0, 0))).astype(np.float16)
-    sc = sc.reshape(P, Mt, TILE, K // G).transpose(1, 3, 0, 2)
+    sc = sc.reshape(S, Mt, TILE, K // G).transpose(1, 3, 0, 2)
     off = None
     if offsets is not None:
         off = np.pad(offsets, ((0, pad), (0, 0))).astype(np.float16).reshape(Mt, TILE, K // G).transpose(0, 2, 1)
         off = np.ascontiguousarray(off)
-    return PackedLinear(M, K, P, G, np.ascontiguousarray(packed), np.ascontiguousarray(sc), off)
+    return PackedLinear(M, K, P, G, np.ascontiguousarray(packed), np.ascontiguousarray(sc), off, bool(uniform))
+
+
+def stored_scales(w: PackedLinear) -> np.ndarray:
+    """The scales as stored, float32 [S, M, K/G] (S = 1 when uniform: plane 0's scale)."""
+    S = w.scale_planes
+    return w.scales.transpose(2, 0, 3, 1).reshape(S, w.tiles * TILE, w.K // w.G)[:, : w.M].astype(np.float32)
 
 
 def unpack(w: PackedLinear):
-    """Inverse of pack: (planes int8 [P, M, K] of +-1, scales float32 [P, M, K/G], offsets or None)."""
+    """Inverse of pack: (planes int8 [P, M, K] of +-1, scales float32 [P, M, K/G], offsets or None).
+    Uniform scales come back expanded to every plane (h * 2^p, exact in float32)."""
     Mt, C = w.tiles, w.K // CHUNK
     byte = w.planes.reshape(Mt, C, w.P, 4, TILE).transpose(2, 0, 4, 1, 3)  # [P, Mt, 16, C, 4 lanes]
     nib = np.stack([byte & 15, byte >> 4], axis=-2)  # [P, Mt, 16, C, 2, 4]
     bits = (nib[..., None] >> np.arange(4, dtype=np.uint8)) & 1
     planes = (bits.reshape(w.P, Mt * TILE, w.K)[:, : w.M].astype(np.int8) * 2 - 1)
-    scales = w.scales.transpose(2, 0, 3, 1).reshape(w.P, Mt * TILE, w.K // w.G)[:, : w.M].astype(np.float32)
+    scales = stored_scales(w)
+    if w.uniform:
+        scales = scales * np.float32(2.0) ** np.arange(w.P, dtype=np.float32)[:, None, None]
     offsets = None
     if w.offsets is not None:
         offsets = w.offsets.transpose(0, 2, 1).reshape(Mt * TILE, w.K // w.G)[: w.M].astype(np.float32)

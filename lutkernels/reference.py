@@ -6,7 +6,7 @@ output is computed in float64 and matches the kernels to rounding.
 """
 import numpy as np
 
-from .layout import TILE, PackedLinear, act_block, unpack
+from .layout import TILE, PackedLinear, act_block, stored_scales, unpack
 
 _IDX = np.arange(16)
 _BITS = ((_IDX[:, None] >> np.arange(4)) & 1).astype(bool)  # [16 entries, 4 activations]
@@ -59,15 +59,25 @@ def block_sums(w: PackedLinear, T: np.ndarray) -> np.ndarray:
     return s.transpose(0, 2, 1, 3).astype(np.int32)
 
 
+def scaled_sums(w: PackedLinear, S: np.ndarray) -> np.ndarray:
+    """The integer sums each stored scale multiplies, [N, Mt*16, P or 1, K/Kb]: the block
+    sums themselves, or for a uniform layer sum_p 2^p * S_p (plane p's scale is h * 2^p),
+    combined in integer as the kernels do."""
+    if not w.uniform:
+        return S
+    return (S.astype(np.int64) << np.arange(w.P)[:, None]).sum(2, keepdims=True)
+
+
 def gemm(w: PackedLinear, x: np.ndarray, exact: bool = False):
-    """Reference of lutkernels.gemm: returns (y [N, M] float64, integer block sums)."""
+    """Reference of lutkernels.gemm: returns (y [N, M] float64, integer block sums per plane)."""
     x = np.atleast_2d(np.asarray(x, np.float32))
     T, ts = tables(x, w.K, w.G, exact)
     S = block_sums(w, T)
-    _, scales, offsets = unpack(w)
+    _, _, offsets = unpack(w)
     Kb = act_block(w.K, w.G)
-    blk_scale = np.repeat(scales.astype(np.float64), w.G // Kb, axis=2)  # [P, M, K/Kb]
-    y = np.einsum("nmpb,pmb,nb->nm", S[:, : w.M].astype(np.float64), blk_scale, ts.astype(np.float64))
+    blk_scale = np.repeat(stored_scales(w).astype(np.float64), w.G // Kb, axis=2)  # [P or 1, M, K/Kb]
+    y = np.einsum("nmpb,pmb,nb->nm", scaled_sums(w, S)[:, : w.M].astype(np.float64), blk_scale,
+                  ts.astype(np.float64))
     if offsets is not None:
         xsum = x.astype(np.float64).reshape(x.shape[0], w.K // w.G, w.G).sum(-1)
         y += xsum @ offsets.astype(np.float64).T

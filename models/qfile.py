@@ -4,19 +4,23 @@ Layout (readable by the safetensors library):
     8-byte little-endian header length, JSON header, then the tensor bytes.
     Each packed linear layer <name> (HF name, models/config.py) is three tensors:
         <name>.planes  U8   [ceil(M/16), K/32, P, 64]     (lutkernels/layout.py)
-        <name>.scales  F16  [ceil(M/16), K/G, P, 16]
+        <name>.scales  F16  [ceil(M/16), K/G, S, 16]      (S = 1 for a uniform layer, else P)
         <name>.offsets F16  [ceil(M/16), K/G, 16]         (when the layer has offsets)
     Norms and biases are F32 and the embedding F16 (or F32), under their own names.
     __metadata__["lutengine"] is a JSON string:
         format_version, config (ModelConfig.to_dict()), tokenizer (tokenizer.json text),
         bos_id, eos_ids, add_bos, chat_template,
-        tensors: {name: {method, bits, planes, group, M, K, offsets, bpw}},
+        tensors: {name: {method, bits, planes, group, M, K, offsets, uniform, bpw}},
         source: {path, sha256}, quantizer (the settings that made the file).
 
 Loading memory-maps the file: the packed arrays are views of the mapping, so a
 model starts without reading its weights and pages them in on first use. The
 data section starts 64-byte aligned and holds planes first, then F32, then
 F16 tensors, so every array is aligned to its element size.
+
+Version 2 added uniform layers (one scale per row and group, lutkernels/layout.py;
+version 1 stored one per plane for every layer). A file of another version is
+refused; an older one with a request to quantize again.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ import lutkernels as lk
 from .config import ModelConfig, ModelError, check_architecture
 from .source import ModelSource, TokenizerInfo
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 KEY = "lutengine"
 ALIGN = 64
 MAX_HEADER = 100 << 20  # a header is a few hundred KB even for large models; more means a corrupt length
@@ -124,7 +128,7 @@ def _flatten(weights: dict, info: dict) -> tuple[dict[str, np.ndarray], dict]:
             i = info.get(name, {})
             tensor_meta[name] = {"method": i.get("method", "unknown"), "bits": i.get("bits", w.P), "planes": w.P,
                                  "group": w.G, "M": w.M, "K": w.K, "offsets": w.offsets is not None,
-                                 "bpw": w.bits_per_weight()}
+                                 "uniform": w.uniform, "bpw": w.bits_per_weight()}
         else:
             a = np.asarray(w)
             if a.dtype not in (np.float16, np.float32):
@@ -204,6 +208,9 @@ def _read_meta(md, path: Path) -> dict:
         raise ModelError(f"{path}: metadata has no integer format_version")
     if version > FORMAT_VERSION:
         raise ModelError(f"{path}: format version {version} is newer than this lutengine supports ({FORMAT_VERSION})")
+    if version < FORMAT_VERSION:
+        raise ModelError(f"{path}: format version {version} was written by an older lutengine; "
+                         "quantize the model again")
     return meta
 
 
@@ -243,12 +250,14 @@ def _array(buf, base: int, size: int, entry, path: Path, name: str) -> np.ndarra
 
 def _packed(arrays: dict[str, np.ndarray], name: str, info, path: Path) -> lk.PackedLinear:
     try:
-        M, K, P, G, has_off = (info[k] for k in ("M", "K", "planes", "group", "offsets"))
+        M, K, P, G, has_off, uniform = (info[k] for k in ("M", "K", "planes", "group", "offsets", "uniform"))
         lk.check_shape(M, K, P, G)
+        if not isinstance(uniform, bool):
+            raise TypeError(f"uniform must be true or false, got {uniform!r}")
     except (KeyError, TypeError, lk.LayoutError) as e:
         raise ModelError(f"{path}: tensor {name}: bad packed-layer metadata ({e})") from None
     Mt = -(-M // lk.layout.TILE)
-    expect = {"planes": ("U8", (Mt, K // 32, P, 64)), "scales": ("F16", (Mt, K // G, P, 16)),
+    expect = {"planes": ("U8", (Mt, K // 32, P, 64)), "scales": ("F16", (Mt, K // G, 1 if uniform else P, 16)),
               "offsets": ("F16", (Mt, K // G, 16))}
     parts = {}
     for part in PARTS:
@@ -264,9 +273,9 @@ def _packed(arrays: dict[str, np.ndarray], name: str, info, path: Path) -> lk.Pa
         dtype, shape = expect[part]
         if a.dtype != DTYPES[dtype] or a.shape != shape:
             raise ModelError(f"{path}: tensor {key} is {a.dtype} {list(a.shape)}; metadata "
-                             f"(M={M}, K={K}, P={P}, G={G}) needs {dtype} {list(shape)}")
+                             f"(M={M}, K={K}, P={P}, G={G}, uniform={uniform}) needs {dtype} {list(shape)}")
         parts[part] = a
-    return lk.PackedLinear(M, K, P, G, parts["planes"], parts["scales"], parts["offsets"])
+    return lk.PackedLinear(M, K, P, G, parts["planes"], parts["scales"], parts["offsets"], uniform)
 
 
 def _check_complete(qf: QFile) -> None:

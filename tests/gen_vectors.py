@@ -8,13 +8,13 @@ the compiled module), so vectors can be made where the C core is not built,
 e.g. for a cross-compiled harness.
 
 File format, little-endian:
-    header  char[8] "LUTVEC1\\0", uint32 0x01020304 (byte-order check), uint32 ncases
-    case    int32 M, K, P, G, Kb, has_offsets, N, exact
+    header  char[8] "LUTVEC2\\0", uint32 0x01020304 (byte-order check), uint32 ncases
+    case    int32 M, K, P, G, Kb, has_offsets, N, exact, uniform
             uint8   planes  [Mt, K/32, P, 64]
-            uint16  scales  [Mt, K/G, P, 16]         (fp16 bits)
+            uint16  scales  [Mt, K/G, S, 16]         (fp16 bits; S = 1 if uniform else P)
             uint16  offsets [Mt, K/G, 16]            (only if has_offsets)
             float32 x       [N, K]
-            int32   sums    [N, Mt*16, P, K/Kb]      (the exact integer block sums)
+            int32   sums    [N, Mt*16, P, K/Kb]      (the exact integer block sums, per plane)
             float64 y       [N, M]                   (float64 reference output)
             float64 mag     [N, M]                   (sum of |terms| of each output)
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-MAGIC = b"LUTVEC1\0"
+MAGIC = b"LUTVEC2\0"
 GROUPS = (32, 64, 128, 256, "K")
 
 
@@ -46,7 +46,8 @@ layout, reference = _load_spec()
 
 
 def magnitude(w, x, sums, exact):
-    """Sum of |terms| of each output: float32 accumulation error is relative to this, not to |y|."""
+    """Sum of |terms| of each output: float32 accumulation error is relative to this, not to |y|.
+    Taken per plane, it also bounds a uniform layer's combined terms |sum_p 2^p S_p| * h."""
     _, ts = reference.tables(x, w.K, w.G, exact)
     _, scales, offsets = layout.unpack(w)
     blk = np.repeat(np.abs(scales.astype(np.float64)), w.G // layout.act_block(w.K, w.G), axis=2)
@@ -57,9 +58,9 @@ def magnitude(w, x, sums, exact):
 
 
 def plan(ncases, rng):
-    """Shapes. G, exact and offsets cycle with periods 5, 2 and 4, so any 20
-    consecutive cases hold all 20 combinations; the edge cases that replace
-    the first slots leave 20 consecutive ones from 40 cases on."""
+    """Shapes. G, exact, offsets and uniform scales cycle with periods 5, 2, 4
+    and 8, so any 40 consecutive cases hold all 40 combinations; the edge cases
+    that replace the first slots leave 40 consecutive ones from 51 cases on."""
     out = []
     for i in range(ncases):
         G = GROUPS[i % 5]
@@ -72,18 +73,21 @@ def plan(ncases, rng):
         if i % 4 == 0:
             M = 16 * int(rng.integers(1, 5))  # whole tiles too, not only a partial last one
         out.append(dict(M=M, K=K, P=int(rng.integers(1, 9)), G=G, off=(i // 2) % 2 == 1, N=1 + i % 3,
-                        exact=i % 2 == 1, kind="random"))
+                        exact=i % 2 == 1, uniform=(i // 4) % 2 == 1, kind="random"))
     # Edge cases overwrite the first slots so the count stays ncases.
     edges = [
-        dict(M=1, K=32, P=1, G=32, off=False, N=1, exact=False, kind="random"),
-        dict(M=33, K=992, P=3, G=992, off=True, N=2, exact=True, kind="random"),  # G=K, act block 32
-        dict(M=17, K=320, P=2, G=320, off=False, N=1, exact=False, kind="random"),  # G=K, act block 64
-        dict(M=40, K=384, P=5, G=384, off=True, N=3, exact=False, kind="random"),  # G=K, act block 128
-        dict(M=31, K=1024, P=8, G=1024, off=True, N=3, exact=True, kind="random"),  # G=K, act block 256
-        dict(M=20, K=512, P=2, G=256, off=False, N=2, exact=False, kind="extreme"),  # int16 bound, fast
-        dict(M=20, K=1024, P=2, G=1024, off=True, N=1, exact=True, kind="extreme"),  # int16 bound, exact
-        dict(M=25, K=256, P=4, G=64, off=True, N=3, exact=False, kind="zero_token"),
-        dict(M=45, K=512, P=3, G=128, off=True, N=2, exact=True, kind="subnormal"),
+        dict(M=1, K=32, P=1, G=32, off=False, N=1, exact=False, uniform=False, kind="random"),
+        dict(M=33, K=992, P=3, G=992, off=True, N=2, exact=True, uniform=True, kind="random"),  # G=K, act block 32
+        dict(M=17, K=320, P=2, G=320, off=False, N=1, exact=False, uniform=False, kind="random"),  # act block 64
+        dict(M=40, K=384, P=5, G=384, off=True, N=3, exact=False, uniform=True, kind="random"),  # act block 128
+        dict(M=31, K=1024, P=8, G=1024, off=True, N=3, exact=True, uniform=False, kind="random"),  # act block 256
+        dict(M=20, K=512, P=2, G=256, off=False, N=2, exact=False, uniform=False, kind="extreme"),  # int16, fast
+        dict(M=20, K=1024, P=2, G=1024, off=True, N=1, exact=True, uniform=False, kind="extreme"),  # int16, exact
+        # the uniform combination's bound: 8 equal planes, 255 * 64 * 127 (fast), 255 * 64 * 508 (exact)
+        dict(M=20, K=512, P=8, G=256, off=True, N=2, exact=False, uniform=True, kind="extreme"),
+        dict(M=20, K=1024, P=8, G=1024, off=False, N=1, exact=True, uniform=True, kind="extreme_sum"),
+        dict(M=25, K=256, P=4, G=64, off=True, N=3, exact=False, uniform=True, kind="zero_token"),
+        dict(M=45, K=512, P=3, G=128, off=True, N=2, exact=True, uniform=True, kind="subnormal"),
     ]
     out[: len(edges)] = edges[:ncases]
     return out
@@ -92,10 +96,16 @@ def plan(ncases, rng):
 def make_case(c, rng):
     M, K, P, G, N = c["M"], c["K"], c["P"], c["G"], c["N"]
     planes = rng.integers(0, 2, (P, M, K), dtype=np.int8) * 2 - 1
-    scales = rng.standard_normal((P, M, K // G)).astype(np.float32)
+    scales = rng.standard_normal((1 if c["uniform"] else P, M, K // G)).astype(np.float32)
     offsets = rng.standard_normal((M, K // G)).astype(np.float32) if c["off"] else None
     x = (rng.standard_normal((N, K)) * rng.uniform(0.01, 100)).astype(np.float32)
-    if c["kind"] == "extreme":
+    if c["kind"] == "extreme_sum":
+        # Exact mode, the largest block sum: all activations equal quantize to
+        # 127, so the all-+1 entry is 508 and a 256-activation block sums to
+        # +-32512 in every plane.
+        planes[:] = np.where(np.arange(M)[None, :, None] % 2 == 0, 1, -1)
+        x[:] = 127.0
+    elif c["kind"] == "extreme":
         # Every lookup of a row picks the same extreme entry: rows alternate
         # all +1 / all -1. Fast mode: constant x makes that entry +-127, so a
         # 256-activation block sums to +-8128. Exact mode: groups summing to
@@ -114,19 +124,20 @@ def make_case(c, rng):
     elif c["kind"] == "subnormal":
         scales *= 1e-6  # mostly float16 subnormals
         offsets *= 1e-6
-    w = layout.pack(planes, scales, offsets)
+    w = layout.pack(planes, scales, offsets, uniform=c["uniform"])
     y, sums = reference.gemm(w, x, c["exact"])
     return w, x, y, sums, magnitude(w, x, sums, c["exact"])
 
 
-def write(path, ncases=40, seed=0):
+def write(path, ncases=52, seed=0):
     rng = np.random.default_rng(seed)
     with open(path, "wb") as f:
         f.write(MAGIC + struct.pack("<II", 0x01020304, ncases))
         for c in plan(ncases, rng):
             w, x, y, sums, mag = make_case(c, rng)
             Kb = layout.act_block(w.K, w.G)
-            f.write(struct.pack("<8i", w.M, w.K, w.P, w.G, Kb, int(w.offsets is not None), x.shape[0], int(c["exact"])))
+            f.write(struct.pack("<9i", w.M, w.K, w.P, w.G, Kb, int(w.offsets is not None), x.shape[0], int(c["exact"]),
+                                int(w.uniform)))
             arrays = [w.planes.astype("<u1"), w.scales.view(np.uint16).astype("<u2")]
             if w.offsets is not None:
                 arrays.append(w.offsets.view(np.uint16).astype("<u2"))
@@ -138,7 +149,7 @@ def write(path, ncases=40, seed=0):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
-    ap.add_argument("--cases", type=int, default=40)
+    ap.add_argument("--cases", type=int, default=52)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.cases < 1:

@@ -14,13 +14,19 @@ from lutkernels import reference as ref
 ISAS = lk.supported_isas()
 
 
+def packed(rng, M, K, P, G, offsets, uniform=False):
+    """A random layer; uniform keeps plane 0's scales (plane p's are implied as 2^p times them)."""
+    planes, scales, offs = random_layer(rng, M, K, P, G, offsets)
+    return lk.pack(planes, scales[:1] if uniform else scales, offs, uniform=uniform)
+
+
 @st.composite
 def cases(draw):
     K = 32 * draw(st.integers(1, 40))
     G = draw(st.sampled_from([g for g in (32, 64, 128, 256) if K % g == 0] + [K]))
     return dict(M=draw(st.integers(1, 80)), K=K, P=draw(st.integers(1, 8)), G=G, off=draw(st.booleans()),
-                N=draw(st.sampled_from([1, 1, 2, 5])), exact=draw(st.booleans()), threads=draw(st.sampled_from([1, 2])),
-                seed=draw(st.integers(0, 2**32 - 1)))
+                uniform=draw(st.booleans()), N=draw(st.sampled_from([1, 1, 2, 5])), exact=draw(st.booleans()),
+                threads=draw(st.sampled_from([1, 2])), seed=draw(st.integers(0, 2**32 - 1)))
 
 
 def magnitude(w, x, sums, exact):
@@ -45,7 +51,7 @@ def run(w, x, exact, isa, threads):
 @given(cases())
 def test_every_path_matches_the_reference(restore_kernel_state, c):
     rng = np.random.default_rng(c["seed"])
-    w = lk.pack(*random_layer(rng, c["M"], c["K"], c["P"], c["G"], c["off"]))
+    w = packed(rng, c["M"], c["K"], c["P"], c["G"], c["off"], c["uniform"])
     x = (rng.standard_normal((c["N"], c["K"])) * rng.uniform(0.01, 100)).astype(np.float32)
     y_ref, sums_ref = ref.gemm(w, x, c["exact"])
     y_scalar, sums_scalar = run(w, x, c["exact"], "scalar", c["threads"])
@@ -57,21 +63,23 @@ def test_every_path_matches_the_reference(restore_kernel_state, c):
         np.testing.assert_array_equal(y, y_scalar, err_msg=isa)
 
 
+@pytest.mark.parametrize("uniform", [False, True])
 @pytest.mark.parametrize("isa", ISAS)
-def test_thread_count_does_not_change_results(restore_kernel_state, isa):
+def test_thread_count_does_not_change_results(restore_kernel_state, isa, uniform):
     rng = np.random.default_rng(3)
-    w = lk.pack(*random_layer(rng, 300, 512, 3, 128, True))
+    w = packed(rng, 300, 512, 3, 128, True, uniform)
     x = rng.standard_normal((4, 512)).astype(np.float32)
     outs = [run(w, x, False, isa, t)[0] for t in (1, 2, 3)]
     for y in outs[1:]:
         np.testing.assert_array_equal(y, outs[0])
 
 
+@pytest.mark.parametrize("uniform", [False, True])
 @pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("G", [32, 64, 128, 256, 768])
-def test_error_against_dense_product_stays_in_bound(G, exact):
+def test_error_against_dense_product_stays_in_bound(G, exact, uniform):
     rng = np.random.default_rng(G)
-    w = lk.pack(*random_layer(rng, 64, 768, 4, G, True))
+    w = packed(rng, 64, 768, 4, G, True, uniform)
     x = rng.standard_normal((3, 768)).astype(np.float32)
     x[:, 5] = 40.0  # an outlier channel, as LLM activations have
     y = lk.gemm(w, x, exact=exact)
@@ -79,6 +87,24 @@ def test_error_against_dense_product_stays_in_bound(G, exact):
     bound = ref.error_bound(w, x, exact)
     assert (np.abs(y - y_dense) <= bound + 1e-4 * np.abs(y_dense).max()).all()
     assert np.abs(y - y_dense).max() > 0  # quantized tables: not the dense product
+
+
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("isa", ISAS)
+def test_uniform_is_the_per_plane_layer_it_implies(restore_kernel_state, isa, exact):
+    """The same weights packed uniform (h) and per plane (h * 2^p): equal per-plane integer sums,
+    outputs equal up to float rounding (planes combined in integer, one multiply instead of P)."""
+    rng = np.random.default_rng(10)
+    M, K, P, G = 45, 512, 8, 64
+    planes, scales, offs = random_layer(rng, M, K, P, G, True)
+    h = scales[:1].astype(np.float16).astype(np.float32)
+    u = lk.pack(planes, h, offs, uniform=True)
+    w = lk.pack(planes, h * np.float32(2.0) ** np.arange(P, dtype=np.float32)[:, None, None], offs)
+    assert u.bits_per_weight() < w.bits_per_weight() and lk.dense(u).tobytes() == lk.dense(w).tobytes()
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    (y_u, sums_u), (y_w, sums_w) = run(u, x, exact, isa, 1), run(w, x, exact, isa, 1)
+    np.testing.assert_array_equal(sums_u, sums_w)
+    assert (np.abs(y_u - y_w) <= 2e-5 * magnitude(w, x, sums_w, exact)).all()  # each within 1e-5 of float64
 
 
 def test_exact_mode_equals_integer_product():
@@ -148,8 +174,18 @@ def test_tampered_packed_arrays_are_caught():
     bad = lk.PackedLinear(w.M, w.K, w.P, w.G, w.planes, w.scales.astype(np.float32), None)
     with pytest.raises(TypeError, match="scales must be float16"):
         lk.Layer(bad)
+    bad = lk.PackedLinear(w.M, w.K, w.P, w.G, w.planes, w.scales, None, uniform=True)  # P scales, not 1
+    with pytest.raises(ValueError, match=r"scales must have shape \(2, 2, 1, 16\)"):
+        lk.Layer(bad)
     with pytest.raises(lk.LayoutError, match="multiple of 32"):
         lk.Layer(lk.PackedLinear(20, 48, 2, 48, w.planes, w.scales, None))
+
+
+def test_c_core_rejects_a_bad_descriptor():
+    L = lk.Layer(packed(np.random.default_rng(11), 20, 64, 2, 32, False, True))
+    L.c.uniform = 2  # neither mode: the C core must refuse, not guess
+    with pytest.raises(lk.KernelError, match="lut_gemm failed with code -1"):
+        lk.gemm(L, np.zeros((1, 64), np.float32))
 
 
 def test_isa_and_thread_errors(restore_kernel_state):

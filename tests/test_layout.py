@@ -15,15 +15,23 @@ def shapes(draw):
     return draw(st.integers(1, 70)), K, draw(st.integers(1, 8)), G, draw(st.booleans())
 
 
+def f16(a):
+    return np.asarray(a, np.float32).astype(np.float16).astype(np.float32)
+
+
 @settings(max_examples=60, deadline=None)
-@given(shapes(), st.integers(0, 2**32 - 1))
-def test_pack_unpack_round_trip(shape, seed):
+@given(shapes(), st.booleans(), st.integers(0, 2**32 - 1))
+def test_pack_unpack_round_trip(shape, uniform, seed):
     M, K, P, G, off = shape
     planes, scales, offs = random_layer(np.random.default_rng(seed), M, K, P, G, off)
-    w = lk.pack(planes, scales, offs)
+    if uniform:
+        scales = scales[:1]  # plane 0's scale h; unpack gives plane p's as h * 2^p
+    w = lk.pack(planes, scales, offs, uniform=uniform)
+    assert w.uniform is uniform and w.scales.shape == (w.tiles, K // G, 1 if uniform else P, 16)
     p2, s2, o2 = lk.unpack(w)
     np.testing.assert_array_equal(p2, planes)
-    np.testing.assert_array_equal(s2, scales.astype(np.float16).astype(np.float32))
+    expect = f16(scales) * np.float32(2.0) ** np.arange(P, dtype=np.float32)[:, None, None] if uniform else f16(scales)
+    np.testing.assert_array_equal(s2, expect)
     if off:
         np.testing.assert_array_equal(o2, offs.astype(np.float16).astype(np.float32))
     else:
@@ -43,6 +51,18 @@ def test_dense_matches_the_formula():
                 expect[m, k] += s16[p, m, k // G] * planes[p, m, k]
     expect += np.repeat(o16, G, axis=1)
     np.testing.assert_allclose(lk.dense(lk.pack(planes, scales, offs)), expect, rtol=1e-6, atol=1e-6)
+
+
+def test_uniform_dense_is_the_step_grid():
+    """Uniform: W = h * sum_p 2^p * B_p + z, i.e. a b-bit grid of step s = 2h: s * (q - (2^b - 1)/2) + z."""
+    rng = np.random.default_rng(3)
+    M, K, P, G = 19, 64, 3, 32
+    q = rng.integers(0, 2**P, (M, K))
+    planes = ((q[None] >> np.arange(P)[:, None, None]) & 1) * 2 - 1
+    h = f16(rng.uniform(0.01, 1, (1, M, K // G)))
+    z = f16(rng.standard_normal((M, K // G)))
+    expect = 2 * np.repeat(h[0], G, axis=1) * (q - (2**P - 1) / 2) + np.repeat(z, G, axis=1)
+    np.testing.assert_allclose(lk.dense(lk.pack(planes, h, z, uniform=True)), expect, rtol=1e-6)
 
 
 def test_bit_layout_of_one_weight():
@@ -67,6 +87,13 @@ def test_bits_per_weight_counts_every_stored_byte():
     assert w.bits_per_weight() == pytest.approx(1 + 16 / 128)
 
 
+def test_uniform_stores_one_scale_per_group():
+    """4 bits, G = 32, offsets: 4 + 16/32 + 16/32 = 5.0 bits uniform (llama.cpp's Q4_1), 6.5 per plane."""
+    planes, scales, offs = random_layer(np.random.default_rng(4), 64, 256, 4, 32, True)
+    assert lk.pack(planes, scales[:1], offs, uniform=True).bits_per_weight() == 5.0
+    assert lk.pack(planes, scales, offs).bits_per_weight() == 6.5
+
+
 @pytest.mark.parametrize("M,K,P,ngroups,msg", [
     (8, 48, 1, 1, "multiple of 32"),
     (8, 64, 1, 4, "group size must be one of"),
@@ -82,8 +109,10 @@ def test_bad_shapes_are_clear_errors(M, K, P, ngroups, msg):
 
 def test_mismatched_scales_and_offsets():
     planes = np.ones((2, 8, 64), np.int8)
-    with pytest.raises(lk.LayoutError, match="scales must be"):
+    with pytest.raises(lk.LayoutError, match=r"scales must be \[P=2, M=8, K/G\]"):
         lk.pack(planes, np.ones((1, 8, 2), np.float32))
+    with pytest.raises(lk.LayoutError, match=r"scales must be \[1 \(uniform\), M=8, K/G\]"):
+        lk.pack(planes, np.ones((2, 8, 2), np.float32), uniform=True)
     with pytest.raises(lk.LayoutError, match="offsets must be"):
         lk.pack(planes, np.ones((2, 8, 2), np.float32), np.ones((8, 3), np.float32))
     with pytest.raises(lk.LayoutError, match=r"planes must be \[P, M, K\]"):

@@ -330,7 +330,9 @@ def rtn_case(seed, M=37, K=256):
 def test_rtn_pack_is_exactly_the_reconstruction(bits, symmetric, G):
     W = rtn_case(bits * 10 + G)
     c = rtn.codes(W, bits, G, symmetric)
-    np.testing.assert_array_equal(lk.dense(rtn.to_packed(c)), rtn.reconstruct(c))
+    w = rtn.to_packed(c)
+    assert w.uniform and w.scales.shape[2] == 1  # one stored scale (s/2) per group, not one per plane
+    np.testing.assert_array_equal(lk.dense(w), rtn.reconstruct(c))
     np.testing.assert_array_equal(lk.dense(rtn.quantize(W, bits, G, symmetric)), rtn.reconstruct(c))
 
 

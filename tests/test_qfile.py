@@ -81,13 +81,16 @@ def _root(a):
 def test_metadata(src, saved):
     q = qfile.load(saved)
     m = q.meta
-    assert m["format_version"] == 1
+    assert m["format_version"] == qfile.FORMAT_VERSION == 2
     assert m["source"] == {"path": str(src.path), "sha256": "ab" * 32}
     assert m["quantizer"] == {**DEFAULT, "bits": 3}
     t = m["tensors"][Q_PROJ]
     w = q.packed[Q_PROJ]
-    assert t == {"method": "rtn", "bits": 3, "planes": 3, "group": rtn.group_size(64, DEFAULT["group"]), "M": 64,
-                 "K": 64, "offsets": True, "bpw": w.bits_per_weight()}
+    G = rtn.group_size(64, DEFAULT["group"])
+    assert t == {"method": "rtn", "bits": 3, "planes": 3, "group": G, "M": 64, "K": 64, "offsets": True,
+                 "uniform": True, "bpw": w.bits_per_weight()}
+    # RTN layers are uniform: one float16 scale per group, the honest 3 + 16/G + 16/G bits
+    assert w.uniform and w.scales.shape == (4, 64 // G, 1, 16) and t["bpw"] == 3 + 32 / G
     assert m["tensors"]["lm_head.weight"]["bits"] == 8
     tok = q.tok
     assert (tok.bos_id, tok.eos_ids, tok.add_bos, tok.chat_template) == (1, (2,), True, "{{ messages }}")
@@ -112,8 +115,43 @@ def test_data_section_is_aligned(saved):
 
 
 def test_newer_format_version_is_refused(saved):
-    rewrite_safetensors_header(saved, edit_meta(lambda m: m.update(format_version=2)))
-    with pytest.raises(ModelError, match=r"format version 2 is newer than this lutengine supports \(1\)"):
+    rewrite_safetensors_header(saved, edit_meta(lambda m: m.update(format_version=3)))
+    with pytest.raises(ModelError, match=r"format version 3 is newer than this lutengine supports \(2\)"):
+        qfile.load(saved)
+
+
+def test_older_format_version_is_refused(saved):
+    """Version 1 stored a scale per plane for every layer; its files are not read as version 2."""
+    rewrite_safetensors_header(saved, edit_meta(lambda m: m.update(format_version=1)))
+    with pytest.raises(ModelError, match=f"{saved}: format version 1 was written by an older lutengine; "
+                                         "quantize the model again"):
+        qfile.load(saved)
+
+
+def test_per_plane_layers_round_trip(src, tmp_path):
+    """Layers with a scale per plane (HLQ, multi-scale binary) are stored as they are."""
+    weights, info = quantize_model(src.config, src.tensors, {"bits": 2})
+    planes, scales, offsets = lk.unpack(weights[Q_PROJ])
+    weights[Q_PROJ] = lk.pack(planes, scales * np.float32(0.75), offsets)  # plane scales no longer 2^p apart
+    q = qfile.load(qfile.write(tmp_path / "p.safetensors", src.config, weights, src.tok, info=info))
+    w = q.packed[Q_PROJ]
+    assert not w.uniform and w.scales.shape[2] == 2 and q.meta["tensors"][Q_PROJ]["uniform"] is False
+    assert lk.dense(w).tobytes() == lk.dense(weights[Q_PROJ]).tobytes()
+    assert q.meta["tensors"][Q_PROJ]["bpw"] > q.meta["tensors"]["model.layers.0.mlp.up_proj.weight"]["bpw"]
+
+
+@pytest.mark.parametrize("value, message", [
+    (False, r"scales is float16 \[4, 2, 1, 16\]; metadata \(M=64, K=64, P=3, G=32, uniform=False\) "
+            r"needs F16 \[4, 2, 3, 16\]"),
+    ("yes", "bad packed-layer metadata \\(uniform must be true or false, got 'yes'\\)"),
+    (None, "bad packed-layer metadata \\('uniform'\\)"),
+])
+def test_uniform_flag_disagreeing_with_scales(saved, value, message):
+    def edit(m):
+        t = m["tensors"][Q_PROJ]
+        t.pop("uniform") if value is None else t.update(uniform=value)
+    rewrite_safetensors_header(saved, edit_meta(edit))
+    with pytest.raises(ModelError, match=message):
         qfile.load(saved)
 
 
@@ -200,3 +238,12 @@ def test_write_dense_tensors_and_symmetric_layers(src, tmp_path):
     assert lk.dense(q.packed[Q_PROJ]).tobytes() == lk.dense(weights[Q_PROJ]).tobytes()
     with pytest.raises(ValueError, match="float16 or float32 only"):
         qfile.write(tmp_path / "bad.safetensors", src.config, {**weights, "x": np.zeros(3, np.int64)}, src.tok)
+
+
+def test_cached_default_file_is_named_by_format_version(tmp_path, monkeypatch):
+    """A lutengine with a new format version makes a new cached file instead of reading a stale one."""
+    from engine.load import cached_qfile
+
+    monkeypatch.setenv("LUTENGINE_HOME", str(tmp_path))
+    path = cached_qfile("smollm2-135m-instruct")
+    assert path == tmp_path / "models" / "smollm2-135m-instruct.rtn4g32.v2.lut.safetensors"

@@ -176,9 +176,14 @@ def test_stream_mixed_scripts():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(st.characters(blacklist_characters="\ufffd"), max_size=60))
+@given(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffd"), max_size=60))
 def test_stream_random_text(text):
     check_stream(qwen2(), text)
+
+
+def test_lone_surrogate_is_a_clear_error():
+    with pytest.raises(ValueError, match="lone surrogate at index 2"):
+        qwen2().encode("ab\ud800c")
 
 
 @cache

@@ -29,7 +29,7 @@
 #define ACC_FILL 0x7f
 
 typedef struct {
-    int32_t M, K, P, G, Kb, has_off, N, exact;
+    int32_t M, K, P, G, Kb, has_off, N, exact, uniform;
     size_t nplanes, nscales, noffsets, nx, nsums, ny;
     uint8_t *planes;
     uint16_t *scales, *offsets;
@@ -64,19 +64,20 @@ static int plausible(const int32_t *h) {
     int32_t M = h[0], K = h[1], P = h[2], G = h[3], Kb = h[4];
     return M >= 1 && M <= 65536 && K >= 32 && K <= 65536 && K % 32 == 0 && P >= 1 && P <= 8 && G >= 32 &&
            K % G == 0 && Kb >= 32 && Kb <= 256 && G % Kb == 0 && (h[5] == 0 || h[5] == 1) && h[6] >= 1 &&
-           h[6] <= 64 && (h[7] == 0 || h[7] == 1);
+           h[6] <= 64 && (h[7] == 0 || h[7] == 1) && (h[8] == 0 || h[8] == 1);
 }
 
 static void read_case(FILE *f, const char *path, vcase *c) {
-    int32_t h[8];
-    if (fread(h, sizeof h[0], 8, f) != 8)
+    int32_t h[9];
+    if (fread(h, sizeof h[0], 9, f) != 9)
         fatal(path, "truncated");
     if (!plausible(h))
         fatal(path, "implausible case header");
     c->M = h[0], c->K = h[1], c->P = h[2], c->G = h[3], c->Kb = h[4], c->has_off = h[5], c->N = h[6], c->exact = h[7];
+    c->uniform = h[8];
     size_t Mt = (size_t)(c->M + 15) / 16, ng = (size_t)(c->K / c->G);
     c->nplanes = Mt * (size_t)(c->K / 32) * (size_t)c->P * 64;
-    c->nscales = Mt * ng * (size_t)c->P * 16;
+    c->nscales = Mt * ng * (size_t)(c->uniform ? 1 : c->P) * 16; /* uniform: plane 0's scale only */
     c->noffsets = c->has_off ? Mt * ng * 16 : 0;
     c->nx = (size_t)c->N * (size_t)c->K;
     c->nsums = (size_t)c->N * Mt * 16 * (size_t)c->P * (size_t)(c->K / c->Kb);
@@ -111,9 +112,9 @@ static int untouched(const void *p, size_t n, unsigned char byte) {
 /* One path of one case; returns 1 if it passed, else prints its first failure. */
 static int run_path(const vcase *c, int32_t ci, int32_t isa, int32_t threads, float *y, int32_t *acc,
                     const float *y_scalar) {
-    char where[160];
-    snprintf(where, sizeof where, "case %d (M=%d K=%d P=%d G=%d offsets=%d N=%d exact=%d) %s threads=%d", ci, c->M,
-             c->K, c->P, c->G, c->has_off, c->N, c->exact, lut_isa_name(isa), threads);
+    char where[176];
+    snprintf(where, sizeof where, "case %d (M=%d K=%d P=%d G=%d offsets=%d N=%d exact=%d uniform=%d) %s threads=%d",
+             ci, c->M, c->K, c->P, c->G, c->has_off, c->N, c->exact, c->uniform, lut_isa_name(isa), threads);
     if (lut_act_block(c->K, c->G) != c->Kb) {
         printf("FAIL %s: lut_act_block %d, reference %d\n", where, lut_act_block(c->K, c->G), c->Kb);
         return 0;
@@ -122,8 +123,8 @@ static int run_path(const vcase *c, int32_t ci, int32_t isa, int32_t threads, fl
         printf("FAIL %s: cannot select ISA or threads\n", where);
         return 0;
     }
-    lut_layer w = {.M = c->M, .K = c->K, .P = c->P, .G = c->G, .planes = c->planes, .scales = c->scales,
-                   .offsets = c->offsets};
+    lut_layer w = {.M = c->M, .K = c->K, .P = c->P, .G = c->G, .uniform = c->uniform, .planes = c->planes,
+                   .scales = c->scales, .offsets = c->offsets};
     memset(y, Y_FILL, (c->ny + GUARD) * sizeof *y);
     memset(acc, ACC_FILL, (c->nsums + GUARD) * sizeof *acc);
     int rc = lut_gemm(&w, c->x, c->N, y, c->exact, acc);
@@ -172,8 +173,8 @@ int main(int argc, char **argv) {
         fatal(path, "cannot open");
     char magic[8];
     uint32_t order, ncases;
-    if (fread(magic, 1, 8, f) != 8 || memcmp(magic, "LUTVEC1", 8) != 0)
-        fatal(path, "not a LUTVEC1 vectors file");
+    if (fread(magic, 1, 8, f) != 8 || memcmp(magic, "LUTVEC2", 8) != 0)
+        fatal(path, "not a LUTVEC2 vectors file (remake it with tests/gen_vectors.py)");
     if (fread(&order, 4, 1, f) != 1 || fread(&ncases, 4, 1, f) != 1)
         fatal(path, "truncated");
     /* arrays are read in host order: the little-endian file's byte-order word rejects other hosts */

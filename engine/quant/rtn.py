@@ -4,7 +4,8 @@ A b-bit code q = sum_p 2^p * bit_p, with bit_p = (B_p + 1) / 2 and B_p in {-1, +
 
     s*q + zmin = sum_p s*2^(p-1) * B_p  +  (zmin + s*(2^b - 1)/2)
 
-so a uniform grid is b planes with scales s*2^(p-1) and one offset per group.
+so a uniform grid is b planes with scales s*2^(p-1) and one offset per group:
+packed in the format's uniform mode, which stores only s/2 (plane 0's scale).
 Asymmetric: the grid spans each group's [min, max]. Symmetric: it spans
 [-max|w|, +max|w|] with no offset stored (levels +-s/2, +-3s/2, ...).
 
@@ -81,11 +82,10 @@ def reconstruct(c: Codes) -> np.ndarray:
 
 
 def to_packed(c: Codes) -> lk.PackedLinear:
+    """Uniform-mode layer: one stored scale s/2 per group (exact in float16: _f16_at_least)."""
     p = np.arange(c.bits, dtype=np.uint8)
     planes = ((c.q[None] >> p[:, None, None]) & 1).astype(bool)
-    scales = c.scale[None] * np.float32(2.0) ** (p.astype(np.float32) - 1)[:, None, None]
-    _check_f16_range(scales)
-    return lk.pack(planes, scales, c.offset)
+    return lk.pack(planes, c.scale[None] / np.float32(2), c.offset, uniform=True)
 
 
 def quantize(W: np.ndarray, bits: int = 4, group: int = 128, symmetric: bool = False) -> lk.PackedLinear:
@@ -105,7 +105,7 @@ def _concat_rows(parts: list[lk.PackedLinear]) -> lk.PackedLinear:
     offsets = None if first.offsets is None else np.concatenate([p.offsets for p in parts])
     return lk.PackedLinear(sum(p.M for p in parts), first.K, first.P, first.G,
                            np.concatenate([p.planes for p in parts]), np.concatenate([p.scales for p in parts]),
-                           offsets)
+                           offsets, first.uniform)
 
 
 def _f16(x: np.ndarray) -> np.ndarray:
