@@ -104,6 +104,12 @@ def cmd_ppl(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .quantize_cmd import run
+
+    return run(args)
+
+
 def cmd_chat(args) -> int:
     from .repl import run_chat
 
@@ -186,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _run_args(p)
     p.set_defaults(func=cmd_ppl)
+
+    from .quantize_cmd import add_arguments
+
+    p = sub.add_parser("quantize", help="quantize a model to a lutengine file")
+    add_arguments(p)
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -382,11 +382,16 @@ def test_group_size_choice():
 
 def test_quant_settings():
     assert settings(None) == DEFAULT
-    assert set(DEFAULT) == {"method", "bits", "group", "symmetric", "head_bits"}
     assert settings({"bits": 2}) == {**DEFAULT, "bits": 2}
     with pytest.raises(ValueError, match="unknown quantizer settings: colour"):
         settings({"colour": 1})
     with pytest.raises(ValueError, match="bits must be"):
         settings({"bits": 9})
     with pytest.raises(ValueError, match="unknown quantization method"):
+        settings({"method": "wgm2"})
+    with pytest.raises(ValueError, match="gptq needs a calibration text"):
         settings({"method": "gptq"})
+    with pytest.raises(ValueError, match="ternary takes bits 2, got 3"):
+        settings({"method": "ternary", "bits": 3})
+    with pytest.raises(ValueError, match=r"binary takes bits 1 or 2, got 4 \(layer override"):
+        settings({"method": "binary", "bits": 1, "layers": {"*.down_proj.weight": {"bits": 4}}})

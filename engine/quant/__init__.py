@@ -1,25 +1,59 @@
 """Quantizers: float32 weights to PackedLinear layers, and the settings that choose them.
 
 Settings are a plain dict (stored verbatim in the quantized model file):
-    method     "rtn" (round to nearest, engine/quant/rtn.py)
-    bits       planes per linear layer weight (1..8)
-    group      preferred group size; lowered per matrix to the largest kernel group size dividing K
+    method     "rtn" (round to nearest, rtn.py), "hlq" (a scale per plane, hlq.py),
+               "gptq" (error compensation from calibration activations, gptq.py),
+               "msb" (the seed paper's magnitude bands as sign + magnitude planes, msb.py),
+               "binary" (sign planes with a scale and mean per group, binary.py)
+               or "ternary" ({-s, 0, +s} per group, ternary.py)
+    bits       planes per linear layer weight (1..8): for msb a sign plane and bits - 1
+               magnitude planes; binary takes 1 or 2, ternary is always 2
+    group      preferred group size; lowered per matrix to the largest kernel group size
+               dividing K; must be a kernel group size (32, 64, 128, 256) or some matrix's K
     symmetric  no offsets, grid symmetric around 0
-    head_bits  bits of the output head (lm_head, or a packed copy of a tied embedding)
+    head_bits  bits of the output head (lm_head, or a packed copy of a tied embedding),
+               always round to nearest
+    grid       the grid gptq rounds to: "rtn", "hlq" or "msb"
+    act_order  gptq takes columns by decreasing Hessian diagonal
+    calib      calibration text (gptq needs one; with rtn/hlq it only measures output errors)
+    n_calib    calibration sequences ...
+    calib_len  ... of this many tokens (calib.py)
+    layers     per-layer overrides {glob: {"bits": b, "group": g}} on full tensor names
+               (fnmatch, e.g. "*.mlp.down_proj.weight"); later globs win
 """
 from __future__ import annotations
+
+import os
+from fnmatch import fnmatchcase
+from typing import Callable
 
 import numpy as np
 
 import lutkernels as lk
 from models.config import ModelConfig
 
-from . import rtn
+from . import binary, calib, gptq, hlq, msb, rtn, ternary
 
-DEFAULT = {"method": "rtn", "bits": 4, "group": 32, "symmetric": False, "head_bits": 8}
-METHODS = {"rtn": rtn.quantize}
+DEFAULT = {"method": "rtn", "bits": 4, "group": 32, "symmetric": False, "head_bits": 8, "grid": "rtn",
+           "act_order": False, "calib": None, "n_calib": 64, "calib_len": 512, "layers": {}}
+
+# calibration-free methods: (W, bits, group, symmetric) -> PackedLinear; gptq needs the Hessian of W's inputs
+METHODS: dict[str, Callable | None] = {
+    "rtn": rtn.quantize, "hlq": hlq.quantize, "gptq": None,
+    "msb": lambda W, bits, group, symmetric: msb.quantize(W, bits - 1, group),
+    "binary": lambda W, bits, group, symmetric: binary.quantize(W, bits, group),
+    "ternary": lambda W, bits, group, symmetric: ternary.quantize(W, group)}
+PLANES = {"binary": (1, 2), "ternary": (2,)}  # methods that take only some plane counts
+# a group's weights [R, G] -> its grid, for gptq
+GRIDS = {"rtn": hlq.rtn_grid, "hlq": lambda Wg, bits, symmetric: hlq.fit_groups(Wg, bits, symmetric)[0],
+         "msb": lambda Wg, bits, symmetric: msb.grid(Wg, bits - 1)}
+OVERRIDES = ("bits", "group")
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+# block index, {tensor name: (relative error, bits per weight as stored, weights)}; the error is on
+# the layer's output over the calibration tokens when there are some, else on its weights
+LayerReport = Callable[[int, dict[str, tuple[float, float, int]]], None]
 
 
 def settings(quant: dict | None = None) -> dict:
@@ -30,35 +64,170 @@ def settings(quant: dict | None = None) -> dict:
         raise ValueError(f"unknown quantizer settings: {', '.join(sorted(unknown))}")
     if s["method"] not in METHODS:
         raise ValueError(f"unknown quantization method {s['method']!r} (known: {', '.join(METHODS)})")
-    for key in ("bits", "head_bits"):
-        if not isinstance(s[key], int) or not 1 <= s[key] <= 8:
-            raise ValueError(f"{key} must be an integer 1..8, got {s[key]!r}")
+    if s["grid"] not in GRIDS:
+        raise ValueError(f"unknown gptq grid {s['grid']!r} (known: {', '.join(GRIDS)})")
+    _check_layer(s, "", s["method"])
+    _check_int(s["head_bits"], "head_bits", 1, 8)
+    for key in ("symmetric", "act_order"):
+        if not isinstance(s[key], bool):
+            raise ValueError(f"{key} must be true or false, got {s[key]!r}")
+    for key in ("n_calib", "calib_len"):
+        _check_int(s[key], key, 1)
+    if s["calib"] is not None and not isinstance(s["calib"], str):
+        raise ValueError(f"calib must be a file path, got {s['calib']!r}")
+    if s["method"] == "gptq" and s["calib"] is None:
+        raise ValueError("gptq needs a calibration text (calib, --calib FILE); never an evaluation text")
+    if not isinstance(s["layers"], dict):
+        raise ValueError(f"layers must map name patterns to settings, got {s['layers']!r}")
+    for pattern, over in s["layers"].items():
+        if not isinstance(over, dict) or set(over) - set(OVERRIDES):
+            raise ValueError(f"layer override {pattern!r}: {over!r} may only set {' and '.join(OVERRIDES)}")
+        _check_layer(over, f" (layer override {pattern!r})", s["method"])
     return s
 
 
-def quantize_model(config: ModelConfig, tensors: dict[str, np.ndarray], quant: dict | None = None):
+def layer_settings(s: dict, name: str) -> tuple[int, int]:
+    """(bits, preferred group) of one linear layer, overrides applied."""
+    out = {k: s[k] for k in OVERRIDES}
+    for pattern, over in s["layers"].items():
+        if fnmatchcase(name, pattern):
+            out.update(over)
+    return out["bits"], out["group"]
+
+
+def check_model(s: dict, config: ModelConfig, tokens: np.ndarray | None = None) -> None:
+    """What settings() cannot see without the model: every group and override fits some
+    matrix, calibration sequences fit the context, gptq has some."""
+    shapes = {f"model.layers.{i}.{n}": shape for i in range(config.n_layers)
+              for n, shape in config.linear_shapes().items()}
+    widths = sorted({K for _, K in shapes.values()})
+    for pattern in s["layers"]:
+        if not any(fnmatchcase(name, pattern) for name in shapes):
+            raise ValueError(f"layer override {pattern!r} matches no linear layer "
+                             f"(names look like model.layers.0.mlp.down_proj.weight)")
+    for name, (_, K) in [*shapes.items(), (HEAD, (config.vocab, config.hidden))]:
+        group = layer_settings(s, name)[1] if name != HEAD else s["group"]
+        if group not in lk.GROUP_SIZES and group not in widths:
+            raise ValueError(f"group size {group} fits no matrix of this model: use one of "
+                             f"{', '.join(map(str, lk.GROUP_SIZES))} or a row length ({', '.join(map(str, widths))})")
+        rtn.group_size(K, group)
+    if s["method"] == "gptq" and tokens is None:
+        raise ValueError("gptq needs calibration tokens")
+    if tokens is not None and tokens.shape[1] > config.max_context:
+        raise ValueError(f"calibration sequences of {tokens.shape[1]} tokens exceed the model's "
+                         f"context of {config.max_context}")
+
+
+def method_label(s: dict) -> str:
+    return f"gptq+{s['grid']}" if s["method"] == "gptq" else s["method"]
+
+
+def quantize_model(config: ModelConfig, tensors: dict[str, np.ndarray], quant: dict | None = None,
+                   tokens: np.ndarray | None = None, on_layer: LayerReport | None = None):
     """HF-named float32 tensors -> (weights, info).
 
     weights: every linear layer and the head as PackedLinear, the embedding as
     float16 (only rows are looked up), norms and biases float32. A tied head
     becomes a packed copy under lm_head.weight. info: {name: {"method", "bits"}}
-    for every packed layer."""
+    for every packed layer. tokens: calibration sequences [n, L] (calib.tokens), which
+    gptq needs; with them every layer is quantized on the outputs of the layers
+    quantized before it. on_layer hears about each block when it is done."""
     s = settings(quant)
-    fn = METHODS[s["method"]]
+    check_model(s, config, tokens)
+    workers = calib.Workers(_cores())
+    try:
+        packed = _linear_layers(config, tensors, s, tokens, workers, on_layer)
+    finally:
+        workers.close()
     weights: dict[str, np.ndarray | lk.PackedLinear] = {}
-    info: dict[str, dict] = {}
-    linear = {f"model.layers.{i}.{name}" for i in range(config.n_layers) for name in config.linear_shapes()}
     for name, t in tensors.items():
-        if name in linear:
-            weights[name] = fn(np.asarray(t, np.float32), s["bits"], s["group"], s["symmetric"])
-            info[name] = {"method": s["method"], "bits": s["bits"]}
-        elif name != HEAD:
+        if name not in packed and name != HEAD:
             weights[name] = np.asarray(t, np.float32)
+    weights.update(packed)
+    info = {name: {"method": method_label(s), "bits": w.P} for name, w in packed.items()}
     head = tensors[EMBED] if config.tied_embeddings else tensors[HEAD]
-    weights[HEAD] = fn(np.asarray(head, np.float32), s["head_bits"], s["group"], s["symmetric"])
-    info[HEAD] = {"method": s["method"], "bits": s["head_bits"]}
+    weights[HEAD] = rtn.quantize(np.asarray(head, np.float32), s["head_bits"], s["group"], s["symmetric"])
+    info[HEAD] = {"method": "rtn", "bits": s["head_bits"]}
     weights[EMBED] = _to_f16(tensors[EMBED])
     return weights, info
+
+
+def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, lk.PackedLinear]:
+    packed: dict[str, lk.PackedLinear] = {}
+    stats: dict[str, tuple[float, float, int]] = {}
+
+    def quantize(name: str, f: gptq.Factor | None = None) -> None:
+        W = np.asarray(tensors[name], np.float32)
+        bits, group = layer_settings(s, name)
+        if f is None:
+            packed[name] = METHODS[s["method"]](W, bits, group, s["symmetric"])
+            return
+        G = rtn.group_size(W.shape[1], group)
+        fit_grid = lambda Wg: GRIDS[s["grid"]](Wg, bits, s["symmetric"])  # noqa: E731
+        packed[name] = hlq.stack_rows(workers.blocks(lambda Wr: gptq.quantize(Wr, f, G, fit_grid), W)).packed()
+
+    def fit(names: list[str], H: np.ndarray) -> list[np.ndarray]:
+        if s["method"] == "gptq":
+            f = gptq.factor(H, s["act_order"])
+            for n in names:
+                quantize(n, f)
+        else:
+            workers.map(quantize, names)
+        out = [lk.dense(packed[n]) for n in names]
+        H32 = H.astype(np.float32)
+        for n, Wq in zip(names, out):
+            stats[n] = (_output_error(np.asarray(tensors[n], np.float32), Wq, H32, workers),
+                        packed[n].bits_per_weight(), Wq.size)
+        return out
+
+    def report(i: int) -> None:
+        if on_layer is not None:
+            prefix = f"model.layers.{i}."
+            on_layer(i, {n: v for n, v in stats.items() if n.startswith(prefix)})
+
+    if tokens is not None:
+        for i, _ in calib.layers(config, tensors, tokens, fit, workers):
+            report(i)
+        return packed
+    for i in range(config.n_layers):
+        names = [f"model.layers.{i}.{n}" for n in config.linear_shapes()]
+        workers.map(quantize, names)
+        for n in names if on_layer is not None else ():
+            W = np.asarray(tensors[n], np.float32)
+            err = np.linalg.norm(lk.dense(packed[n]) - W) / np.linalg.norm(W)
+            stats[n] = (float(err), packed[n].bits_per_weight(), W.size)
+        report(i)
+    return packed
+
+
+def _output_error(W: np.ndarray, Wq: np.ndarray, H: np.ndarray, workers: calib.Workers) -> float:
+    """||X Wqᵀ - X Wᵀ|| / ||X Wᵀ|| over the calibration inputs X, from H = XᵀX/N."""
+    D = Wq - W
+    num, den = (sum(workers.blocks(lambda A: float(np.einsum("ij,ij->", A @ H, A)), M)) for M in (D, W))
+    return float(np.sqrt(num / den)) if den > 0 else 0.0
+
+
+def _check_int(v, key: str, lo: int, hi: int | None = None) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+        span = f"{lo}..{hi}" if hi is not None else f"of at least {lo}"
+        raise ValueError(f"{key} must be an integer {span}, got {v!r}")
+
+
+def _check_layer(s: dict, where: str, method: str) -> None:
+    if "bits" in s:
+        _check_int(s["bits"], "bits" + where, 1, 8)
+        allowed = PLANES.get(method)
+        if allowed and s["bits"] not in allowed:
+            raise ValueError(f"{method} takes bits {' or '.join(map(str, allowed))}, got {s['bits']}{where}")
+    if "group" in s:
+        _check_int(s["group"], "group" + where, 32)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover (not Linux)
+        return os.cpu_count() or 1
 
 
 def _to_f16(a: np.ndarray) -> np.ndarray:

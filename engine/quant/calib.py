@@ -1,0 +1,136 @@
+"""Calibration: a text's tokens through the model block by block, each linear layer's
+input Hessian taken on the outputs of the layers already quantized.
+
+    ids = tokens(read_text(path), tok, n=64, length=512)   # evenly spaced windows of the text
+    for i, x in layers(config, tensors, ids, fit, workers): ...
+
+Inside a block the layers go in the order they read their inputs (q/k/v, o,
+gate/up, down), and each stage runs with the weights fit returned for the
+stages before it, so a layer's Hessian sees the error of everything upstream.
+The forward pass is made of engine.model's pieces (rmsnorm, rope, attend, silu;
+the tests hold its result equal to Transformer's logits), run over all
+sequences at once, block by block, instead of one prompt through the whole model. Calibration
+texts must never be evaluation texts (../shared/PROTOCOL.md).
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
+
+import numpy as np
+
+from models.config import ModelConfig
+
+from ..model import EMBED, attend, rmsnorm, rope, rope_tables, silu
+
+ROWS = 4096  # rows per block of a parallel product: bounds the temporaries of a wide MLP
+
+# names of the layers reading one input, and that input's Hessian -> the float32 weights to run them with
+Fit = Callable[[list[str], np.ndarray], list[np.ndarray]]
+
+
+class Workers:
+    """A thread pool for numpy work: BLAS and most ufuncs release the GIL, and the
+    engine keeps OpenBLAS single-threaded (engine/__init__.py), so cores come from here."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.pool = ThreadPoolExecutor(n)
+
+    def map(self, fn, items) -> list:
+        return list(self.pool.map(fn, items))
+
+    def blocks(self, fn, X: np.ndarray) -> list:
+        """fn over row blocks of X, one per thread."""
+        return self.map(fn, np.array_split(X, min(self.n, len(X))))
+
+    def rows(self, fn, *arrays: np.ndarray, block: int = ROWS) -> None:
+        """fn(*blocks) over aligned row blocks of the arrays, for work that writes its results into them."""
+        self.map(lambda a: fn(*(x[a:a + block] for x in arrays)), range(0, len(arrays[0]), block))
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+def read_text(path) -> str:
+    from ..tokenizer import read_text_file
+
+    try:
+        return read_text_file(path)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the calibration text ({e.strerror or e})") from None
+
+
+def tokens(text: str, tok, n: int, length: int, path="the calibration text") -> np.ndarray:
+    """int64 [n, length]: n evenly spaced, non-overlapping windows of the text's tokens
+    (no BOS, special tokens read as text, as perplexity reads its texts). tok: TokenizerInfo."""
+    from ..tokenizer import Tokenizer
+
+    ids = Tokenizer(tok).encode(text, add_bos=False)
+    if len(ids) < n * length:
+        raise ValueError(f"{path}: {len(ids)} tokens; {n} calibration sequences of {length} need {n * length}")
+    starts = np.linspace(0, len(ids) - length, n).astype(np.int64)
+    return np.asarray(ids, np.int64)[starts[:, None] + np.arange(length)]
+
+
+def hessian(X: np.ndarray, workers: Workers) -> np.ndarray:
+    """XᵀX / N, float64 [K, K], from float32 products (numpy's XᵀX is one symmetric rank-k update)."""
+    H = np.zeros((X.shape[1], X.shape[1]), np.float64)
+    for part in workers.blocks(lambda x: x.T @ x, X):
+        H += part
+    return H / len(X)
+
+
+def layers(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndarray, fit: Fit,
+           workers: Workers) -> Iterator[tuple[int, np.ndarray]]:
+    """Quantize block after block through fit; yields each block's index when it is done,
+    with the residual stream after it (float32 [n*L, hidden], sequence after sequence)."""
+    c = config
+    n, L = tokens.shape
+    cos, sin = (t[:, None] for t in rope_tables(c, L))
+    x = np.asarray(tensors[EMBED])[tokens.ravel()].astype(np.float32)
+
+    def linear(X, W, bias=None, add_to=None):
+        """X @ Wᵀ (+ bias) as a new array, or added to add_to in place."""
+        out = np.empty((len(X), len(W)), np.float32) if add_to is None else add_to
+        wt = W.T
+
+        def block(xb, ob):
+            if add_to is not None:
+                ob += xb @ wt
+                return
+            np.matmul(xb, wt, out=ob)
+            if bias is not None:
+                ob += bias
+        workers.rows(block, X, out)
+        return out
+
+    def mlp(h, gate, up):
+        act = np.empty((len(h), len(gate)), np.float32)
+        gt, ut = gate.T, up.T
+        workers.rows(lambda hb, ab: np.multiply(silu(hb @ gt), hb @ ut, out=ab), h, act)
+        return act
+
+    def attention(q, k, v):
+        out = np.empty((n * L, c.n_heads * c.head_dim), np.float32)
+
+        def one(r):
+            np.copyto(out[r], attend(rope(q[r], cos, sin), rope(k[r], cos, sin), v[r], 0))
+        workers.map(one, [slice(s * L, (s + 1) * L) for s in range(n)])
+        return out
+
+    for i in range(c.n_layers):
+        p = f"model.layers.{i}."
+        h = rmsnorm(x, tensors[p + "input_layernorm.weight"], c.norm_eps)
+        names = [f"{p}self_attn.{m}_proj.weight" for m in "qkv"]
+        heads = (c.n_heads, c.n_kv_heads, c.n_kv_heads)
+        qkv = [linear(h, W, tensors[name[:-len("weight")] + "bias"] if c.qkv_bias else None)
+               for name, W in zip(names, fit(names, hessian(h, workers)))]
+        att = attention(*(y.reshape(len(y), nh, c.head_dim) for y, nh in zip(qkv, heads)))
+        [o] = fit([p + "self_attn.o_proj.weight"], hessian(att, workers))
+        linear(att, o, add_to=x)
+        h = rmsnorm(x, tensors[p + "post_attention_layernorm.weight"], c.norm_eps)
+        act = mlp(h, *fit([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], hessian(h, workers)))
+        [down] = fit([p + "mlp.down_proj.weight"], hessian(act, workers))
+        linear(act, down, add_to=x)
+        yield i, x

@@ -1,0 +1,109 @@
+"""GPTQ (Frantar et al. 2022): quantize a layer column by column, pushing each
+column's rounding error onto the columns not yet quantized so that the layer's
+output on calibration inputs X moves as little as possible.
+
+With H = XᵀX/N (engine/quant/calib.py), damped by 1% of its mean diagonal, and
+U the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU), quantizing column j to q moves
+every later column k by -(w_j - q)/U[j,j] * U[j,k]. Columns go in blocks of 128:
+inside a block the updates are immediate, the rest of the layer gets the
+block's errors at once as one matrix product.
+
+The grid of a group (rtn or hlq, engine/quant/hlq.py) is fixed when the group's
+first column comes up, from the group's current, error-updated weights. With
+act_order columns go by decreasing H diagonal (the most active inputs first);
+groups stay runs of G columns in the original order, as the packed format needs.
+
+Rows are independent given U, so a layer's rows can run in parallel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import hlq
+
+BLOCK = 128
+DAMP = 0.01
+BASE = 256  # triangular inverses below this size go to LAPACK directly
+
+GridFit = Callable[[np.ndarray], hlq.Grid]  # a group's weights [M, G] -> its grid
+
+
+@dataclass(frozen=True)
+class Factor:
+    """What every layer reading the same inputs shares: the column order and U in that order."""
+    perm: np.ndarray  # intp [K]: processing order of the columns
+    U: np.ndarray  # float32 [K, K], upper triangular
+
+
+def factor(H: np.ndarray, act_order: bool = False) -> Factor:
+    """H float64 [K, K]. Inputs never active (zero diagonal) get H[k,k] = 1: their
+    columns are rounded without moving the others."""
+    H = np.array(H, np.float64)
+    d = np.diag(H).copy()
+    d[d == 0] = 1
+    perm = np.argsort(-d, kind="stable") if act_order else np.arange(len(d))
+    H = H[np.ix_(perm, perm)]
+    H[np.diag_indices_from(H)] = d[perm] + DAMP * d.mean()
+    # H = Ũ Ũᵀ with Ũ upper (a Cholesky of H with rows and columns reversed); then U = Ũ⁻¹
+    Ut = np.linalg.cholesky(H[::-1, ::-1])[::-1, ::-1]
+    return Factor(perm, _inv_upper(np.ascontiguousarray(Ut, np.float32)))
+
+
+def quantize(W: np.ndarray, f: Factor, G: int, fit_grid: GridFit) -> hlq.Planes:
+    """W float32 [M, K] -> codes and grids, in groups of G columns."""
+    M, K = W.shape
+    ng = K // G
+    group = f.perm // G
+    Wt = np.array(W[:, f.perm].T, np.float32)  # [K, M]: a column is a contiguous row
+    codes = np.empty((K, M), np.uint8)
+    grids: dict[int, hlq.Grid] = {}
+    for i1 in range(0, K, BLOCK):
+        i2 = min(i1 + BLOCK, K)
+        U1 = f.U[i1:i2, i1:i2]
+        E = np.empty((i2 - i1, M), np.float32)
+        for j in range(i2 - i1):
+            g = group[i1 + j]
+            if g not in grids:
+                grids[g] = fit_grid(_current(Wt, E[:j], f.U, i1, i2, np.flatnonzero(group == g)).T)
+            c, q = grids[g].round(Wt[i1 + j][:, None])
+            codes[i1 + j] = c[:, 0]
+            E[j] = (Wt[i1 + j] - q[:, 0]) / U1[j, j]
+            Wt[i1 + j + 1:i2] -= U1[j, j + 1:, None] * E[j]
+        Wt[i2:] -= f.U[i1:i2, i2:].T @ E
+    P = grids[0].scales.shape[0]
+    scales = np.empty((P, M, ng), np.float32)
+    offset = None if grids[0].offset is None else np.empty((M, ng), np.float32)
+    for g, grid in grids.items():
+        scales[:, :, g] = grid.scales
+        if offset is not None:
+            offset[:, g] = grid.offset
+    out = np.empty((M, K), np.uint8)
+    out[:, f.perm] = codes.T
+    return hlq.Planes(out, scales, offset)
+
+
+def _current(Wt, E, U, i1, i2, cols) -> np.ndarray:
+    """The group's columns [G, M] as they stand now: those past the block still lack
+    the block's errors so far (E, the first len(E) columns of the block)."""
+    cur = Wt[cols]
+    late = cols >= i2
+    if len(E) and late.any():
+        cur[late] -= U[i1:i1 + len(E), cols[late]].T @ E
+    return cur
+
+
+def _inv_upper(T: np.ndarray) -> np.ndarray:
+    """Inverse of an upper triangular matrix by halves: numpy has no triangular inverse,
+    and a general one costs twice the work of these matrix products."""
+    n = len(T)
+    if n <= BASE:
+        return np.linalg.inv(T)
+    h = n // 2
+    A, D = _inv_upper(T[:h, :h]), _inv_upper(T[h:, h:])
+    out = np.zeros_like(T)
+    out[:h, :h], out[h:, h:] = A, D
+    out[:h, h:] = -(A @ T[:h, h:]) @ D
+    return out

@@ -1,0 +1,190 @@
+"""HLQ (ELUTQ's hierarchical linear quantization): one scale per bit plane per group.
+
+    w ~= sum_p s_p * B_p + z,    B_p in {-1, +1}
+
+A b-bit code c stands for the level sum_p s_p * (2*bit_p(c) - 1) + z of its
+group. Each group starts from its round-to-nearest grid (s_p = s * 2^(p-1)) and
+alternates two steps, each a minimiser of the group's squared error, until
+they stop paying (at most ITERS rounds):
+
+    fit      least squares of [s_1..s_b, z] given the codes: a (b+1)x(b+1)
+             normal system per group, all groups solved at once;
+    assign   every weight to the nearest of its group's 2^b levels.
+
+Scales are stored as float16, and rounding them can undo a step, so every
+candidate is scored with its float16 scales and a group keeps the best grid it
+has seen: never worse than its rtn start. The same grids serve GPTQ
+(engine/quant/gptq.py), which fixes one per group from error-updated weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+import lutkernels as lk
+
+from . import rtn
+
+ITERS = 10
+TOL = 1e-3  # a group stops once an iteration lowers its squared error by less than this fraction
+RIDGE = 1e-6  # relative to the group size: keeps groups whose planes are collinear solvable
+
+
+class Grid:
+    """The 2^P levels of R groups, sorted once so that rounding is a binary search."""
+
+    def __init__(self, scales: np.ndarray, offset: np.ndarray | None):
+        self.scales = scales  # float32 [P, R], float16 values
+        self.offset = offset  # float32 [R], float16 values, or None (symmetric)
+        lev = levels(scales, offset)
+        R, L = lev.shape
+        order = np.argsort(lev, axis=1, kind="stable")
+        # flat arrays and row bases: np.take on them is several times faster than take_along_axis
+        self.order = order.astype(np.uint8).ravel()
+        self.sorted = np.take_along_axis(lev, order, 1).ravel()
+        srt = self.sorted.reshape(R, L).astype(np.float64)
+        self.mids = ((srt[:, 1:] + srt[:, :-1]) / 2).ravel()
+        self.rows = np.arange(R)[:, None]
+        self.L = L
+
+    def round(self, Wg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest level of each weight of Wg [R, n]: (codes uint8, values float32)."""
+        idx = np.zeros(Wg.shape, np.intp)
+        step, base = self.L // 2, self.rows * (self.L - 1)
+        while step:
+            idx += step * (Wg > np.take(self.mids, base + idx + (step - 1)))
+            step //= 2
+        idx += self.rows * self.L
+        return np.take(self.order, idx), np.take(self.sorted, idx)
+
+
+@dataclass(frozen=True)
+class Planes:
+    """A layer in the kernel's form: codes whose bit p is set where plane p is +1, and the grid."""
+    codes: np.ndarray  # uint8 [M, K]
+    scales: np.ndarray  # float32 [P, M, K/G], float16 values
+    offset: np.ndarray | None  # float32 [M, K/G], float16 values
+
+    @property
+    def G(self) -> int:
+        return self.codes.shape[1] // self.scales.shape[2]
+
+    def dense(self) -> np.ndarray:
+        """The float32 matrix, with the arithmetic of lutkernels.dense."""
+        M, K = self.codes.shape
+        P, _, ng = self.scales.shape
+        lev = levels(self.scales.reshape(P, M * ng), None if self.offset is None else self.offset.reshape(-1))
+        return np.take_along_axis(lev, self.codes.reshape(M * ng, self.G), 1).reshape(M, K)
+
+    def packed(self) -> lk.PackedLinear:
+        """Grids whose plane scales are h * 2^p everywhere store h alone (uniform)."""
+        P = self.scales.shape[0]
+        planes = ((self.codes[None] >> np.arange(P, dtype=np.uint8)[:, None, None]) & 1).astype(bool)
+        h = self.scales[:1]
+        if np.array_equal(self.scales, h * np.float32(2.0) ** np.arange(P, dtype=np.float32)[:, None, None]):
+            return lk.pack(planes, h, self.offset, uniform=True)
+        return lk.pack(planes, self.scales, self.offset)
+
+
+def stack_rows(parts: list[Planes]) -> Planes:
+    """One layer from row blocks quantized apart."""
+    offset = None if parts[0].offset is None else np.concatenate([p.offset for p in parts])
+    return Planes(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts], axis=1), offset)
+
+
+def levels(scales: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
+    """float32 [R, 2^P]: the level of each code, summed plane by plane as lutkernels.dense sums."""
+    P, R = scales.shape
+    signs = _signs(P)
+    lev = np.zeros((R, 2**P), np.float32)
+    for p in range(P):
+        lev += scales[p][:, None] * signs[p]
+    if offset is not None:
+        lev += offset[:, None]
+    return lev
+
+
+def rtn_grid(Wg: np.ndarray, bits: int, symmetric: bool = False) -> Grid:
+    """Round-to-nearest grid of each row of Wg [R, G] (one group per row)."""
+    c = rtn.codes(Wg, bits, Wg.shape[1], symmetric)
+    step = np.float32(2.0) ** (np.arange(bits, dtype=np.float32) - 1)
+    return Grid(c.scale[:, 0][None] * step[:, None], None if c.offset is None else c.offset[:, 0])
+
+
+def fit_groups(Wg: np.ndarray, bits: int, symmetric: bool = False, iters: int = ITERS) -> tuple[Grid, np.ndarray]:
+    """HLQ grid and codes of each row of Wg [R, G] (one group per row). Each group stops on its
+    own, so a group's result never depends on which other groups are fitted with it."""
+    grid = rtn_grid(Wg, bits, symmetric)
+    codes, values = grid.round(Wg)
+    err = _sse(Wg, values)
+    best_s, best_z, best_c = grid.scales.copy(), None if grid.offset is None else grid.offset.copy(), codes.copy()
+    live = np.arange(len(Wg))
+    for _ in range(iters):
+        w = Wg[live]
+        s, z = solve(w, codes, bits, symmetric)
+        new, values = Grid(s, z).round(w)
+        e = _sse(w, values)
+        better = e < err[live]
+        gain = err[live] - np.where(better, e, err[live])
+        at = live[better]
+        best_s[:, at] = s[:, better]
+        if z is not None:
+            best_z[at] = z[better]
+        best_c[at] = new[better]
+        err[at] = e[better]
+        keep = gain > TOL * (err[live] + gain)
+        live, codes = live[keep], new[keep]
+        if not len(live):
+            break
+    return Grid(best_s, best_z), best_c
+
+
+def solve(Wg: np.ndarray, codes: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Least-squares plane scales [P, R] and offsets [R] (None if symmetric) given the codes, rounded to float16.
+
+    A group's design rows take at most 2^P distinct values (one per code), so its
+    normal system is assembled from per-code counts and weight sums."""
+    R, G = Wg.shape
+    L = 2**bits
+    a = _signs(bits).T  # [L, P]: design row of each code
+    if not symmetric:
+        a = np.concatenate([a, np.ones((L, 1), np.float32)], axis=1)
+    n = a.shape[1]
+    at = (np.arange(R)[:, None] * L + codes).ravel()
+    counts = np.bincount(at, minlength=R * L).reshape(R, L).astype(np.float64)
+    sums = np.bincount(at, weights=Wg.ravel(), minlength=R * L).reshape(R, L)
+    outer = (a[:, :, None] * a[:, None, :]).reshape(L, n * n).astype(np.float64)
+    N = (counts @ outer).reshape(R, n, n) + RIDGE * G * np.eye(n)
+    x = _f16(np.linalg.solve(N, (sums @ a.astype(np.float64))[..., None])[..., 0])
+    return np.ascontiguousarray(x[:, :bits].T), None if symmetric else x[:, bits]
+
+
+def fit(W: np.ndarray, bits: int, G: int, symmetric: bool = False, iters: int = ITERS) -> Planes:
+    """HLQ of W [M, K] in groups of G columns."""
+    M, K = W.shape
+    lk.check_shape(M, K, bits, G)
+    grid, codes = fit_groups(np.asarray(W, np.float32).reshape(M * K // G, G), bits, symmetric, iters)
+    offset = None if grid.offset is None else grid.offset.reshape(M, K // G)
+    return Planes(codes.reshape(M, K), grid.scales.reshape(bits, M, K // G), offset)
+
+
+def quantize(W: np.ndarray, bits: int = 4, group: int = 128, symmetric: bool = False) -> lk.PackedLinear:
+    """float32 W [M, K] -> PackedLinear; group is lowered to a kernel group size dividing K, as in rtn."""
+    return fit(W, bits, rtn.group_size(W.shape[1], group), symmetric).packed()
+
+
+def _signs(P: int) -> np.ndarray:
+    """[P, 2^P] float32: +1 where bit p of the code is set, else -1."""
+    c = np.arange(2**P)
+    return (((c[None] >> np.arange(P)[:, None]) & 1) * 2 - 1).astype(np.float32)
+
+
+def _sse(Wg: np.ndarray, values: np.ndarray) -> np.ndarray:
+    d = values.astype(np.float64) - Wg
+    return np.einsum("rg,rg->r", d, d)
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    """float16 values as float32; beyond float16 range clipped (such a grid loses to the one it came from)."""
+    return np.clip(x, -65504, 65504).astype(np.float16).astype(np.float32)

@@ -1,0 +1,139 @@
+"""`lutengine quantize SRC -o OUT`: a model source to a lutengine quantized file.
+
+Everything that can be checked is checked before the long work starts (settings,
+output folder, calibration text, shapes), so a mistake costs seconds and leaves
+no file. Progress is a bar over layers on stderr; each layer's summary (relative
+error per linear layer: on its output over the calibration tokens when there are
+some, else on its weights; stored bits per weight) goes to stdout. The file is
+written to a temporary name and renamed (models/qfile.write).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+SHORT = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+         "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
+
+
+def add_arguments(p) -> None:
+    from .quant import DEFAULT
+
+    p.add_argument("source", metavar="SRC", help="catalog name, GGUF file or HF folder")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the file to write (*.safetensors)")
+    p.add_argument("--method", default=DEFAULT["method"], help="rtn, hlq, gptq, msb, binary or ternary (default: %(default)s)")
+    p.add_argument("--grid", default=DEFAULT["grid"], help="grid gptq rounds to: rtn, hlq or msb (default: %(default)s)")
+    p.add_argument("--bits", type=int, default=DEFAULT["bits"], help="planes per weight, 1..8 (msb: a sign plane + bits-1 magnitude planes; binary 1 or 2; "
+                        "ternary 2) (default: %(default)s)")
+    p.add_argument("--group", type=int, default=DEFAULT["group"],
+                   help="columns per group: 32, 64, 128, 256 or a matrix's row length; lowered per matrix "
+                        "to the largest size dividing it (default: %(default)s)")
+    p.add_argument("--symmetric", action="store_true", help="no offsets, grid symmetric around 0")
+    p.add_argument("--head-bits", type=int, default=DEFAULT["head_bits"],
+                   help="bits of the output head, round to nearest (default: %(default)s)")
+    p.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing Hessian diagonal")
+    p.add_argument("--calib", metavar="FILE", help="calibration text, never an evaluation text "
+                   "(e.g. ../shared/data/c4-calib.txt); gptq needs one")
+    p.add_argument("--n-calib", type=int, default=DEFAULT["n_calib"], metavar="N",
+                   help="calibration sequences (default: %(default)s)")
+    p.add_argument("--calib-len", type=int, default=DEFAULT["calib_len"], metavar="L",
+                   help="tokens per calibration sequence (default: %(default)s)")
+    p.add_argument("--layer", action="append", default=[], metavar="GLOB=BITS[/GROUP]",
+                   help="per-layer override on full tensor names, e.g. '*.mlp.down_proj.weight=4' (repeatable; "
+                        "later ones win)")
+
+
+def quant_settings(args) -> dict:
+    return {"method": args.method, "bits": args.bits, "group": args.group, "symmetric": args.symmetric,
+            "head_bits": args.head_bits, "grid": args.grid, "act_order": args.act_order, "calib": args.calib,
+            "n_calib": args.n_calib, "calib_len": args.calib_len, "layers": parse_layers(args.layer)}
+
+
+def parse_layers(specs: list[str]) -> dict:
+    out = {}
+    for spec in specs:
+        glob, _, value = spec.rpartition("=")
+        bits, _, group = value.partition("/")
+        try:
+            out[glob] = {"bits": int(bits), **({"group": int(group)} if group else {})}
+        except ValueError:
+            raise ValueError(f"--layer {spec!r}: expected GLOB=BITS or GLOB=BITS/GROUP") from None
+        if not glob:
+            raise ValueError(f"--layer {spec!r}: expected GLOB=BITS or GLOB=BITS/GROUP")
+    return out
+
+
+def check_output(path: Path) -> None:
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: the output name must end in .safetensors (lutengine runs files by that suffix)")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"{path}: cannot write: no folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot write into {folder} (permission denied)")
+
+
+def run(args) -> int:
+    from models import qfile
+    from models.load import open_source
+
+    from .quant import calib, check_model, method_label, settings
+
+    start = time.perf_counter()
+    s = settings(quant_settings(args))
+    out = Path(args.output).expanduser()
+    check_output(out)
+    text = calib.read_text(s["calib"]) if s["calib"] is not None else None
+    src = open_source(args.source, progress=True)
+    tokens = None if text is None else calib.tokens(text, src.tok, s["n_calib"], s["calib_len"], s["calib"])
+    check_model(s, src.config, tokens)
+    label = f"{method_label(s)} {s['bits']}-bit g{s['group']}"
+    print(f"{args.source}: {label}" + (f", calibration {s['n_calib']} x {s['calib_len']} tokens of {s['calib']}"
+                                        if tokens is not None else ""), flush=True)
+    weights, info = _quantize(src.config, src.tensors, s, tokens, label)
+    qfile.write(out, src.config, weights, src.tok, info=info, source={"path": str(src.path), "sha256": src.sha256},
+                quantizer=s)
+    print(summary(out, weights, time.perf_counter() - start))
+    return 0
+
+
+def _quantize(config, tensors, s, tokens, label):
+    from tqdm import tqdm
+
+    from .quant import quantize_model
+
+    kind = "output" if tokens is not None else "weight"
+    with tqdm(total=config.n_layers, desc=label, unit="layer", file=sys.stderr, dynamic_ncols=True) as bar:
+        def on_layer(i, stats):
+            bar.write(layer_line(i, stats, kind), file=sys.stdout)
+            bar.update(1)
+        return quantize_model(config, tensors, s, tokens, on_layer)
+
+
+def layer_line(i: int, stats: dict, kind: str) -> str:
+    """One block: relative error per linear layer, and the block's stored bits per weight."""
+    errs = " ".join(f"{SHORT.get(_suffix(n), _suffix(n))} {e:.4f}" for n, (e, _, _) in stats.items())
+    bits = sum(b * w for _, b, w in stats.values()) / sum(w for _, _, w in stats.values())
+    return f"layer {i:3d}  {kind} err  {errs}  | {bits:.3f} bpw"
+
+
+def summary(path: Path, weights: dict, seconds: float) -> str:
+    import lutkernels as lk
+
+    from .quant import EMBED, HEAD
+
+    linear = [w for n, w in weights.items() if isinstance(w, lk.PackedLinear) and n != HEAD]
+    bits = sum(w.bits_per_weight() * w.M * w.K for w in linear) / sum(w.M * w.K for w in linear)
+    size = path.stat().st_size
+    return (f"wrote {path}: {size:,} bytes ({size / 2**20:.1f} MiB); linear layers {bits:.3f} bpw, "
+            f"head {weights[HEAD].bits_per_weight():.3f} bpw, embedding {8 * weights[EMBED].itemsize} bits; "
+            f"{seconds:.0f} s")
+
+
+def _suffix(name: str) -> str:
+    return name.split(".", 3)[-1].rsplit(".", 1)[0]
+
