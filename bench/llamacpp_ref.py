@@ -115,17 +115,16 @@ def log_softmax_nll(logits, targets):
     return lse - x[np.arange(len(targets)), targets]
 
 
-def cmd_ppl(args):
-    import llama_cpp
-    t_start = time.time()
-    with open(args.text, "r", encoding="utf-8") as f:
-        text = f.read()
-    llm = load(args.gguf, args.threads)
+def tokenize_text(llm, text):
+    """First N_TOKENS ids of the text by llama.cpp's tokenizer, and the text's token count."""
     ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
     if len(ids) < N_TOKENS:
         raise SystemExit("text has only %d tokens" % len(ids))
-    n_tokens_text = len(ids)
-    ids = [int(t) for t in ids[:N_TOKENS]]
+    return [int(t) for t in ids[:N_TOKENS]], len(ids)
+
+
+def window_nlls(llm, ids):
+    """NLL of every scored token (all windows concatenated) and each window's ppl."""
     nlls = []
     per_window = []
     for w in range(N_TOKENS // WINDOW):
@@ -138,7 +137,17 @@ def cmd_ppl(args):
         nlls.append(nll)
         per_window.append(float(math.exp(nll.mean())))
         print("window %2d ppl %.4f" % (w, per_window[-1]), file=sys.stderr, flush=True)
-    nll = np.concatenate(nlls)
+    return np.concatenate(nlls), per_window
+
+
+def cmd_ppl(args):
+    import llama_cpp
+    t_start = time.time()
+    with open(args.text, "r", encoding="utf-8") as f:
+        text = f.read()
+    llm = load(args.gguf, args.threads)
+    ids, n_tokens_text = tokenize_text(llm, text)
+    nll, per_window = window_nlls(llm, ids)
     ppl = float(math.exp(nll.mean()))
     out = {
         "model": args.model or catalog_name(args.gguf),

@@ -129,11 +129,12 @@ def wait_quiet(limit_cores, max_wait_s):
             return round(time.time() - t0, 1)
 
 
-def quantize_q4_0(src, dst, log_path, nthread):
+def quantize(src, dst, log_path, nthread, ftype="Q4_0"):
+    """Requantize src into dst with llama.cpp's quantizer; ftype is a LLAMA_FTYPE_MOSTLY_* suffix."""
     import llama_cpp
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + ftype)
     params.allow_requantize = True
     params.nthread = nthread
     t0 = time.time()
@@ -143,7 +144,7 @@ def quantize_q4_0(src, dst, log_path, nthread):
         raise SystemExit("llama_model_quantize failed rc=%d (log %s)" % (rc, log_path))
     return {
         "function": "llama_cpp.llama_model_quantize",
-        "ftype": "LLAMA_FTYPE_MOSTLY_Q4_0",
+        "ftype": "LLAMA_FTYPE_MOSTLY_" + ftype,
         "allow_requantize": True,
         "nthread": nthread,
         "source": src,
@@ -251,7 +252,7 @@ def main():
     if args.q4_0:
         qinfo = None
         if not os.path.exists(args.q4_0):
-            qinfo = quantize_q4_0(args.gguf, args.q4_0, args.q4_0 + ".quantize.log", 2)
+            qinfo = quantize(args.gguf, args.q4_0, args.q4_0 + ".quantize.log", 2)
         variants.append(("Q4_0 (llama.cpp requant)", args.q4_0, qinfo))
 
     with open(args.text, encoding="utf-8") as f:

@@ -23,7 +23,10 @@ def add_arguments(p) -> None:
 
     p.add_argument("source", metavar="SRC", help="catalog name, GGUF file or HF folder")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the file to write (*.safetensors)")
-    p.add_argument("--method", default=DEFAULT["method"], help="rtn, hlq, gptq, msb, binary or ternary (default: %(default)s)")
+    p.add_argument("--bpw", type=float, metavar="B",
+                   help="the best recipe for a budget of B bits per weight on the linear layers: each layer's bits "
+                        "and group where its output error is largest; gptq with --calib, else rtn")
+    p.add_argument("--method", help=f"rtn, hlq, gptq, msb, binary or ternary (default: {DEFAULT['method']})")
     p.add_argument("--grid", default=DEFAULT["grid"], help="grid gptq rounds to: rtn, hlq or msb (default: %(default)s)")
     p.add_argument("--bits", type=int, default=DEFAULT["bits"], help="planes per weight, 1..8 (msb: a sign plane + bits-1 magnitude planes; binary 1 or 2; "
                         "ternary 2) (default: %(default)s)")
@@ -46,7 +49,10 @@ def add_arguments(p) -> None:
 
 
 def quant_settings(args) -> dict:
-    return {"method": args.method, "bits": args.bits, "group": args.group, "symmetric": args.symmetric,
+    from .quant import DEFAULT
+
+    method = args.method or ("gptq" if args.bpw is not None and args.calib else DEFAULT["method"])
+    return {"method": method, "bpw": args.bpw, "bits": args.bits, "group": args.group, "symmetric": args.symmetric,
             "head_bits": args.head_bits, "grid": args.grid, "act_order": args.act_order, "calib": args.calib,
             "n_calib": args.n_calib, "calib_len": args.calib_len, "layers": parse_layers(args.layer)}
 
@@ -91,7 +97,8 @@ def run(args) -> int:
     src = open_source(args.source, progress=True)
     tokens = None if text is None else calib.tokens(text, src.tok, s["n_calib"], s["calib_len"], s["calib"])
     check_model(s, src.config, tokens)
-    label = f"{method_label(s)} {s['bits']}-bit g{s['group']}"
+    label = (f"{method_label(s)} {s['bpw']} bpw" if s["bpw"] is not None
+             else f"{method_label(s)} {s['bits']}-bit g{s['group']}")
     print(f"{args.source}: {label}" + (f", calibration {s['n_calib']} x {s['calib_len']} tokens of {s['calib']}"
                                         if tokens is not None else ""), flush=True)
     weights, info = _quantize(src.config, src.tensors, s, tokens, label)

@@ -128,3 +128,15 @@ def test_help_lists_the_quantize_options():
     for opt in ("--method", "--grid", "--bits", "--group", "--calib", "--n-calib", "--calib-len", "--act-order",
                 "--layer", "--head-bits", "--symmetric"):
         assert opt in proc.stdout
+
+
+@pytest.mark.parametrize("with_calib", [True, False])
+def test_bpw_budget_is_never_exceeded(gguf, text, tmp_path, with_calib):
+    out = tmp_path / "m.lut.safetensors"
+    calib_args = ["--calib", text, *CALIB] if with_calib else []
+    proc = quantize(gguf, out, "--bpw", "2.6", *calib_args)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(cli("info", out, "--json").stdout)
+    assert info["bpw_linear"] <= 2.6
+    assert info["quantization"]["bpw"] == 2.6
+    assert info["quantization"]["method"] == ("gptq" if with_calib else "rtn")

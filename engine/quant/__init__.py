@@ -20,6 +20,9 @@ Settings are a plain dict (stored verbatim in the quantized model file):
     calib_len  ... of this many tokens (calib.py)
     layers     per-layer overrides {glob: {"bits": b, "group": g}} on full tensor names
                (fnmatch, e.g. "*.mlp.down_proj.weight"); later globs win
+    bpw        a budget of bits per weight over the linear layers: layers gets the plan
+               (budget.py) that spends it where the output error is largest; method rtn,
+               or gptq on the rtn grid when there is calibration text
 """
 from __future__ import annotations
 
@@ -32,10 +35,10 @@ import numpy as np
 import lutkernels as lk
 from models.config import ModelConfig
 
-from . import binary, calib, gptq, hlq, msb, rtn, ternary
+from . import binary, budget, calib, gptq, hlq, msb, rtn, ternary
 
 DEFAULT = {"method": "rtn", "bits": 4, "group": 32, "symmetric": False, "head_bits": 8, "grid": "rtn",
-           "act_order": False, "calib": None, "n_calib": 64, "calib_len": 512, "layers": {}}
+           "act_order": False, "calib": None, "n_calib": 64, "calib_len": 512, "layers": {}, "bpw": None}
 
 # calibration-free methods: (W, bits, group, symmetric) -> PackedLinear; gptq needs the Hessian of W's inputs
 METHODS: dict[str, Callable | None] = {
@@ -77,6 +80,13 @@ def settings(quant: dict | None = None) -> dict:
         raise ValueError(f"calib must be a file path, got {s['calib']!r}")
     if s["method"] == "gptq" and s["calib"] is None:
         raise ValueError("gptq needs a calibration text (calib, --calib FILE); never an evaluation text")
+    if s["bpw"] is not None:
+        if isinstance(s["bpw"], bool) or not isinstance(s["bpw"], (int, float)) or not 1 <= s["bpw"] <= 9:
+            raise ValueError(f"bpw must be a number of bits per weight from 1 to 9, got {s['bpw']!r}")
+        if s["method"] not in ("rtn", "gptq") or s["grid"] != "rtn":
+            raise ValueError(f"a bpw budget plans formats on the rtn grid (method rtn or gptq), not {method_label(s)}")
+        if s["layers"]:
+            raise ValueError("a bpw budget plans every layer's format itself: drop the layer overrides")
     if not isinstance(s["layers"], dict):
         raise ValueError(f"layers must map name patterns to settings, got {s['layers']!r}")
     for pattern, over in s["layers"].items():
@@ -136,6 +146,8 @@ def quantize_model(config: ModelConfig, tensors: dict[str, np.ndarray], quant: d
     check_model(s, config, tokens)
     workers = calib.Workers(_cores())
     try:
+        if s["bpw"] is not None:
+            s = {**s, "layers": budget.plan(*budget.options(config, tensors, tokens, workers), s["bpw"])}
         packed = _linear_layers(config, tensors, s, tokens, workers, on_layer)
     finally:
         workers.close()
@@ -176,7 +188,7 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
         out = [lk.dense(packed[n]) for n in names]
         H32 = H.astype(np.float32)
         for n, Wq in zip(names, out):
-            stats[n] = (_output_error(np.asarray(tensors[n], np.float32), Wq, H32, workers),
+            stats[n] = (calib.output_error(np.asarray(tensors[n], np.float32), Wq, H32, workers),
                         packed[n].bits_per_weight(), Wq.size)
         return out
 
@@ -198,13 +210,6 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
             stats[n] = (float(err), packed[n].bits_per_weight(), W.size)
         report(i)
     return packed
-
-
-def _output_error(W: np.ndarray, Wq: np.ndarray, H: np.ndarray, workers: calib.Workers) -> float:
-    """||X Wqᵀ - X Wᵀ|| / ||X Wᵀ|| over the calibration inputs X, from H = XᵀX/N."""
-    D = Wq - W
-    num, den = (sum(workers.blocks(lambda A: float(np.einsum("ij,ij->", A @ H, A)), M)) for M in (D, W))
-    return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
 def _check_int(v, key: str, lo: int, hi: int | None = None) -> None:

@@ -81,6 +81,13 @@ def hessian(X: np.ndarray, workers: Workers) -> np.ndarray:
     return H / len(X)
 
 
+def output_error(W: np.ndarray, Wq: np.ndarray, H: np.ndarray, workers: Workers) -> float:
+    """||X Wqᵀ - X Wᵀ|| / ||X Wᵀ|| over the calibration inputs X, from H = XᵀX/N (float32)."""
+    D = Wq - W
+    num, den = (sum(workers.blocks(lambda A: float(np.einsum("ij,ij->", A @ H, A)), M)) for M in (D, W))
+    return float(np.sqrt(num / den)) if den > 0 else 0.0
+
+
 def layers(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndarray, fit: Fit,
            workers: Workers) -> Iterator[tuple[int, np.ndarray]]:
     """Quantize block after block through fit; yields each block's index when it is done,

@@ -1,0 +1,210 @@
+"""The quality sweep: perplexity against honest bits per weight, ours and llama.cpp's.
+
+Run from the repository root (models from the catalog, cached under $LUTENGINE_HOME):
+
+    python -m bench.quality run                                  # every recipe below, SmolLM2, wiki + c4
+    python -m bench.quality run --model qwen2.5-coder-0.5b-instruct --recipes rtn4g128 gptq-hlq2g128
+    python -m bench.quality run --texts wiki c4 wikitext2
+    python -m bench.quality report                               # bench/RESULTS.md section + bench/quality.png
+
+Each recipe is one `lutengine quantize` command (so every figure can be redone
+from the command stored next to it), then `lutengine ppl FILE --text T --json`
+per text (PROTOCOL.md: 16 windows of 512, 8,176 scored tokens) and `lutengine
+info FILE --json` for the honest bits per weight of the linear layers, the
+head and the embedding, and the file size. Results go to bench/quality.json
+one record per (model, recipe, text) as they come, so an interrupted sweep
+resumes where it stopped. llama.cpp's own types come from
+bench/llamacpp_quality.py (bench/llamacpp_quality.json), on the same token ids.
+
+Recipe names: METHOD BITS g GROUP, e.g. rtn4g64, hlq3g64, gptq-hlq2g64
+(gptq on the hlq grid), gptq-rtn4g64, msb3g64 (sign + 2 magnitude planes),
+binary1g64, ternary2g64; and bpw2.5 for `quantize --bpw 2.5`. Calibration
+(gptq, --bpw) reads ../shared/data/c4-calib.txt only, never an evaluation text.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+TEXTS = {"wiki": "wiki.txt", "c4": "c4-eval.txt", "wikitext2": "wikitext2-test.txt"}
+CALIB = DATA / "c4-calib.txt"
+OURS = ROOT / "bench" / "quality.json"
+PEER = ROOT / "bench" / "llamacpp_quality.json"
+RESULTS = ROOT / "bench" / "RESULTS.md"
+PLOT = ROOT / "bench" / "quality.png"
+SECTION = "## Quality (bench/quality)"
+RECIPES = ["rtn4g32", "rtn4g64", "rtn3g64", "rtn2g64", "rtn4g128", "hlq4g64", "hlq3g64", "hlq2g64",
+           "gptq-rtn4g64", "gptq-rtn3g64", "gptq-hlq3g64", "gptq-hlq2g64", "gptq-hlq2g128",
+           "msb4g64", "msb3g64", "msb2g64", "binary1g64", "binary2g64", "ternary2g64",
+           "bpw4.5", "bpw3.3", "bpw2.5", "bpw1.6"]
+RECIPE = re.compile(r"(?:(gptq)-)?(rtn|hlq|msb|binary|ternary)(\d)g(\d+)$|bpw(\d+(?:\.\d+)?)$")
+
+
+def quantize_args(recipe: str) -> list[str]:
+    m = RECIPE.match(recipe)
+    if not m:
+        raise SystemExit(f"unknown recipe {recipe!r}: expected e.g. rtn4g64, gptq-hlq2g64, msb3g64 or bpw2.5")
+    gptq, method, bits, group, bpw = m.groups()
+    calib = ["--calib", str(CALIB)]
+    if bpw:
+        return ["--bpw", bpw, *calib]
+    if gptq:
+        return ["--method", "gptq", "--grid", method, "--bits", bits, "--group", group, *calib]
+    return ["--method", method, "--bits", bits, "--group", group]
+
+
+def lutengine(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "engine", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return proc
+
+
+def load_records(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def save_records(records: list[dict], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(records, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def run(args) -> None:
+    records = load_records(OURS)
+    done = {(r["model"], r["recipe"], r["text"]) for r in records}
+    folder = Path(os.environ.get("LUTENGINE_HOME", Path.home() / ".cache" / "lutengine")) / "sweep"
+    folder.mkdir(parents=True, exist_ok=True)
+    for model in args.model:
+        for recipe in args.recipes:
+            todo = [t for t in args.texts if (model, recipe, t) not in done]
+            if not todo:
+                continue
+            out = folder / f"{model}.{recipe}.safetensors"
+            qargs = quantize_args(recipe)
+            quantize_cmd = ["quantize", model, "-o", str(out), *qargs]
+            seconds = None
+            if not out.exists():
+                t0 = time.perf_counter()
+                lutengine(*quantize_cmd)
+                seconds = round(time.perf_counter() - t0, 1)
+            info = json.loads(lutengine("info", str(out), "--json").stdout)
+            for text in todo:
+                t0 = time.perf_counter()
+                ppl = json.loads(lutengine("ppl", str(out), "--text", str(DATA / TEXTS[text]), "--json").stdout)
+                rec = {"model": model, "recipe": recipe, "text": text, "ppl": ppl["ppl"], "n_scored": ppl["n_scored"],
+                       "bpw_linear": info["bpw_linear"], "bpw_head": info["bpw_head"],
+                       "bpw_embedding": info["bpw_embedding"], "file_bytes": info["file_bytes"],
+                       "quantize_seconds": seconds, "ppl_seconds": round(time.perf_counter() - t0, 1),
+                       "command": "lutengine " + " ".join(quantize_cmd).replace(str(ROOT.parent), "..")}
+                records.append(rec)
+                save_records(records, OURS)
+                print(f"{model} {recipe:14s} {text:9s} bpw {info['bpw_linear']:.3f} ppl {ppl['ppl']:.3f}", flush=True)
+    for model in args.model:
+        dense_todo = [t for t in args.texts if (model, "dense", t) not in done]
+        for text in dense_todo if args.dense else ():
+            ppl = json.loads(lutengine("ppl", model, "--dense", "--text", str(DATA / TEXTS[text]), "--json").stdout)
+            records.append({"model": model, "recipe": "dense", "text": text, "ppl": ppl["ppl"],
+                            "n_scored": ppl["n_scored"], "bpw_linear": 32.0,
+                            "command": f"lutengine ppl {model} --dense --text ../shared/data/{TEXTS[text]}"})
+            save_records(records, OURS)
+
+
+def table(model: str, ours: list[dict], peer: list[dict]) -> list[str]:
+    rows: dict[tuple[str, str], dict] = {}
+    for r in ours:
+        if r["model"] == model:
+            row = rows.setdefault(("lutengine", r["recipe"]), {"bpw": r["bpw_linear"], "head": r.get("bpw_head"),
+                                                               "bytes": r.get("file_bytes")})
+            row[r["text"]] = r["ppl"]
+    for r in peer:
+        if r.get("model") == model and r.get("ok", True) and r.get("bpw_linear"):
+            row = rows.setdefault(("llama.cpp", r["type"]), {"bpw": r["bpw_linear"], "head": r.get("bpw_output"),
+                                                            "bytes": r.get("file_bytes")})
+            for text, v in r.get("ppl", {}).items():
+                row[text] = v["ppl"] if isinstance(v, dict) else v
+    texts = [t for t in TEXTS if any(t in row for row in rows.values())]
+    head = "| engine | format | bpw linear | bpw head | file MB | " + " | ".join(f"ppl {t}" for t in texts) + " |"
+    out = [f"### {model}", "", head, "|---|---|---:|---:|---:|" + "---:|" * len(texts)]
+    for (engine, fmt), row in sorted(rows.items(), key=lambda kv: -kv[1]["bpw"]):
+        head_bits = f"{row['head']:.2f}" if isinstance(row["head"], (int, float)) else "tied"
+        size = f"{row['bytes'] / 1e6:.0f}" if row.get("bytes") else ""
+        ppls = " | ".join(f"{row[t]:,.3f}" if t in row else "" for t in texts)
+        out.append(f"| {engine} | {fmt} | {row['bpw']:.2f} | {head_bits} | {size} | {ppls} |")
+    return out + [""]
+
+
+def plot(models: list[str], ours: list[dict], peer: list[dict]) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "(no plot: matplotlib is not installed; `pip install matplotlib`, then rerun the report)"
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for name, recs, key, style in (("lutengine", ours, "recipe", "o"), ("llama.cpp", peer, "type", "s")):
+            pts = [(r["bpw_linear"], r["ppl"]["wiki"]["ppl"] if isinstance(r.get("ppl"), dict) else r["ppl"], r[key])
+                   for r in recs if r.get("model") == model and r.get("bpw_linear") and r.get("bpw_linear") < 20
+                   and (r.get("text", "wiki") == "wiki") and (not isinstance(r.get("ppl"), dict) or "wiki" in r["ppl"])]
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=style, label=name)
+                for x, y, label in pts:
+                    ax.annotate(label, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        dense = [r["ppl"] for r in ours if r["model"] == model and r["recipe"] == "dense" and r["text"] == "wiki"]
+        if dense:
+            ax.axhline(dense[0], color="gray", linestyle=":", label=f"dense {dense[0]:.2f}")
+        ax.set_yscale("log")
+        ax.set_xlabel("honest bits per weight, linear layers")
+        ax.set_ylabel("perplexity, wiki.txt")
+        ax.set_title(model)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=120)
+    return f"![perplexity against bits per weight]({PLOT.name})"
+
+
+def report(args) -> None:
+    ours, peer = load_records(OURS), load_records(PEER)
+    models = list(dict.fromkeys(r["model"] for r in ours))
+    lines = [SECTION, "", "Commands: `python -m bench.quality run [--model M] [--texts wiki c4 wikitext2]`, then "
+             "`python -m bench.quality report`; llama.cpp's types: `bench/llamacpp_quality.py`. Each of our "
+             "rows is the `lutengine quantize` command in bench/quality.json, then `lutengine ppl FILE --text T` "
+             "(PROTOCOL.md: 8,176 scored tokens). bpw linear counts every stored bit of the linear layers "
+             "(planes, scales, offsets, padding); the head and the float16 embedding are reported apart.", ""]
+    for model in models:
+        lines += table(model, ours, peer)
+    lines += [plot(models, ours, peer), ""]
+    text = RESULTS.read_text() if RESULTS.exists() else "# lutengine benchmark results\n"
+    start = text.find(SECTION)
+    if start >= 0:
+        nxt = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + text[nxt + 1 if nxt >= 0 else len(text):]
+    RESULTS.write_text(text.rstrip("\n") + "\n\n" + "\n".join(lines))
+    print("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--model", nargs="+", default=["smollm2-135m-instruct"])
+    r.add_argument("--recipes", nargs="+", default=RECIPES)
+    r.add_argument("--texts", nargs="+", default=["wiki", "c4"], choices=list(TEXTS))
+    r.add_argument("--no-dense", dest="dense", action="store_false", help="skip the dense reference rows")
+    sub.add_parser("report")
+    args = p.parse_args(argv)
+    (run if args.cmd == "run" else report)(args)
+
+
+if __name__ == "__main__":
+    main()

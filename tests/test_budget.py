@@ -1,0 +1,42 @@
+"""Mixed precision under a bits budget (engine/quant/budget.py)."""
+import numpy as np
+import pytest
+
+from engine.quant import budget, quantize_model
+from models.load import open_source
+from tiny_models import write_gguf
+
+
+def test_plan_spends_the_budget_where_the_error_is_largest():
+    # layer a suffers much more from losing bits than b: a gets the extra bits
+    opts = {"a": [(2, 64, 2.5, 0.30), (3, 64, 3.5, 0.10), (4, 64, 4.5, 0.03)],
+            "b": [(2, 64, 2.5, 0.05), (3, 64, 3.5, 0.02), (4, 64, 4.5, 0.01)]}
+    sizes = {"a": 100, "b": 100}
+    assert budget.plan(opts, sizes, 3.0) == {"a": {"bits": 3, "group": 64}, "b": {"bits": 2, "group": 64}}
+    assert budget.plan(opts, sizes, 4.5) == {"a": {"bits": 4, "group": 64}, "b": {"bits": 4, "group": 64}}
+    with pytest.raises(ValueError, match="smallest format"):
+        budget.plan(opts, sizes, 2.0)
+
+
+@pytest.mark.parametrize("bpw", [2.3, 3.3, 4.5])
+def test_plan_never_exceeds_the_budget_and_uses_most_of_it(bpw):
+    rng = np.random.default_rng(int(bpw * 10))
+    opts, sizes = {}, {}
+    for i in range(40):
+        sizes[f"l{i}"] = int(rng.integers(1, 50)) * 1024
+        errs = np.sort(rng.random(len(budget.CANDIDATES)))[::-1]
+        opts[f"l{i}"] = [(b, g, b + 32 / g, e) for (b, g), e in zip(sorted(budget.CANDIDATES, key=lambda c: c[0] + 32 / c[1]), errs)]
+    choice = budget.plan(opts, sizes, bpw)
+    cost = {n: next(o[2] for o in opts[n] if (o[0], o[1]) == (c["bits"], c["group"])) for n, c in choice.items()}
+    used = sum(cost[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    assert bpw - 0.5 < used <= bpw
+
+
+def test_quantize_model_under_a_budget(tmp_path):
+    src = open_source(str(write_gguf(tmp_path / "tiny.gguf", "llama")))
+    tokens = np.random.default_rng(0).integers(0, src.config.vocab, (4, 32))
+    weights, _ = quantize_model(src.config, src.tensors, {"method": "gptq", "bpw": 3.3, "calib": "x"}, tokens)
+    linear = [w for n, w in weights.items() if n.startswith("model.layers.") and hasattr(w, "bits_per_weight")]
+    bits = sum(w.bits_per_weight() * w.M * w.K for w in linear) / sum(w.M * w.K for w in linear)
+    assert bits <= 3.3
+    assert len({w.P for w in linear}) > 1  # a mix, not one format everywhere
