@@ -130,8 +130,7 @@ def table(model: str, ours: list[dict], peer: list[dict]) -> list[str]:
         if r.get("model") == model and r.get("ok", True) and r.get("bpw_linear"):
             row = rows.setdefault(("llama.cpp", r["type"]), {"bpw": r["bpw_linear"], "head": r.get("bpw_output"),
                                                             "bytes": r.get("file_bytes")})
-            for text, v in r.get("ppl", {}).items():
-                row[text] = v["ppl"] if isinstance(v, dict) else v
+            row.update(peer_ppl(r))
     texts = [t for t in TEXTS if any(t in row for row in rows.values())]
     head = "| engine | format | bpw linear | bpw head | file MB | " + " | ".join(f"ppl {t}" for t in texts) + " |"
     out = [f"### {model}", "", head, "|---|---|---:|---:|---:|" + "---:|" * len(texts)]
@@ -143,6 +142,12 @@ def table(model: str, ours: list[dict], peer: list[dict]) -> list[str]:
     return out + [""]
 
 
+def peer_ppl(r: dict) -> dict[str, float]:
+    """A llama.cpp record's perplexities by our text keys (its keys are file names)."""
+    short = {f: k for k, f in TEXTS.items()}
+    return {short.get(t, t): v["ppl"] if isinstance(v, dict) else v for t, v in (r.get("ppl") or {}).items()}
+
+
 def plot(models: list[str], ours: list[dict], peer: list[dict]) -> str:
     try:
         import matplotlib
@@ -150,14 +155,16 @@ def plot(models: list[str], ours: list[dict], peer: list[dict]) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "(no plot: matplotlib is not installed; `pip install matplotlib`, then rerun the report)"
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for name, recs, key, style in (("lutengine", ours, "recipe", "o"), ("llama.cpp", peer, "type", "s")):
-            pts = [(r["bpw_linear"], r["ppl"]["wiki"]["ppl"] if isinstance(r.get("ppl"), dict) else r["ppl"], r[key])
-                   for r in recs if r.get("model") == model and r.get("bpw_linear") and r.get("bpw_linear") < 20
-                   and (r.get("text", "wiki") == "wiki") and (not isinstance(r.get("ppl"), dict) or "wiki" in r["ppl"])]
+        series = {
+            "lutengine": [(r["bpw_linear"], r["ppl"], r["recipe"]) for r in ours
+                          if r["model"] == model and r["text"] == "wiki" and r["recipe"] != "dense"],
+            "llama.cpp": [(r["bpw_linear"], peer_ppl(r)["wiki"], r["type"]) for r in peer
+                          if r.get("model") == model and r.get("bpw_linear") and "wiki" in peer_ppl(r)]}
+        for (name, pts), marker in zip(series.items(), "os"):
             if pts:
-                ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=style, label=name)
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=name)
                 for x, y, label in pts:
                     ax.annotate(label, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
         dense = [r["ppl"] for r in ours if r["model"] == model and r["recipe"] == "dense" and r["text"] == "wiki"]
@@ -165,7 +172,7 @@ def plot(models: list[str], ours: list[dict], peer: list[dict]) -> str:
             ax.axhline(dense[0], color="gray", linestyle=":", label=f"dense {dense[0]:.2f}")
         ax.set_yscale("log")
         ax.set_xlabel("honest bits per weight, linear layers")
-        ax.set_ylabel("perplexity, wiki.txt")
+        ax.set_ylabel("perplexity, wiki.txt (log scale)")
         ax.set_title(model)
         ax.legend()
     fig.tight_layout()
