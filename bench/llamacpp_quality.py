@@ -17,8 +17,8 @@ For each file: honest bits per weight of the linear layers (bytes of every 2-D
 blk.* attn_q/k/v/output, ffn_gate/up/down tensor x 8 / their weights), of
 token_embd and output separately, the file size, and the histogram of the types
 llama.cpp actually stored for the linear layers: it falls back to 32-wide types
-for rows that are not a multiple of 256, which for these small models is most
-of them, so the nominal type name says little about the bits. Then perplexity
+for rows whose length is not a multiple of 256, which for these small models is
+most of them, so the nominal type name says little about the bits. Then perplexity
 per bench PROTOCOL.md (bench/llamacpp_ref.py) on every text, on the same token
 ids for all types: each text is tokenized once with the source GGUF.
 
@@ -91,13 +91,15 @@ def quantize_in_child(src, dst, qtype):
                        capture_output=True, text=True)
     if p.returncode == 0 and os.path.getsize(tmp) > 0:
         os.replace(tmp, dst)
-        info = json.loads(p.stdout.strip().splitlines()[-1])
-        return info, None
+        return json.loads(p.stdout.strip().splitlines()[-1]), None
     if os.path.exists(tmp):
         os.unlink(tmp)
     # The C library logs the reason; keep its error lines, else the last lines of output.
-    lines = [x.strip() for x in (open(log, errors="replace").read() if os.path.exists(log) else "").splitlines()]
-    lines = [x for x in lines + p.stderr.splitlines() if x and not set(x) <= set("=-* ")]
+    lines = p.stderr.splitlines()
+    if os.path.exists(log):
+        with open(log, errors="replace") as f:
+            lines = f.read().splitlines() + lines
+    lines = [x.strip() for x in lines if x.strip() and not set(x) <= set("=-* ")]
     why = [x for x in lines if re.search(r"error|fail|missing|unsupported|abort|assert|exception", x, re.I)]
     return None, "exit %d: %s" % (p.returncode, " | ".join((why or lines)[-4:]))
 
@@ -166,7 +168,7 @@ def main():
                 nll, _ = window_nlls(llm, ids[name])
                 ppl = math.exp(nll.mean())
                 rec["ppl"][name] = {"ppl": round(ppl, 3), "n_scored": int(nll.size),
-                                    "seconds": round(time.time() - t0, 1)}
+                                    "seconds": round(time.time() - t0, 1), "command": command_line()}
                 save(records, args.out)
                 print("%s %-8s bpw %.3f %-18s ppl %.3f (%d)" % (
                     model, qtype, rec["bpw_linear"], name, ppl, nll.size), flush=True)

@@ -73,15 +73,21 @@ def load_records(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def save_records(records: list[dict], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(records, indent=1) + "\n")
-    os.replace(tmp, path)
+def add_record(rec: dict, path: Path = OURS) -> None:
+    """Append under a lock, re-reading the file: sweeps of different models may run at once."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = load_records(path)
+        records.append(rec)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(records, indent=1) + "\n")
+        os.replace(tmp, path)
 
 
 def run(args) -> None:
-    records = load_records(OURS)
-    done = {(r["model"], r["recipe"], r["text"]) for r in records}
+    done = {(r["model"], r["recipe"], r["text"]) for r in load_records(OURS)}
     folder = Path(os.environ.get("LUTENGINE_HOME", Path.home() / ".cache" / "lutengine")) / "sweep"
     folder.mkdir(parents=True, exist_ok=True)
     for model in args.model:
@@ -106,17 +112,15 @@ def run(args) -> None:
                        "bpw_embedding": info["bpw_embedding"], "file_bytes": info["file_bytes"],
                        "quantize_seconds": seconds, "ppl_seconds": round(time.perf_counter() - t0, 1),
                        "command": "lutengine " + " ".join(quantize_cmd).replace(str(ROOT.parent), "..")}
-                records.append(rec)
-                save_records(records, OURS)
+                add_record(rec)
                 print(f"{model} {recipe:14s} {text:9s} bpw {info['bpw_linear']:.3f} ppl {ppl['ppl']:.3f}", flush=True)
     for model in args.model:
         dense_todo = [t for t in args.texts if (model, "dense", t) not in done]
         for text in dense_todo if args.dense else ():
             ppl = json.loads(lutengine("ppl", model, "--dense", "--text", str(DATA / TEXTS[text]), "--json").stdout)
-            records.append({"model": model, "recipe": "dense", "text": text, "ppl": ppl["ppl"],
-                            "n_scored": ppl["n_scored"], "bpw_linear": 32.0,
-                            "command": f"lutengine ppl {model} --dense --text ../shared/data/{TEXTS[text]}"})
-            save_records(records, OURS)
+            add_record({"model": model, "recipe": "dense", "text": text, "ppl": ppl["ppl"],
+                        "n_scored": ppl["n_scored"], "bpw_linear": 32.0,
+                        "command": f"lutengine ppl {model} --dense --text ../shared/data/{TEXTS[text]}"})
 
 
 def table(model: str, ours: list[dict], peer: list[dict]) -> list[str]:
@@ -135,7 +139,8 @@ def table(model: str, ours: list[dict], peer: list[dict]) -> list[str]:
     head = "| engine | format | bpw linear | bpw head | file MB | " + " | ".join(f"ppl {t}" for t in texts) + " |"
     out = [f"### {model}", "", head, "|---|---|---:|---:|---:|" + "---:|" * len(texts)]
     for (engine, fmt), row in sorted(rows.items(), key=lambda kv: -kv[1]["bpw"]):
-        head_bits = f"{row['head']:.2f}" if isinstance(row["head"], (int, float)) else "tied"
+        head_bits = (f"{row['head']:.2f}" if isinstance(row["head"], (int, float))
+                     else "" if fmt == "dense" else "tied")
         size = f"{row['bytes'] / 1e6:.0f}" if row.get("bytes") else ""
         ppls = " | ".join(f"{row[t]:,.3f}" if t in row else "" for t in texts)
         out.append(f"| {engine} | {fmt} | {row['bpw']:.2f} | {head_bits} | {size} | {ppls} |")
