@@ -24,12 +24,10 @@ each test has --runs clean runs, and the median of those is reported.
 
 import argparse
 import ctypes
-import hashlib
 import json
 import os
 import platform
 import re
-import shlex
 import statistics
 import sys
 import tempfile
@@ -38,20 +36,11 @@ from contextlib import contextmanager
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script, too
+from bench.llamacpp_ref import command_line, sha256_file  # noqa: E402
+
 N_CTX = 512
 N_BATCH = 512
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def command_line():
-    return " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv)
 
 
 @contextmanager
