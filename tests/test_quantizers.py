@@ -261,7 +261,7 @@ def test_rtn_and_hlq_need_no_calibration(tiny):
 def test_settings_defaults_and_keys():
     assert settings(None) == DEFAULT
     assert set(DEFAULT) == {"method", "bits", "group", "symmetric", "head_bits", "grid", "act_order", "calib",
-                            "n_calib", "calib_len", "layers"}
+                            "n_calib", "calib_len", "layers", "bpw"}
     s = settings({"method": "gptq", "grid": "hlq", "calib": "c4.txt", "layers": {"*down*": {"bits": 4}}})
     assert s["method"] == "gptq" and s["layers"] == {"*down*": {"bits": 4}}
 
