@@ -35,13 +35,47 @@ TGT static inline __attribute__((always_inline)) __m256i block_sums(const uint8_
     return _mm256_add_epi16(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
 }
 
+/* Rows 0-7 and 8-15 of a tile as two float vectors. */
+typedef struct {
+    __m256 v[2];
+} rows16;
+
 /* y += s * (scale * ts) for rows 0-7 (y0) and 8-15 (y1): the scalar kernel's rounding order. */
 TGT static inline __attribute__((always_inline)) void scale_add(__m256 *y0, __m256 *y1, __m256i s0, __m256i s1,
-                                                                const uint16_t *sc, __m256 tsv) {
-    __m256 c0 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sc)), tsv);
-    __m256 c1 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 8))), tsv);
-    *y0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), c0, *y0);
-    *y1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), c1, *y1);
+                                                                rows16 sc, __m256 tsv) {
+    *y0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(sc.v[0], tsv), *y0);
+    *y1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(sc.v[1], tsv), *y1);
+}
+
+/* 16 scales as float: fp16, or lut_f8's bit construction on 8-bit codes. */
+TGT static inline __attribute__((always_inline)) rows16 scales16(const lut_layer *w, const void *p) {
+    rows16 r;
+    for (int i = 0; i < 2; i++) {
+        if (!w->scale8) {
+            r.v[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + 8 * i)));
+            continue;
+        }
+        __m256i u = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)p + 8 * i)));
+        __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_srli_epi32(u, 4), _mm256_set1_epi32(LUT_F8_BIAS)), 23);
+        __m256i m = _mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(15)), 19);
+        __m256i zero = _mm256_cmpeq_epi32(u, _mm256_setzero_si256());
+        r.v[i] = _mm256_castsi256_ps(_mm256_andnot_si256(zero, _mm256_or_si256(e, m)));
+    }
+    return r;
+}
+
+/* 16 offsets as float: fp16, or (h * c) * 0.125 on int8 counts c (h: scales16 of plane 0). */
+TGT static inline __attribute__((always_inline)) rows16 offsets16(const lut_layer *w, const void *p, rows16 h) {
+    rows16 r;
+    for (int i = 0; i < 2; i++) {
+        if (!w->scale8) {
+            r.v[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + 8 * i)));
+            continue;
+        }
+        __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)p + 8 * i))));
+        r.v[i] = _mm256_mul_ps(_mm256_mul_ps(h.v[i], c), _mm256_set1_ps(0.125f));
+    }
+    return r;
 }
 
 TGT void lut_tile_avx2(const lut_job *j, int32_t tile, int32_t tok) {
@@ -54,7 +88,6 @@ TGT void lut_tile_avx2(const lut_job *j, int32_t tile, int32_t tok) {
     __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
     for (int32_t b = 0; b < nb; b++) {
         int32_t g = b / bpg;
-        const uint16_t *sc = lut_group_scales(w, tile, g);
         __m256 tsv = _mm256_set1_ps(ts[b]);
         __m256i u0 = _mm256_setzero_si256(), u1 = _mm256_setzero_si256(); /* uniform: sum_p 2^p * s_p */
         for (int32_t p = 0; p < P; p++) {
@@ -80,16 +113,16 @@ TGT void lut_tile_avx2(const lut_job *j, int32_t tile, int32_t tok) {
                 u0 = _mm256_add_epi32(u0, _mm256_sll_epi32(s0, sh));
                 u1 = _mm256_add_epi32(u1, _mm256_sll_epi32(s1, sh));
             } else {
-                scale_add(&y0, &y1, s0, s1, sc + p * LUT_TILE, tsv);
+                scale_add(&y0, &y1, s0, s1, scales16(w, lut_scale_ptr(w, tile, g, p)), tsv);
             }
         }
         if (w->uniform)
-            scale_add(&y0, &y1, u0, u1, sc, tsv);
+            scale_add(&y0, &y1, u0, u1, scales16(w, lut_scale_ptr(w, tile, g, 0)), tsv);
         if (w->offsets && (b + 1) % bpg == 0) {
-            const uint16_t *z = w->offsets + ((int64_t)tile * ng + g) * LUT_TILE;
+            rows16 z = offsets16(w, lut_offset_ptr(w, tile, g), scales16(w, lut_scale_ptr(w, tile, g, 0)));
             __m256 xv = _mm256_set1_ps(xs[g]);
-            y0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)z)), xv, y0);
-            y1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(z + 8))), xv, y1);
+            y0 = _mm256_fmadd_ps(z.v[0], xv, y0);
+            y1 = _mm256_fmadd_ps(z.v[1], xv, y1);
         }
     }
     float out[LUT_TILE];

@@ -24,10 +24,26 @@ TGT static inline __attribute__((always_inline)) __m256i block_sums(const uint8_
 }
 
 /* y += s * (scale * ts), 16 rows: the scalar kernel's rounding order. */
-TGT static inline __attribute__((always_inline)) __m512 scale_add(__m512 y, __m512i s, const uint16_t *sc,
-                                                                  __m512 tsv) {
-    __m512 c = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc)), tsv);
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), c, y);
+TGT static inline __attribute__((always_inline)) __m512 scale_add(__m512 y, __m512i s, __m512 sc, __m512 tsv) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(sc, tsv), y);
+}
+
+/* 16 scales as float: fp16, or lut_f8's bit construction on 8-bit codes. */
+TGT static inline __attribute__((always_inline)) __m512 scales16(const lut_layer *w, const void *p) {
+    if (!w->scale8)
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_srli_epi32(u, 4), _mm512_set1_epi32(LUT_F8_BIAS)), 23);
+    __m512i m = _mm512_slli_epi32(_mm512_and_si512(u, _mm512_set1_epi32(15)), 19);
+    return _mm512_castsi512_ps(_mm512_maskz_mov_epi32(_mm512_test_epi32_mask(u, u), _mm512_or_si512(e, m)));
+}
+
+/* 16 offsets as float: fp16, or (h * c) * 0.125 on int8 counts c (h: scales16 of plane 0). */
+TGT static inline __attribute__((always_inline)) __m512 offsets16(const lut_layer *w, const void *p, __m512 h) {
+    if (!w->scale8)
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    return _mm512_mul_ps(_mm512_mul_ps(h, c), _mm512_set1_ps(0.125f));
 }
 
 TGT void lut_tile_avx512(const lut_job *j, int32_t tile, int32_t tok) {
@@ -40,7 +56,6 @@ TGT void lut_tile_avx512(const lut_job *j, int32_t tile, int32_t tok) {
     __m512 y = _mm512_setzero_ps();
     for (int32_t b = 0; b < nb; b++) {
         int32_t g = b / bpg;
-        const uint16_t *sc = lut_group_scales(w, tile, g);
         __m512 tsv = _mm512_set1_ps(ts[b]);
         __m512i u = _mm512_setzero_si512(); /* uniform: sum_p 2^p * s_p */
         for (int32_t p = 0; p < P; p++) {
@@ -57,13 +72,13 @@ TGT void lut_tile_avx512(const lut_job *j, int32_t tile, int32_t tok) {
             if (w->uniform)
                 u = _mm512_add_epi32(u, _mm512_sll_epi32(s, _mm_cvtsi32_si128(p)));
             else
-                y = scale_add(y, s, sc + p * LUT_TILE, tsv);
+                y = scale_add(y, s, scales16(w, lut_scale_ptr(w, tile, g, p)), tsv);
         }
         if (w->uniform)
-            y = scale_add(y, u, sc, tsv);
+            y = scale_add(y, u, scales16(w, lut_scale_ptr(w, tile, g, 0)), tsv);
         if (w->offsets && (b + 1) % bpg == 0) {
-            const uint16_t *z = w->offsets + ((int64_t)tile * ng + g) * LUT_TILE;
-            y = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)z)), _mm512_set1_ps(xs[g]), y);
+            __m512 z = offsets16(w, lut_offset_ptr(w, tile, g), scales16(w, lut_scale_ptr(w, tile, g, 0)));
+            y = _mm512_fmadd_ps(z, _mm512_set1_ps(xs[g]), y);
         }
     }
     int32_t n = w->M - tile * LUT_TILE < LUT_TILE ? w->M - tile * LUT_TILE : LUT_TILE;

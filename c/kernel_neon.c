@@ -35,11 +35,46 @@ static inline int16x8x2_t block_sums(const uint8_t *wb, const int8_t *tb, int32_
 /* fp16 -> fp32 by the ARMv8.0 conversion instruction: exact, like lut_h2f. */
 static inline float32x4_t h2f4(const uint16_t *h) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h))); }
 
+/* 16 scales as float, rows 4i..4i+3 in out[i]: fp16, or lut_f8's bit construction on 8-bit codes. */
+static inline void scales16(const lut_layer *w, const void *p, float32x4_t out[4]) {
+    if (!w->scale8) {
+        for (int i = 0; i < 4; i++)
+            out[i] = h2f4((const uint16_t *)p + 4 * i);
+        return;
+    }
+    uint8x16_t u8 = vld1q_u8(p);
+    uint16x8_t u16[2] = {vmovl_u8(vget_low_u8(u8)), vmovl_high_u8(u8)};
+    for (int i = 0; i < 4; i++) {
+        uint32x4_t u = i % 2 ? vmovl_high_u16(u16[i / 2]) : vmovl_u16(vget_low_u16(u16[i / 2]));
+        uint32x4_t e = vshlq_n_u32(vaddq_u32(vshrq_n_u32(u, 4), vdupq_n_u32(LUT_F8_BIAS)), 23);
+        uint32x4_t m = vshlq_n_u32(vandq_u32(u, vdupq_n_u32(15)), 19);
+        out[i] = vreinterpretq_f32_u32(vandq_u32(vorrq_u32(e, m), vtstq_u32(u, u)));
+    }
+}
+
+/* 16 offsets as float: fp16, or (h * c) * 0.125 on int8 counts c (h: scales16 of plane 0). */
+static inline void offsets16(const lut_layer *w, const void *p, const float32x4_t h[4], float32x4_t out[4]) {
+    if (!w->scale8) {
+        for (int i = 0; i < 4; i++)
+            out[i] = h2f4((const uint16_t *)p + 4 * i);
+        return;
+    }
+    int8x16_t c8 = vld1q_s8(p);
+    int16x8_t c16[2] = {vmovl_s8(vget_low_s8(c8)), vmovl_high_s8(c8)};
+    for (int i = 0; i < 4; i++) {
+        int32x4_t c = i % 2 ? vmovl_high_s16(c16[i / 2]) : vmovl_s16(vget_low_s16(c16[i / 2]));
+        out[i] = vmulq_f32(vmulq_f32(h[i], vcvtq_f32_s32(c)), vdupq_n_f32(0.125f));
+    }
+}
+
 /* y += s * (scale * ts), rows 4i..4i+3 in y[i]: scale * ts rounded first, then one
  * fused step, the scalar kernel's fmaf order. */
-static inline void scale_add(float32x4_t y[4], const int32x4_t s[4], const uint16_t *sc, float32x4_t tsv) {
+static inline void scale_add(float32x4_t y[4], const int32x4_t s[4], const lut_layer *w, const void *sc,
+                             float32x4_t tsv) {
+    float32x4_t f[4];
+    scales16(w, sc, f);
     for (int i = 0; i < 4; i++)
-        y[i] = vfmaq_f32(y[i], vcvtq_f32_s32(s[i]), vmulq_f32(h2f4(sc + 4 * i), tsv));
+        y[i] = vfmaq_f32(y[i], vcvtq_f32_s32(s[i]), vmulq_f32(f[i], tsv));
 }
 
 void lut_tile_neon(const lut_job *j, int32_t tile, int32_t tok) {
@@ -52,7 +87,6 @@ void lut_tile_neon(const lut_job *j, int32_t tile, int32_t tok) {
     float32x4_t y[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
     for (int32_t b = 0; b < nb; b++) {
         int32_t g = b / bpg;
-        const uint16_t *sc = lut_group_scales(w, tile, g);
         float32x4_t tsv = vdupq_n_f32(ts[b]);
         /* uniform: sum_p 2^p * s_p (vshlq shifts bits: defined for negative lanes) */
         int32x4_t u[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
@@ -81,15 +115,16 @@ void lut_tile_neon(const lut_job *j, int32_t tile, int32_t tok) {
                 for (int i = 0; i < 4; i++)
                     u[i] = vaddq_s32(u[i], vshlq_s32(s[i], vdupq_n_s32(p)));
             else
-                scale_add(y, s, sc + p * LUT_TILE, tsv);
+                scale_add(y, s, w, lut_scale_ptr(w, tile, g, p), tsv);
         }
         if (w->uniform)
-            scale_add(y, u, sc, tsv);
+            scale_add(y, u, w, lut_scale_ptr(w, tile, g, 0), tsv);
         if (w->offsets && (b + 1) % bpg == 0) {
-            const uint16_t *z = w->offsets + ((int64_t)tile * ng + g) * LUT_TILE;
-            float32x4_t xv = vdupq_n_f32(xs[g]);
+            float32x4_t h[4], z[4], xv = vdupq_n_f32(xs[g]);
+            scales16(w, lut_scale_ptr(w, tile, g, 0), h);
+            offsets16(w, lut_offset_ptr(w, tile, g), h, z);
             for (int i = 0; i < 4; i++)
-                y[i] = vfmaq_f32(y[i], h2f4(z + 4 * i), xv);
+                y[i] = vfmaq_f32(y[i], z[i], xv);
         }
     }
     float out[LUT_TILE];

@@ -22,8 +22,22 @@ static void block_sums(const lut_job *j, const uint8_t *wt, const int8_t *tab, i
 }
 
 /* y + s * (scale * ts): the rounding order every SIMD path repeats. */
-static inline float scale_add(float y, int32_t s, uint16_t scale, float ts) {
-    return fmaf((float)s, lut_h2f(scale) * ts, y);
+static inline float scale_add(float y, int32_t s, float scale, float ts) {
+    return fmaf((float)s, scale * ts, y);
+}
+
+/* The 16 rows' scales of plane s (0 when uniform) as float. */
+static void scales16(const lut_layer *w, int32_t tile, int32_t g, int32_t s, float out[LUT_TILE]) {
+    const void *p = lut_scale_ptr(w, tile, g, s);
+    for (int32_t r = 0; r < LUT_TILE; r++)
+        out[r] = w->scale8 ? lut_f8(((const uint8_t *)p)[r]) : lut_h2f(((const uint16_t *)p)[r]);
+}
+
+/* The 16 rows' offsets as float; h: the rows' first scales (scales16, plane 0). */
+static void offsets16(const lut_layer *w, int32_t tile, int32_t g, const float h[LUT_TILE], float out[LUT_TILE]) {
+    const void *p = lut_offset_ptr(w, tile, g);
+    for (int32_t r = 0; r < LUT_TILE; r++)
+        out[r] = w->scale8 ? h[r] * (float)((const int8_t *)p)[r] * 0.125f : lut_h2f(((const uint16_t *)p)[r]);
 }
 
 void lut_tile_scalar(const lut_job *j, int32_t tile, int32_t tok) {
@@ -36,7 +50,7 @@ void lut_tile_scalar(const lut_job *j, int32_t tile, int32_t tok) {
     float yacc[LUT_TILE] = {0};
     for (int32_t b = 0; b < nb; b++) {
         int32_t g = b / bpg;
-        const uint16_t *sc = lut_group_scales(w, tile, g);
+        float sc[LUT_TILE], z[LUT_TILE];
         int32_t u[LUT_TILE] = {0}; /* uniform: sum_p 2^p * s_p (bound in lut_internal.h) */
         for (int32_t p = 0; p < P; p++) {
             int32_t s[LUT_TILE], s_hi[LUT_TILE];
@@ -51,17 +65,23 @@ void lut_tile_scalar(const lut_job *j, int32_t tile, int32_t tok) {
                     j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = s[r];
                 if (w->uniform)
                     u[r] += s[r] * (1 << p); /* a multiply: shifting a negative int left is UB in C */
-                else
-                    yacc[r] = scale_add(yacc[r], s[r], sc[p * LUT_TILE + r], ts[b]);
+            }
+            if (!w->uniform) {
+                scales16(w, tile, g, p, sc);
+                for (int32_t r = 0; r < LUT_TILE; r++)
+                    yacc[r] = scale_add(yacc[r], s[r], sc[r], ts[b]);
             }
         }
-        if (w->uniform)
+        if (w->uniform) {
+            scales16(w, tile, g, 0, sc);
             for (int32_t r = 0; r < LUT_TILE; r++)
                 yacc[r] = scale_add(yacc[r], u[r], sc[r], ts[b]);
+        }
         if (w->offsets && (b + 1) % bpg == 0) {
-            const uint16_t *z = w->offsets + ((int64_t)tile * ng + g) * LUT_TILE;
+            scales16(w, tile, g, 0, sc);
+            offsets16(w, tile, g, sc, z);
             for (int32_t r = 0; r < LUT_TILE; r++)
-                yacc[r] = fmaf(lut_h2f(z[r]), xs[g], yacc[r]);
+                yacc[r] = fmaf(z[r], xs[g], yacc[r]);
         }
     }
     for (int32_t r = 0; r < LUT_TILE && tile * LUT_TILE + r < w->M; r++)

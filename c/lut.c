@@ -220,7 +220,7 @@ static size_t ws_size;
 int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t exact, int32_t *acc) {
     if (!w || !x || !y || !w->planes || !w->scales || n < 1 || w->M < 1 || w->K < 32 || w->K % 32 || w->P < 1 ||
         w->P > 8 || w->G < 32 || w->K % w->G || (w->G != w->K && w->G > 256) ||
-        (w->uniform != 0 && w->uniform != 1) || (exact != 0 && exact != 1))
+        (w->uniform != 0 && w->uniform != 1) || (w->scale8 != 0 && w->scale8 != 1) || (exact != 0 && exact != 1))
         return LUT_EINVAL;
     int32_t K = w->K, Kb = lut_act_block(K, w->G), ntab = exact ? 2 : 1;
     size_t tab_bytes = (size_t)n * ntab * K * 4, ts_bytes = (size_t)n * (K / Kb) * sizeof(float);

@@ -5,10 +5,13 @@
  *     W ~= sum_p s_p[m,g] * B_p[m,k] + z[m,g]
  * uniform=1 stores only plane 0's scale h; plane p's is h * 2^p (a uniform
  * grid of step s has h = s/2), so S = 1 scale per row and group, else S = P.
+ * scale8=1 stores each scale as an 8-bit float (lut_f8 in lut_internal.h) and
+ * each offset as an int8 count of eighths of the row and group's first scale:
+ * 4-bit uniform groups of 32 then cost 4 + 8/32 + 8/32 = 4.5 bits per weight.
  * The byte layout is specified by lutkernels/layout.py (the executable spec):
  *     planes  uint8  [ceil(M/16)][K/32][P][64]
- *     scales  fp16   [ceil(M/16)][K/G][S][16]
- *     offsets fp16   [ceil(M/16)][K/G][16]      (or NULL)
+ *     scales  fp16   [ceil(M/16)][K/G][S][16]   (uint8 codes when scale8)
+ *     offsets fp16   [ceil(M/16)][K/G][16]      (int8 when scale8; or NULL)
  */
 #ifndef LUT_H
 #define LUT_H
@@ -17,9 +20,10 @@
 typedef struct lut_layer {
     int32_t M, K, P, G;
     int32_t uniform; /* 0: a scale per plane; 1: one scale, plane p's implied as scale * 2^p */
+    int32_t scale8;  /* 0: fp16 scales and offsets; 1: 8-bit float scales, int8 offsets */
     const uint8_t *planes;
-    const uint16_t *scales;
-    const uint16_t *offsets;
+    const void *scales;
+    const void *offsets;
 } lut_layer;
 
 enum { LUT_ISA_SCALAR = 0, LUT_ISA_AVX2 = 1, LUT_ISA_AVX512 = 2, LUT_ISA_NEON = 3, LUT_ISA_COUNT = 4 };

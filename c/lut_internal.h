@@ -34,18 +34,40 @@ void lut_tile_neon(const lut_job *job, int32_t tile, int32_t tok);
 
 static inline int64_t lut_tab_stride(const lut_job *j) { return (int64_t)j->ntab * j->w->K * 4; }
 
-/* The fp16 scales of one tile and group: [S][16], S = 1 (uniform) or P.
- *
- * Uniform layers: plane p's scale is h * 2^p, so every kernel adds the planes'
+/* Uniform layers: plane p's scale is h * 2^p, so every kernel adds the planes'
  * integer block sums as sum_p 2^p * S_p, then converts and scales once (one
  * multiply and one fma per row and block instead of P). Bound: a fast-mode
  * |S_p| <= 64 * 127 and an exact-mode S_p = lo + 256*hi sums at most 64
  * table entries |T| <= 4 * 127 = 508, so |S_p| <= 32512; with P <= 8,
  * |sum_p 2^p S_p| <= 255 * 32512 = 8290560 < 2^23. It fits int32 and, like a
  * single plane's sum, converts to float32 exactly. */
-static inline const uint16_t *lut_group_scales(const lut_layer *w, int32_t tile, int32_t g) {
-    int32_t S = w->uniform ? 1 : w->P;
-    return w->scales + ((int64_t)tile * (w->K / w->G) + g) * S * LUT_TILE;
+
+/* The 16 rows' scales of plane s (0 when uniform) for one tile and group:
+ * fp16 [16], or uint8 codes [16] when scale8. */
+static inline const void *lut_scale_ptr(const lut_layer *w, int32_t tile, int32_t g, int32_t s) {
+    int64_t i = (((int64_t)tile * (w->K / w->G) + g) * (w->uniform ? 1 : w->P) + s) * LUT_TILE;
+    return w->scale8 ? (const void *)((const uint8_t *)w->scales + i) : (const void *)((const uint16_t *)w->scales + i);
+}
+
+/* The 16 rows' offsets for one tile and group: fp16 [16], or int8 [16] when scale8. */
+static inline const void *lut_offset_ptr(const lut_layer *w, int32_t tile, int32_t g) {
+    int64_t i = ((int64_t)tile * (w->K / w->G) + g) * LUT_TILE;
+    return w->scale8 ? (const void *)((const int8_t *)w->offsets + i) : (const void *)((const uint16_t *)w->offsets + i);
+}
+
+/* 8-bit float scale (scale8 layers): code 0 is 0 (padding rows, empty groups);
+ * code u = 16e + m otherwise stands for (1 + m/16) * 2^(e - 13), from about
+ * 1.3e-4 to 7.75, 16 steps per octave (relative spacing <= 1/16). Its float32
+ * bits are ((e + 114) << 23) | (m << 19): an exact decode, the same integer
+ * operations on every ISA. An int8 offset c stands for (h * c) * 0.125 with h
+ * the row and group's first scale: h has 5 significant bits and c 8, so both
+ * products are exact in float32. */
+#define LUT_F8_BIAS 114
+static inline float lut_f8(uint8_t u) {
+    uint32_t bits = u ? ((uint32_t)(u >> 4) + LUT_F8_BIAS) << 23 | (uint32_t)(u & 15) << 19 : 0;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
 }
 
 /* Exact IEEE half -> float (subnormals included), the scalar twin of F16C/NEON fcvt. */

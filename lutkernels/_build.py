@@ -18,9 +18,10 @@ CDEF = """
 typedef struct lut_layer {
     int32_t M, K, P, G;
     int32_t uniform;
+    int32_t scale8;
     const uint8_t *planes;
-    const uint16_t *scales;
-    const uint16_t *offsets;
+    const void *scales;
+    const void *offsets;
 } lut_layer;
 int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t exact, int32_t *acc);
 int32_t lut_act_block(int32_t K, int32_t G);

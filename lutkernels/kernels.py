@@ -63,16 +63,17 @@ class Layer:
         check_shape(w.M, w.K, w.P, w.G)
         Mt = w.tiles
         _require(w.planes, np.uint8, (Mt, w.K // 32, w.P, 64), "planes")
-        _require(w.scales, np.float16, (Mt, w.K // w.G, w.scale_planes, 16), "scales")
+        _require(w.scales, np.uint8 if w.scale8 else np.float16, (Mt, w.K // w.G, w.scale_planes, 16), "scales")
         if w.offsets is not None:
-            _require(w.offsets, np.float16, (Mt, w.K // w.G, 16), "offsets")
+            _require(w.offsets, np.int8 if w.scale8 else np.float16, (Mt, w.K // w.G, 16), "offsets")
         self.w = w
         self.c = ffi.new("lut_layer *")
         self.c.M, self.c.K, self.c.P, self.c.G = w.M, w.K, w.P, w.G
         self.c.uniform = int(bool(w.uniform))
+        self.c.scale8 = int(bool(w.scale8))
         self.c.planes = ffi.from_buffer("uint8_t[]", w.planes)
-        self.c.scales = ffi.cast("const uint16_t *", ffi.from_buffer(w.scales))
-        self.c.offsets = ffi.NULL if w.offsets is None else ffi.cast("const uint16_t *", ffi.from_buffer(w.offsets))
+        self.c.scales = ffi.from_buffer(w.scales)
+        self.c.offsets = ffi.NULL if w.offsets is None else ffi.from_buffer(w.offsets)
 
 
 def _require(a, dtype, shape, name):

@@ -13,8 +13,15 @@ def restore_kernel_state():
     lk.set_threads(threads)
 
 
-def random_layer(rng, M, K, P, G, offsets):
+def random_layer(rng, M, K, P, G, offsets, scale8=False):
+    """scale8: scales in what 8-bit scales can hold (non-negative, some 0) and offsets
+    within [-16, 15.875] times plane 0's scale, as lutkernels.pack(scale8=True) needs."""
     planes = rng.integers(0, 2, (P, M, K), dtype=np.int8) * 2 - 1
     scales = rng.standard_normal((P, M, K // G)).astype(np.float32)
     offs = rng.standard_normal((M, K // G)).astype(np.float32) if offsets else None
+    if scale8:
+        scales = np.abs(scales) * np.float32(0.5)
+        scales[scales < 0.01] = 0
+        if offsets:
+            offs = (scales[0] * rng.uniform(-15, 15, (M, K // G))).astype(np.float32)
     return planes, scales, offs

@@ -8,11 +8,11 @@ the compiled module), so vectors can be made where the C core is not built,
 e.g. for a cross-compiled harness.
 
 File format, little-endian:
-    header  char[8] "LUTVEC2\\0", uint32 0x01020304 (byte-order check), uint32 ncases
-    case    int32 M, K, P, G, Kb, has_offsets, N, exact, uniform
+    header  char[8] "LUTVEC3\\0", uint32 0x01020304 (byte-order check), uint32 ncases
+    case    int32 M, K, P, G, Kb, has_offsets, N, exact, uniform, scale8
             uint8   planes  [Mt, K/32, P, 64]
-            uint16  scales  [Mt, K/G, S, 16]         (fp16 bits; S = 1 if uniform else P)
-            uint16  offsets [Mt, K/G, 16]            (only if has_offsets)
+            uint16  scales  [Mt, K/G, S, 16]         (fp16 bits, or uint8 codes if scale8; S = 1 if uniform else P)
+            uint16  offsets [Mt, K/G, 16]            (only if has_offsets; fp16 bits, or int8 if scale8)
             float32 x       [N, K]
             int32   sums    [N, Mt*16, P, K/Kb]      (the exact integer block sums, per plane)
             float64 y       [N, M]                   (float64 reference output)
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-MAGIC = b"LUTVEC2\0"
+MAGIC = b"LUTVEC3\0"
 GROUPS = (32, 64, 128, 256, "K")
 
 
@@ -58,9 +58,10 @@ def magnitude(w, x, sums, exact):
 
 
 def plan(ncases, rng):
-    """Shapes. G, exact, offsets and uniform scales cycle with periods 5, 2, 4
-    and 8, so any 40 consecutive cases hold all 40 combinations; the edge cases
-    that replace the first slots leave 40 consecutive ones from 51 cases on."""
+    """Shapes. G, exact, offsets, uniform and 8-bit scales cycle with periods 5,
+    2, 4, 8 and 16, so any 80 consecutive cases hold all 80 combinations; the
+    edge cases that replace the first slots leave 80 consecutive ones from 91
+    cases on."""
     out = []
     for i in range(ncases):
         G = GROUPS[i % 5]
@@ -73,7 +74,7 @@ def plan(ncases, rng):
         if i % 4 == 0:
             M = 16 * int(rng.integers(1, 5))  # whole tiles too, not only a partial last one
         out.append(dict(M=M, K=K, P=int(rng.integers(1, 9)), G=G, off=(i // 2) % 2 == 1, N=1 + i % 3,
-                        exact=i % 2 == 1, uniform=(i // 4) % 2 == 1, kind="random"))
+                        exact=i % 2 == 1, uniform=(i // 4) % 2 == 1, scale8=(i // 8) % 2 == 1, kind="random"))
     # Edge cases overwrite the first slots so the count stays ncases.
     edges = [
         dict(M=1, K=32, P=1, G=32, off=False, N=1, exact=False, uniform=False, kind="random"),
@@ -88,7 +89,11 @@ def plan(ncases, rng):
         dict(M=20, K=1024, P=8, G=1024, off=False, N=1, exact=True, uniform=True, kind="extreme_sum"),
         dict(M=25, K=256, P=4, G=64, off=True, N=3, exact=False, uniform=True, kind="zero_token"),
         dict(M=45, K=512, P=3, G=128, off=True, N=2, exact=True, uniform=True, kind="subnormal"),
+        # 8-bit scales at both ends of their range (and 0), offsets at both ends of theirs
+        dict(M=36, K=256, P=4, G=32, off=True, N=2, exact=False, uniform=True, scale8=True, kind="f8_range"),
     ]
+    for e in edges:
+        e.setdefault("scale8", False)
     out[: len(edges)] = edges[:ncases]
     return out
 
@@ -98,6 +103,10 @@ def make_case(c, rng):
     planes = rng.integers(0, 2, (P, M, K), dtype=np.int8) * 2 - 1
     scales = rng.standard_normal((1 if c["uniform"] else P, M, K // G)).astype(np.float32)
     offsets = rng.standard_normal((M, K // G)).astype(np.float32) if c["off"] else None
+    if c["scale8"]:  # what 8-bit scales hold: non-negative, offsets within [-16, 15.875] times plane 0's scale
+        scales = np.abs(scales)
+        if c["off"]:
+            offsets = (scales[0] * rng.uniform(-15, 15, (M, K // G))).astype(np.float32)
     x = (rng.standard_normal((N, K)) * rng.uniform(0.01, 100)).astype(np.float32)
     if c["kind"] == "extreme_sum":
         # Exact mode, the largest block sum: all activations equal quantize to
@@ -121,26 +130,29 @@ def make_case(c, rng):
             x[:] = 1.0
     elif c["kind"] == "zero_token":
         x[1] = 0.0  # all-zero tables and a zero table scale
+    elif c["kind"] == "f8_range":
+        scales[:] = rng.choice(layout.F8_VALUES[[0, 1, 2, 254, 255]], scales.shape)
+        offsets[:] = scales[0] * rng.choice([-16.0, 15.875, 0.125], offsets.shape)
     elif c["kind"] == "subnormal":
         scales *= 1e-6  # mostly float16 subnormals
         offsets *= 1e-6
-    w = layout.pack(planes, scales, offsets, uniform=c["uniform"])
+    w = layout.pack(planes, scales, offsets, uniform=c["uniform"], scale8=c["scale8"])
     y, sums = reference.gemm(w, x, c["exact"])
     return w, x, y, sums, magnitude(w, x, sums, c["exact"])
 
 
-def write(path, ncases=52, seed=0):
+def write(path, ncases=92, seed=0):
     rng = np.random.default_rng(seed)
     with open(path, "wb") as f:
         f.write(MAGIC + struct.pack("<II", 0x01020304, ncases))
         for c in plan(ncases, rng):
             w, x, y, sums, mag = make_case(c, rng)
             Kb = layout.act_block(w.K, w.G)
-            f.write(struct.pack("<9i", w.M, w.K, w.P, w.G, Kb, int(w.offsets is not None), x.shape[0], int(c["exact"]),
-                                int(w.uniform)))
-            arrays = [w.planes.astype("<u1"), w.scales.view(np.uint16).astype("<u2")]
+            f.write(struct.pack("<10i", w.M, w.K, w.P, w.G, Kb, int(w.offsets is not None), x.shape[0], int(c["exact"]),
+                                int(w.uniform), int(w.scale8)))
+            arrays = [w.planes.astype("<u1"), w.scales if w.scale8 else w.scales.view(np.uint16).astype("<u2")]
             if w.offsets is not None:
-                arrays.append(w.offsets.view(np.uint16).astype("<u2"))
+                arrays.append(w.offsets if w.scale8 else w.offsets.view(np.uint16).astype("<u2"))
             arrays += [x.astype("<f4"), sums.astype("<i4"), y.astype("<f8"), mag.astype("<f8")]
             for a in arrays:
                 f.write(np.ascontiguousarray(a).tobytes())
@@ -149,7 +161,7 @@ def write(path, ncases=52, seed=0):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
-    ap.add_argument("--cases", type=int, default=52)
+    ap.add_argument("--cases", type=int, default=92)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.cases < 1:

@@ -14,10 +14,10 @@ from lutkernels import reference as ref
 ISAS = lk.supported_isas()
 
 
-def packed(rng, M, K, P, G, offsets, uniform=False):
+def packed(rng, M, K, P, G, offsets, uniform=False, scale8=False):
     """A random layer; uniform keeps plane 0's scales (plane p's are implied as 2^p times them)."""
-    planes, scales, offs = random_layer(rng, M, K, P, G, offsets)
-    return lk.pack(planes, scales[:1] if uniform else scales, offs, uniform=uniform)
+    planes, scales, offs = random_layer(rng, M, K, P, G, offsets, scale8)
+    return lk.pack(planes, scales[:1] if uniform else scales, offs, uniform=uniform, scale8=scale8)
 
 
 @st.composite
@@ -25,7 +25,8 @@ def cases(draw):
     K = 32 * draw(st.integers(1, 40))
     G = draw(st.sampled_from([g for g in (32, 64, 128, 256) if K % g == 0] + [K]))
     return dict(M=draw(st.integers(1, 80)), K=K, P=draw(st.integers(1, 8)), G=G, off=draw(st.booleans()),
-                uniform=draw(st.booleans()), N=draw(st.sampled_from([1, 1, 2, 5])), exact=draw(st.booleans()),
+                uniform=draw(st.booleans()), scale8=draw(st.booleans()), N=draw(st.sampled_from([1, 1, 2, 5])),
+                exact=draw(st.booleans()),
                 threads=draw(st.sampled_from([1, 2])), seed=draw(st.integers(0, 2**32 - 1)))
 
 
@@ -51,7 +52,7 @@ def run(w, x, exact, isa, threads):
 @given(cases())
 def test_every_path_matches_the_reference(restore_kernel_state, c):
     rng = np.random.default_rng(c["seed"])
-    w = packed(rng, c["M"], c["K"], c["P"], c["G"], c["off"], c["uniform"])
+    w = packed(rng, c["M"], c["K"], c["P"], c["G"], c["off"], c["uniform"], c["scale8"])
     x = (rng.standard_normal((c["N"], c["K"])) * rng.uniform(0.01, 100)).astype(np.float32)
     y_ref, sums_ref = ref.gemm(w, x, c["exact"])
     y_scalar, sums_scalar = run(w, x, c["exact"], "scalar", c["threads"])
@@ -63,23 +64,25 @@ def test_every_path_matches_the_reference(restore_kernel_state, c):
         np.testing.assert_array_equal(y, y_scalar, err_msg=isa)
 
 
+@pytest.mark.parametrize("scale8", [False, True])
 @pytest.mark.parametrize("uniform", [False, True])
 @pytest.mark.parametrize("isa", ISAS)
-def test_thread_count_does_not_change_results(restore_kernel_state, isa, uniform):
+def test_thread_count_does_not_change_results(restore_kernel_state, isa, uniform, scale8):
     rng = np.random.default_rng(3)
-    w = packed(rng, 300, 512, 3, 128, True, uniform)
+    w = packed(rng, 300, 512, 3, 128, True, uniform, scale8)
     x = rng.standard_normal((4, 512)).astype(np.float32)
     outs = [run(w, x, False, isa, t)[0] for t in (1, 2, 3)]
     for y in outs[1:]:
         np.testing.assert_array_equal(y, outs[0])
 
 
+@pytest.mark.parametrize("scale8", [False, True])
 @pytest.mark.parametrize("uniform", [False, True])
 @pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("G", [32, 64, 128, 256, 768])
-def test_error_against_dense_product_stays_in_bound(G, exact, uniform):
+def test_error_against_dense_product_stays_in_bound(G, exact, uniform, scale8):
     rng = np.random.default_rng(G)
-    w = packed(rng, 64, 768, 4, G, True, uniform)
+    w = packed(rng, 64, 768, 4, G, True, uniform, scale8)
     x = rng.standard_normal((3, 768)).astype(np.float32)
     x[:, 5] = 40.0  # an outlier channel, as LLM activations have
     y = lk.gemm(w, x, exact=exact)

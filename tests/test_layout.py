@@ -38,6 +38,43 @@ def test_pack_unpack_round_trip(shape, uniform, seed):
         assert o2 is None
 
 
+@settings(max_examples=40, deadline=None)
+@given(shapes(), st.booleans(), st.integers(0, 2**32 - 1))
+def test_scale8_round_trip_stores_the_nearest_codes(shape, uniform, seed):
+    M, K, P, G, off = shape
+    planes, scales, offs = random_layer(np.random.default_rng(seed), M, K, P, G, off, scale8=True)
+    scales = scales[:1] if uniform else scales
+    w = lk.pack(planes, scales, offs, uniform=uniform, scale8=True)
+    assert w.scales.dtype == np.uint8 and (w.offsets is None or w.offsets.dtype == np.int8)
+    p2, s2, o2 = lk.unpack(w)
+    np.testing.assert_array_equal(p2, planes)
+    # every stored scale is an 8-bit value no farther from the wanted one than any other 8-bit value
+    stored = s2[:1] if uniform else s2
+    gap = np.abs(stored.astype(np.float64) - scales)
+    assert (gap <= np.abs(lk.layout.F8_VALUES.astype(np.float64)[:, None, None, None] - scales).min(0)).all()
+    if off:
+        h0 = s2[0].astype(np.float64)
+        assert (np.abs(o2 - offs) <= h0 / 16 * (1 + 1e-6)).all()  # half an eighth of h0
+        np.testing.assert_array_equal(o2 * 8 / np.where(h0 > 0, h0, 1), np.rint(o2 * 8 / np.where(h0 > 0, h0, 1)))
+
+
+def test_f8_codes_are_the_documented_floats():
+    """Code 0 is 0; code 16e + m is (1 + m/16) * 2^(e - 13), increasing from about 1.3e-4 to 7.75."""
+    expect = [0.0] + [(1 + (u & 15) / 16) * 2.0 ** ((u >> 4) - 13) for u in range(1, 256)]
+    np.testing.assert_array_equal(lk.layout.f8_decode(np.arange(256)), np.float32(expect))
+    assert lk.layout.F8_MAX == 7.75 and (np.diff(expect) > 0).all()
+
+
+def test_scale8_bad_values_are_clear_errors():
+    planes = np.ones((1, 16, 32), np.int8)
+    with pytest.raises(lk.LayoutError, match=r"8-bit scales must lie in \[0, 7.75\]"):
+        lk.pack(planes, -np.ones((1, 16, 1), np.float32), scale8=True)
+    with pytest.raises(lk.LayoutError, match="8-bit scales"):
+        lk.pack(planes, np.full((1, 16, 1), 8.0, np.float32), scale8=True)
+    with pytest.raises(lk.LayoutError, match=r"\[-16, 15.875\] times their group's first scale"):
+        lk.pack(planes, np.ones((1, 16, 1), np.float32), np.full((16, 1), 16.0, np.float32), scale8=True)
+
+
 def test_dense_matches_the_formula():
     rng = np.random.default_rng(1)
     M, K, P, G = 21, 128, 3, 32
@@ -88,10 +125,13 @@ def test_bits_per_weight_counts_every_stored_byte():
 
 
 def test_uniform_stores_one_scale_per_group():
-    """4 bits, G = 32, offsets: 4 + 16/32 + 16/32 = 5.0 bits uniform (llama.cpp's Q4_1), 6.5 per plane."""
+    """4 bits, G = 32, offsets: 4 + 16/32 + 16/32 = 5.0 bits uniform (llama.cpp's Q4_1), 6.5 per plane,
+    and 4 + 8/32 + 8/32 = 4.5 with 8-bit scales."""
     planes, scales, offs = random_layer(np.random.default_rng(4), 64, 256, 4, 32, True)
     assert lk.pack(planes, scales[:1], offs, uniform=True).bits_per_weight() == 5.0
     assert lk.pack(planes, scales, offs).bits_per_weight() == 6.5
+    planes, scales, offs = random_layer(np.random.default_rng(4), 64, 256, 4, 32, True, scale8=True)
+    assert lk.pack(planes, scales[:1], offs, uniform=True, scale8=True).bits_per_weight() == 4.5
 
 
 @pytest.mark.parametrize("M,K,P,ngroups,msg", [

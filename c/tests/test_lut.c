@@ -29,10 +29,10 @@
 #define ACC_FILL 0x7f
 
 typedef struct {
-    int32_t M, K, P, G, Kb, has_off, N, exact, uniform;
+    int32_t M, K, P, G, Kb, has_off, N, exact, uniform, scale8;
     size_t nplanes, nscales, noffsets, nx, nsums, ny;
     uint8_t *planes;
-    uint16_t *scales, *offsets;
+    void *scales, *offsets; /* fp16 bits, or uint8 / int8 when scale8 */
     float *x;
     int32_t *sums;
     double *y, *mag;
@@ -64,17 +64,17 @@ static int plausible(const int32_t *h) {
     int32_t M = h[0], K = h[1], P = h[2], G = h[3], Kb = h[4];
     return M >= 1 && M <= 65536 && K >= 32 && K <= 65536 && K % 32 == 0 && P >= 1 && P <= 8 && G >= 32 &&
            K % G == 0 && Kb >= 32 && Kb <= 256 && G % Kb == 0 && (h[5] == 0 || h[5] == 1) && h[6] >= 1 &&
-           h[6] <= 64 && (h[7] == 0 || h[7] == 1) && (h[8] == 0 || h[8] == 1);
+           h[6] <= 64 && (h[7] == 0 || h[7] == 1) && (h[8] == 0 || h[8] == 1) && (h[9] == 0 || h[9] == 1);
 }
 
 static void read_case(FILE *f, const char *path, vcase *c) {
-    int32_t h[9];
-    if (fread(h, sizeof h[0], 9, f) != 9)
+    int32_t h[10];
+    if (fread(h, sizeof h[0], 10, f) != 10)
         fatal(path, "truncated");
     if (!plausible(h))
         fatal(path, "implausible case header");
     c->M = h[0], c->K = h[1], c->P = h[2], c->G = h[3], c->Kb = h[4], c->has_off = h[5], c->N = h[6], c->exact = h[7];
-    c->uniform = h[8];
+    c->uniform = h[8], c->scale8 = h[9];
     size_t Mt = (size_t)(c->M + 15) / 16, ng = (size_t)(c->K / c->G);
     c->nplanes = Mt * (size_t)(c->K / 32) * (size_t)c->P * 64;
     c->nscales = Mt * ng * (size_t)(c->uniform ? 1 : c->P) * 16; /* uniform: plane 0's scale only */
@@ -83,8 +83,8 @@ static void read_case(FILE *f, const char *path, vcase *c) {
     c->nsums = (size_t)c->N * Mt * 16 * (size_t)c->P * (size_t)(c->K / c->Kb);
     c->ny = (size_t)c->N * (size_t)c->M;
     c->planes = read_array(f, path, c->nplanes, 1);
-    c->scales = read_array(f, path, c->nscales, 2);
-    c->offsets = c->has_off ? read_array(f, path, c->noffsets, 2) : NULL;
+    c->scales = read_array(f, path, c->nscales, c->scale8 ? 1 : 2);
+    c->offsets = c->has_off ? read_array(f, path, c->noffsets, c->scale8 ? 1 : 2) : NULL;
     c->x = read_array(f, path, c->nx, sizeof(float));
     c->sums = read_array(f, path, c->nsums, sizeof(int32_t));
     c->y = read_array(f, path, c->ny, sizeof(double));
@@ -112,9 +112,10 @@ static int untouched(const void *p, size_t n, unsigned char byte) {
 /* One path of one case; returns 1 if it passed, else prints its first failure. */
 static int run_path(const vcase *c, int32_t ci, int32_t isa, int32_t threads, float *y, int32_t *acc,
                     const float *y_scalar) {
-    char where[176];
-    snprintf(where, sizeof where, "case %d (M=%d K=%d P=%d G=%d offsets=%d N=%d exact=%d uniform=%d) %s threads=%d",
-             ci, c->M, c->K, c->P, c->G, c->has_off, c->N, c->exact, c->uniform, lut_isa_name(isa), threads);
+    char where[192];
+    snprintf(where, sizeof where,
+             "case %d (M=%d K=%d P=%d G=%d offsets=%d N=%d exact=%d uniform=%d scale8=%d) %s threads=%d", ci, c->M,
+             c->K, c->P, c->G, c->has_off, c->N, c->exact, c->uniform, c->scale8, lut_isa_name(isa), threads);
     if (lut_act_block(c->K, c->G) != c->Kb) {
         printf("FAIL %s: lut_act_block %d, reference %d\n", where, lut_act_block(c->K, c->G), c->Kb);
         return 0;
@@ -123,7 +124,8 @@ static int run_path(const vcase *c, int32_t ci, int32_t isa, int32_t threads, fl
         printf("FAIL %s: cannot select ISA or threads\n", where);
         return 0;
     }
-    lut_layer w = {.M = c->M, .K = c->K, .P = c->P, .G = c->G, .uniform = c->uniform, .planes = c->planes,
+    lut_layer w = {.M = c->M, .K = c->K, .P = c->P, .G = c->G, .uniform = c->uniform, .scale8 = c->scale8,
+                   .planes = c->planes,
                    .scales = c->scales, .offsets = c->offsets};
     memset(y, Y_FILL, (c->ny + GUARD) * sizeof *y);
     memset(acc, ACC_FILL, (c->nsums + GUARD) * sizeof *acc);
@@ -173,8 +175,8 @@ int main(int argc, char **argv) {
         fatal(path, "cannot open");
     char magic[8];
     uint32_t order, ncases;
-    if (fread(magic, 1, 8, f) != 8 || memcmp(magic, "LUTVEC2", 8) != 0)
-        fatal(path, "not a LUTVEC2 vectors file (remake it with tests/gen_vectors.py)");
+    if (fread(magic, 1, 8, f) != 8 || memcmp(magic, "LUTVEC3", 8) != 0)
+        fatal(path, "not a LUTVEC3 vectors file (remake it with tests/gen_vectors.py)");
     if (fread(&order, 4, 1, f) != 1 || fread(&ncases, 4, 1, f) != 1)
         fatal(path, "truncated");
     /* arrays are read in host order: the little-endian file's byte-order word rejects other hosts */
