@@ -23,14 +23,16 @@ def is_qfile(path: Path) -> bool:
 
 
 def default_tag() -> str:
-    from .quant import DEFAULT
+    from .quant import settings
 
-    return tag(DEFAULT)
+    return tag(settings())
 
 
 def tag(settings: dict) -> str:
-    """Short name of quantizer settings, e.g. rtn4g32: names the cached file, so a new default makes a new file."""
-    return f"{settings.get('method')}{settings.get('bits')}g{settings.get('group')}"
+    """Short name of quantizer settings, e.g. rtn4g32 (rtn4g32s8 with 8-bit scales): names the cached file,
+    so a new default makes a new file."""
+    s8 = "s8" if settings.get("scale_bits") == 8 else ""
+    return f"{settings.get('method')}{settings.get('bits')}g{settings.get('group')}{s8}"
 
 
 def cached_qfile(name: str) -> Path:

@@ -34,6 +34,9 @@ def add_arguments(p) -> None:
                    help="columns per group: 32, 64, 128, 256 or a matrix's row length; lowered per matrix "
                         "to the largest size dividing it (default: %(default)s)")
     p.add_argument("--symmetric", action="store_true", help="no offsets, grid symmetric around 0")
+    p.add_argument("--scale-bits", type=int, choices=(16, 8),
+                   help="8 stores each group's scale and offset in 8 bits instead of 16 (rtn only; 4 bits at "
+                        "group 32: 4.5 instead of 5.0 bits per weight) (default: 8 for rtn at up to 4 bits, else 16)")
     p.add_argument("--head-bits", type=int, default=DEFAULT["head_bits"],
                    help="bits of the output head, round to nearest (default: %(default)s)")
     p.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing Hessian diagonal")
@@ -53,7 +56,7 @@ def quant_settings(args) -> dict:
 
     method = args.method or ("gptq" if args.bpw is not None and args.calib else DEFAULT["method"])
     return {"method": method, "bpw": args.bpw, "bits": args.bits, "group": args.group, "symmetric": args.symmetric,
-            "head_bits": args.head_bits, "grid": args.grid, "act_order": args.act_order, "calib": args.calib,
+            "scale_bits": args.scale_bits, "head_bits": args.head_bits, "grid": args.grid, "act_order": args.act_order, "calib": args.calib,
             "n_calib": args.n_calib, "calib_len": args.calib_len, "layers": parse_layers(args.layer)}
 
 

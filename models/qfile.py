@@ -4,23 +4,25 @@ Layout (readable by the safetensors library):
     8-byte little-endian header length, JSON header, then the tensor bytes.
     Each packed linear layer <name> (HF name, models/config.py) is three tensors:
         <name>.planes  U8   [ceil(M/16), K/32, P, 64]     (lutkernels/layout.py)
-        <name>.scales  F16  [ceil(M/16), K/G, S, 16]      (S = 1 for a uniform layer, else P)
-        <name>.offsets F16  [ceil(M/16), K/G, 16]         (when the layer has offsets)
+        <name>.scales  F16  [ceil(M/16), K/G, S, 16]      (S = 1 for a uniform layer, else P; U8 when scale_bits 8)
+        <name>.offsets F16  [ceil(M/16), K/G, 16]         (when the layer has offsets; I8 when scale_bits 8)
     Norms and biases are F32 and the embedding F16 (or F32), under their own names.
     __metadata__["lutengine"] is a JSON string:
         format_version, config (ModelConfig.to_dict()), tokenizer (tokenizer.json text),
         bos_id, eos_ids, add_bos, chat_template,
-        tensors: {name: {method, bits, planes, group, M, K, offsets, uniform, bpw}},
+        tensors: {name: {method, bits, planes, group, M, K, offsets, uniform, scale_bits, bpw}},
         source: {path, sha256}, quantizer (the settings that made the file).
 
 Loading memory-maps the file: the packed arrays are views of the mapping, so a
 model starts without reading its weights and pages them in on first use. The
 data section starts 64-byte aligned and holds planes first, then F32, then
-F16 tensors, so every array is aligned to its element size.
+F16, then U8 and I8 tensors, so every array is aligned to its element size.
 
 Version 2 added uniform layers (one scale per row and group, lutkernels/layout.py;
-version 1 stored one per plane for every layer). A file of another version is
-refused; an older one with a request to quantize again.
+version 1 stored one per plane for every layer); version 3 added 8-bit scales
+(scale_bits, U8 scales and I8 offsets). Version 2 files read as version 3 files
+with 16-bit scales; a file of another version is refused, an older one with a
+request to quantize again.
 """
 from __future__ import annotations
 
@@ -39,11 +41,12 @@ import lutkernels as lk
 from .config import ModelConfig, ModelError, check_architecture
 from .source import ModelSource, TokenizerInfo
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+OLDEST_READ = 2  # version 3 only added a field whose absence means what version 2 stored
 KEY = "lutengine"
 ALIGN = 64
 MAX_HEADER = 100 << 20  # a header is a few hundred KB even for large models; more means a corrupt length
-DTYPES = {"U8": np.dtype("<u1"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+DTYPES = {"U8": np.dtype("<u1"), "I8": np.dtype("<i1"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
 PARTS = ("planes", "scales", "offsets")
 
 
@@ -124,11 +127,12 @@ def _flatten(weights: dict, info: dict) -> tuple[dict[str, np.ndarray], dict]:
             for part in PARTS:
                 a = getattr(w, part)
                 if a is not None:
-                    arrays[f"{name}.{part}"] = np.ascontiguousarray(a, DTYPES["U8" if part == "planes" else "F16"])
+                    arrays[f"{name}.{part}"] = np.ascontiguousarray(a, a.dtype.newbyteorder("<"))
             i = info.get(name, {})
             tensor_meta[name] = {"method": i.get("method", "unknown"), "bits": i.get("bits", w.P), "planes": w.P,
                                  "group": w.G, "M": w.M, "K": w.K, "offsets": w.offsets is not None,
-                                 "uniform": w.uniform, "bpw": w.bits_per_weight()}
+                                 "uniform": w.uniform, "scale_bits": 8 if w.scale8 else 16,
+                                 "bpw": w.bits_per_weight()}
         else:
             a = np.asarray(w)
             if a.dtype not in (np.float16, np.float32):
@@ -208,7 +212,7 @@ def _read_meta(md, path: Path) -> dict:
         raise ModelError(f"{path}: metadata has no integer format_version")
     if version > FORMAT_VERSION:
         raise ModelError(f"{path}: format version {version} is newer than this lutengine supports ({FORMAT_VERSION})")
-    if version < FORMAT_VERSION:
+    if version < OLDEST_READ:
         raise ModelError(f"{path}: format version {version} was written by an older lutengine; "
                          "quantize the model again")
     return meta
@@ -251,14 +255,18 @@ def _array(buf, base: int, size: int, entry, path: Path, name: str) -> np.ndarra
 def _packed(arrays: dict[str, np.ndarray], name: str, info, path: Path) -> lk.PackedLinear:
     try:
         M, K, P, G, has_off, uniform = (info[k] for k in ("M", "K", "planes", "group", "offsets", "uniform"))
+        scale_bits = info.get("scale_bits", 16)
         lk.check_shape(M, K, P, G)
         if not isinstance(uniform, bool):
             raise TypeError(f"uniform must be true or false, got {uniform!r}")
+        if scale_bits not in (8, 16) or isinstance(scale_bits, bool):
+            raise TypeError(f"scale_bits must be 16 or 8, got {scale_bits!r}")
     except (KeyError, TypeError, lk.LayoutError) as e:
         raise ModelError(f"{path}: tensor {name}: bad packed-layer metadata ({e})") from None
     Mt = -(-M // lk.layout.TILE)
-    expect = {"planes": ("U8", (Mt, K // 32, P, 64)), "scales": ("F16", (Mt, K // G, 1 if uniform else P, 16)),
-              "offsets": ("F16", (Mt, K // G, 16))}
+    expect = {"planes": ("U8", (Mt, K // 32, P, 64)),
+              "scales": ("U8" if scale_bits == 8 else "F16", (Mt, K // G, 1 if uniform else P, 16)),
+              "offsets": ("I8" if scale_bits == 8 else "F16", (Mt, K // G, 16))}
     parts = {}
     for part in PARTS:
         key = f"{name}.{part}"
@@ -273,9 +281,10 @@ def _packed(arrays: dict[str, np.ndarray], name: str, info, path: Path) -> lk.Pa
         dtype, shape = expect[part]
         if a.dtype != DTYPES[dtype] or a.shape != shape:
             raise ModelError(f"{path}: tensor {key} is {a.dtype} {list(a.shape)}; metadata "
-                             f"(M={M}, K={K}, P={P}, G={G}, uniform={uniform}) needs {dtype} {list(shape)}")
+                             f"(M={M}, K={K}, P={P}, G={G}, uniform={uniform}, scale_bits={scale_bits}) "
+                             f"needs {dtype} {list(shape)}")
         parts[part] = a
-    return lk.PackedLinear(M, K, P, G, parts["planes"], parts["scales"], parts["offsets"], uniform)
+    return lk.PackedLinear(M, K, P, G, parts["planes"], parts["scales"], parts["offsets"], uniform, scale_bits == 8)
 
 
 def _check_complete(qf: QFile) -> None:

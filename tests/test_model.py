@@ -324,16 +324,47 @@ def rtn_case(seed, M=37, K=256):
     return W
 
 
+@pytest.mark.parametrize("scale8", [False, True])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("G", [32, 64, 256])
-def test_rtn_pack_is_exactly_the_reconstruction(bits, symmetric, G):
+def test_rtn_pack_is_exactly_the_reconstruction(bits, symmetric, G, scale8):
     W = rtn_case(bits * 10 + G)
-    c = rtn.codes(W, bits, G, symmetric)
+    if scale8:
+        W[4] /= 10  # 8-bit scales end at 7.75: the far group's 1-bit step would not fit
+    c = rtn.codes(W, bits, G, symmetric, scale8)
     w = rtn.to_packed(c)
     assert w.uniform and w.scales.shape[2] == 1  # one stored scale (s/2) per group, not one per plane
+    per_row = bits + (8 if scale8 else 16) * (1 if symmetric else 2) / G  # then rows padded to whole tiles
+    assert w.scale8 is scale8 and w.bits_per_weight() == pytest.approx(per_row * w.tiles * 16 / w.M, rel=1e-12)
     np.testing.assert_array_equal(lk.dense(w), rtn.reconstruct(c))
-    np.testing.assert_array_equal(lk.dense(rtn.quantize(W, bits, G, symmetric)), rtn.reconstruct(c))
+    np.testing.assert_array_equal(lk.dense(rtn.quantize(W, bits, G, symmetric, scale8)), rtn.reconstruct(c))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_rtn_8_bit_scales_cost_little_error(bits, symmetric):
+    """An 8-bit scale is within 1/32 of the wanted one and the offset within h/16: on 2-4 bits
+    the squared error stays within 10% of float16 scales', and no group is far worse."""
+    W = rtn_case(bits, M=64, K=512)
+    W[2:5] = 0.05 * np.random.default_rng(1).standard_normal((3, 512))  # rtn_case's odd groups: their own test
+    sse = [((rtn.reconstruct(rtn.codes(W, bits, 32, symmetric, s8)) - W) ** 2).reshape(64, -1, 32).sum(-1)
+           for s8 in (False, True)]
+    assert sse[1].sum() <= 1.1 * sse[0].sum() and (sse[1] <= 1.6 * sse[0] + 1e-12).all()
+
+
+def test_rtn_8_bit_scales_reach_a_constant_group():
+    """A group far from zero with no spread: the scale grows until the offset is in reach."""
+    W = np.full((16, 32), 0.25, np.float32)
+    c = rtn.codes(W, 4, 32, scale8=True)
+    assert np.abs(rtn.reconstruct(c) - W).max() <= c.scale.max()
+
+
+def test_rtn_8_bit_scales_out_of_range_is_a_clear_error():
+    W = np.zeros((16, 32), np.float32)
+    W[0, 0] = 1000.0
+    with pytest.raises(ValueError, match="weights out of range for 8-bit scales"):
+        rtn.quantize(W, 4, 32, scale8=True)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -360,12 +391,13 @@ def test_rtn_codes_are_round_to_nearest():
     np.testing.assert_array_equal(rtn.reconstruct(c), W)
 
 
-def test_rtn_row_chunks_stack(monkeypatch):
+@pytest.mark.parametrize("scale8", [False, True])
+def test_rtn_row_chunks_stack(monkeypatch, scale8):
     W = rtn_case(7, M=100, K=128)
-    whole = rtn.quantize(W, 4, 64)
+    whole = rtn.quantize(W, 4, 64, scale8=scale8)
     monkeypatch.setattr(rtn, "ROW_CHUNK", 32)
-    chunked = rtn.quantize(W, 4, 64)
-    assert chunked.M == 100
+    chunked = rtn.quantize(W, 4, 64, scale8=scale8)
+    assert chunked.M == 100 and chunked.scale8 is scale8
     for a, b in ((whole.planes, chunked.planes), (whole.scales, chunked.scales), (whole.offsets, chunked.offsets)):
         np.testing.assert_array_equal(a, b)
 
@@ -381,8 +413,8 @@ def test_group_size_choice():
 
 
 def test_quant_settings():
-    assert settings(None) == DEFAULT
-    assert settings({"bits": 2}) == {**DEFAULT, "bits": 2}
+    assert settings(None) == {**DEFAULT, "scale_bits": 8}
+    assert settings({"bits": 2}) == {**DEFAULT, "bits": 2, "scale_bits": 8}
     with pytest.raises(ValueError, match="unknown quantizer settings: colour"):
         settings({"colour": 1})
     with pytest.raises(ValueError, match="bits must be"):

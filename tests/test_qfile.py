@@ -81,16 +81,16 @@ def _root(a):
 def test_metadata(src, saved):
     q = qfile.load(saved)
     m = q.meta
-    assert m["format_version"] == qfile.FORMAT_VERSION == 2
+    assert m["format_version"] == qfile.FORMAT_VERSION == 3
     assert m["source"] == {"path": str(src.path), "sha256": "ab" * 32}
-    assert m["quantizer"] == {**DEFAULT, "bits": 3}
+    assert m["quantizer"] == {**DEFAULT, "bits": 3, "scale_bits": 8}  # rtn at <= 4 bits: 8-bit scales
     t = m["tensors"][Q_PROJ]
     w = q.packed[Q_PROJ]
     G = rtn.group_size(64, DEFAULT["group"])
     assert t == {"method": "rtn", "bits": 3, "planes": 3, "group": G, "M": 64, "K": 64, "offsets": True,
-                 "uniform": True, "bpw": w.bits_per_weight()}
-    # RTN layers are uniform: one float16 scale per group, the honest 3 + 16/G + 16/G bits
-    assert w.uniform and w.scales.shape == (4, 64 // G, 1, 16) and t["bpw"] == 3 + 32 / G
+                 "uniform": True, "scale_bits": 8, "bpw": w.bits_per_weight()}
+    # RTN layers are uniform: one 8-bit scale per group, the honest 3 + 8/G + 8/G bits
+    assert w.uniform and w.scales.shape == (4, 64 // G, 1, 16) and t["bpw"] == 3 + 16 / G
     assert m["tensors"]["lm_head.weight"]["bits"] == 8
     tok = q.tok
     assert (tok.bos_id, tok.eos_ids, tok.add_bos, tok.chat_template) == (1, (2,), True, "{{ messages }}")
@@ -115,9 +115,46 @@ def test_data_section_is_aligned(saved):
 
 
 def test_newer_format_version_is_refused(saved):
-    rewrite_safetensors_header(saved, edit_meta(lambda m: m.update(format_version=3)))
-    with pytest.raises(ModelError, match=r"format version 3 is newer than this lutengine supports \(2\)"):
+    rewrite_safetensors_header(saved, edit_meta(lambda m: m.update(format_version=4)))
+    with pytest.raises(ModelError, match=r"format version 4 is newer than this lutengine supports \(3\)"):
         qfile.load(saved)
+
+
+def test_version_2_files_read_as_16_bit_scales(src, tmp_path):
+    """Version 3 only added scale_bits: a version 2 file (no such field) runs as it did."""
+    saved = qfile.save(tmp_path / "v2.lut.safetensors", src, {"bits": 3, "scale_bits": 16})
+    expect = lk.dense(qfile.load(saved).packed[Q_PROJ])
+
+    def to_v2(m):
+        m.update(format_version=2)
+        for t in m["tensors"].values():
+            t.pop("scale_bits")
+    rewrite_safetensors_header(saved, edit_meta(to_v2))
+    w = qfile.load(saved).packed[Q_PROJ]
+    assert not w.scale8 and lk.dense(w).tobytes() == expect.tobytes()
+
+
+def test_8_bit_scales_round_trip(src, tmp_path):
+    """rtn with 8-bit scales: U8 scales and I8 offsets on disk, the same logits after reload, 4.5 bpw at 4 bits."""
+    quant = {"bits": 4, "scale_bits": 8}
+    weights, _ = quantize_model(src.config, src.tensors, quant)
+    expect = Transformer(src.config, weights).forward(IDS, 0, all_logits=True)
+    path = qfile.save(tmp_path / "s8.lut.safetensors", src, quant)
+    q = qfile.load(path)
+    w, t = q.packed[Q_PROJ], q.meta["tensors"][Q_PROJ]
+    assert w.scale8 and w.scales.dtype == np.uint8 and w.offsets.dtype == np.int8
+    assert t["scale_bits"] == 8 and t["bpw"] == 4 + 16 / w.G
+    assert not q.packed["lm_head.weight"].scale8  # the head keeps float16 scales
+    with safe_open(str(path), "numpy") as f:
+        assert f.get_tensor(Q_PROJ + ".offsets").dtype == np.int8
+    np.testing.assert_array_equal(Transformer.from_qfile(q).forward(IDS, 0, all_logits=True), expect)
+
+
+def test_scale_bits_disagreeing_with_arrays(src, tmp_path):
+    path = qfile.save(tmp_path / "s8.lut.safetensors", src, {"bits": 4, "scale_bits": 8})
+    rewrite_safetensors_header(path, edit_meta(lambda m: m["tensors"][Q_PROJ].update(scale_bits=16)))
+    with pytest.raises(ModelError, match=f"{Q_PROJ}.scales is uint8 .*scale_bits=16\\) needs F16"):
+        qfile.load(path)
 
 
 def test_older_format_version_is_refused(saved):
@@ -141,8 +178,8 @@ def test_per_plane_layers_round_trip(src, tmp_path):
 
 
 @pytest.mark.parametrize("value, message", [
-    (False, r"scales is float16 \[4, 2, 1, 16\]; metadata \(M=64, K=64, P=3, G=32, uniform=False\) "
-            r"needs F16 \[4, 2, 3, 16\]"),
+    (False, r"scales is uint8 \[4, 2, 1, 16\]; metadata \(M=64, K=64, P=3, G=32, uniform=False, "
+            r"scale_bits=8\) needs U8 \[4, 2, 3, 16\]"),
     ("yes", "bad packed-layer metadata \\(uniform must be true or false, got 'yes'\\)"),
     (None, "bad packed-layer metadata \\('uniform'\\)"),
 ])
@@ -246,4 +283,4 @@ def test_cached_default_file_is_named_by_format_version(tmp_path, monkeypatch):
 
     monkeypatch.setenv("LUTENGINE_HOME", str(tmp_path))
     path = cached_qfile("smollm2-135m-instruct")
-    assert path == tmp_path / "models" / "smollm2-135m-instruct.rtn4g32.v2.lut.safetensors"
+    assert path == tmp_path / "models" / "smollm2-135m-instruct.rtn4g32s8.v3.lut.safetensors"

@@ -223,7 +223,7 @@ def test_gptq_model_beats_its_grid_on_calibration_output_error(tiny, grid):
     errors = {}
     for method in ("gptq", grid):
         stats = {}
-        quantize_model(c, t, {"method": method, "grid": grid, "bits": 2, "calib": "c4"}, tokens,
+        quantize_model(c, t, {"method": method, "grid": grid, "bits": 2, "calib": "c4", "scale_bits": 16}, tokens,
                        lambda i, s: stats.update(s))
         assert len(stats) == 7 * c.n_layers
         errors[method] = stats
@@ -259,9 +259,9 @@ def test_rtn_and_hlq_need_no_calibration(tiny):
 # ---- settings -------------------------------------------------------------------------------------
 
 def test_settings_defaults_and_keys():
-    assert settings(None) == DEFAULT
-    assert set(DEFAULT) == {"method", "bits", "group", "symmetric", "head_bits", "grid", "act_order", "calib",
-                            "n_calib", "calib_len", "layers", "bpw"}
+    assert settings(None) == {**DEFAULT, "scale_bits": 8}
+    assert set(DEFAULT) == {"method", "bits", "group", "symmetric", "scale_bits", "head_bits", "grid", "act_order",
+                            "calib", "n_calib", "calib_len", "layers", "bpw"}
     s = settings({"method": "gptq", "grid": "hlq", "calib": "c4.txt", "layers": {"*down*": {"bits": 4}}})
     assert s["method"] == "gptq" and s["layers"] == {"*down*": {"bits": 4}}
 
@@ -279,10 +279,22 @@ def test_settings_defaults_and_keys():
     ({"layers": {"*down*": {"bits": 9}}}, r"bits \(layer override '\*down\*'\) must be"),
     ({"layers": {"*down*": {"method": "hlq"}}}, "may only set bits and group"),
     ({"colour": 1}, "unknown quantizer settings: colour"),
+    ({"scale_bits": 12}, "scale_bits must be 16 or 8, got 12"),
+    ({"method": "hlq", "scale_bits": 8}, "8-bit scales are made by rtn only, not hlq"),
+    ({"bpw": 4.5, "scale_bits": 8}, "8-bit scales are made by rtn only, not rtn with a bpw budget"),
 ])
 def test_bad_settings_are_one_line_errors(quant, message):
     with pytest.raises(ValueError, match=message):
         settings(quant)
+
+
+@pytest.mark.parametrize("quant, scale_bits", [
+    ({}, 8), ({"bits": 2}, 8), ({"bits": 8}, 16), ({"layers": {"*down*": {"bits": 6}}}, 16),
+    ({"method": "hlq"}, 16), ({"bpw": 4.5}, 16), ({"bits": 8, "scale_bits": 8}, 8),
+])
+def test_scale_bits_default_to_8_where_rtn_offsets_reach(quant, scale_bits):
+    """8-bit offsets reach 16 plane-0 scales: enough for an rtn grid of up to 4 bits, not wider."""
+    assert settings(quant)["scale_bits"] == scale_bits
 
 
 def test_settings_that_do_not_fit_the_model():

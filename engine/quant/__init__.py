@@ -11,6 +11,11 @@ Settings are a plain dict (stored verbatim in the quantized model file):
     group      preferred group size; lowered per matrix to the largest kernel group size
                dividing K; must be a kernel group size (32, 64, 128, 256) or some matrix's K
     symmetric  no offsets, grid symmetric around 0
+    scale_bits 16 (float16 scales and offsets) or 8 (8-bit float scales, int8 offsets:
+               lutkernels/layout.py; rtn only, 4 bits at G = 32 cost 4.5 instead of 5.0
+               bits per weight); None picks 8 for rtn at up to 4 bits without a bpw
+               budget (its offsets reach 16 scales: enough for 4-bit grids, not for
+               wider ones), else 16. The head keeps float16 scales
     head_bits  bits of the output head (lm_head, or a packed copy of a tied embedding),
                always round to nearest
     grid       the grid gptq rounds to: "rtn", "hlq" or "msb"
@@ -37,7 +42,7 @@ from models.config import ModelConfig
 
 from . import binary, budget, calib, gptq, hlq, msb, rtn, ternary
 
-DEFAULT = {"method": "rtn", "bits": 4, "group": 32, "symmetric": False, "head_bits": 8, "grid": "rtn",
+DEFAULT = {"method": "rtn", "bits": 4, "group": 32, "symmetric": False, "scale_bits": None, "head_bits": 8, "grid": "rtn",
            "act_order": False, "calib": None, "n_calib": 64, "calib_len": 512, "layers": {}, "bpw": None}
 
 # calibration-free methods: (W, bits, group, symmetric) -> PackedLinear; gptq needs the Hessian of W's inputs
@@ -93,6 +98,14 @@ def settings(quant: dict | None = None) -> dict:
         if not isinstance(over, dict) or set(over) - set(OVERRIDES):
             raise ValueError(f"layer override {pattern!r}: {over!r} may only set {' and '.join(OVERRIDES)}")
         _check_layer(over, f" (layer override {pattern!r})", s["method"])
+    if s["scale_bits"] is None:
+        widest = max([s["bits"]] + [o.get("bits", 0) for o in s["layers"].values()])
+        s["scale_bits"] = 8 if s["method"] == "rtn" and s["bpw"] is None and widest <= 4 else 16
+    if s["scale_bits"] not in (8, 16) or isinstance(s["scale_bits"], bool):
+        raise ValueError(f"scale_bits must be 16 or 8, got {s['scale_bits']!r}")
+    if s["scale_bits"] == 8 and (s["method"] != "rtn" or s["bpw"] is not None):
+        raise ValueError(f"8-bit scales are made by rtn only, not {method_label(s)}"
+                         f"{' with a bpw budget' if s['bpw'] is not None else ''}")
     return s
 
 
@@ -171,6 +184,9 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
     def quantize(name: str, f: gptq.Factor | None = None) -> None:
         W = np.asarray(tensors[name], np.float32)
         bits, group = layer_settings(s, name)
+        if f is None and s["scale_bits"] == 8:
+            packed[name] = rtn.quantize(W, bits, group, s["symmetric"], scale8=True)
+            return
         if f is None:
             packed[name] = METHODS[s["method"]](W, bits, group, s["symmetric"])
             return
