@@ -86,8 +86,9 @@ TGT void lut_tile_avx2(const lut_job *j, int32_t tile, int32_t tok) {
     const int8_t *tab = j->tab + tok * lut_tab_stride(j);
     const float *ts = j->tscale + (int64_t)tok * nb, *xs = j->xsum + (int64_t)tok * ng;
     __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
+    int32_t g = 0, bg = 0; /* block b's group and its place there: counted, so no division runs per block */
     for (int32_t b = 0; b < nb; b++) {
-        int32_t g = b / bpg;
+        int64_t grp = (int64_t)tile * ng + g;
         __m256 tsv = _mm256_set1_ps(ts[b]);
         __m256i u0 = _mm256_setzero_si256(), u1 = _mm256_setzero_si256(); /* uniform: sum_p 2^p * s_p */
         for (int32_t p = 0; p < P; p++) {
@@ -113,16 +114,20 @@ TGT void lut_tile_avx2(const lut_job *j, int32_t tile, int32_t tok) {
                 u0 = _mm256_add_epi32(u0, _mm256_sll_epi32(s0, sh));
                 u1 = _mm256_add_epi32(u1, _mm256_sll_epi32(s1, sh));
             } else {
-                scale_add(&y0, &y1, s0, s1, scales16(w, lut_scale_ptr(w, tile, g, p)), tsv);
+                scale_add(&y0, &y1, s0, s1, scales16(w, lut_scale_ptr(w, grp, p)), tsv);
             }
         }
         if (w->uniform)
-            scale_add(&y0, &y1, u0, u1, scales16(w, lut_scale_ptr(w, tile, g, 0)), tsv);
-        if (w->offsets && (b + 1) % bpg == 0) {
-            rows16 z = offsets16(w, lut_offset_ptr(w, tile, g), scales16(w, lut_scale_ptr(w, tile, g, 0)));
-            __m256 xv = _mm256_set1_ps(xs[g]);
-            y0 = _mm256_fmadd_ps(z.v[0], xv, y0);
-            y1 = _mm256_fmadd_ps(z.v[1], xv, y1);
+            scale_add(&y0, &y1, u0, u1, scales16(w, lut_scale_ptr(w, grp, 0)), tsv);
+        if (++bg == bpg) { /* the group's last block */
+            if (w->offsets) {
+                rows16 z = offsets16(w, lut_offset_ptr(w, grp), scales16(w, lut_scale_ptr(w, grp, 0)));
+                __m256 xv = _mm256_set1_ps(xs[g]);
+                y0 = _mm256_fmadd_ps(z.v[0], xv, y0);
+                y1 = _mm256_fmadd_ps(z.v[1], xv, y1);
+            }
+            bg = 0;
+            g++;
         }
     }
     float out[LUT_TILE];

@@ -5,22 +5,30 @@
 
 #define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
-/* Words 0-15 hold rows 0-15 from lanes 0 and 2, words 16-31 the same rows from
- * lanes 1 and 3; each word gets at most 32 lookups per block, |sum| <= 4096. */
-TGT static inline __attribute__((always_inline)) __m256i block_sums(const uint8_t *wt, const int8_t *tab, int32_t c0, int32_t nc, int32_t P, int32_t p) {
-    const __m512i m4 = _mm512_set1_epi8(0x0f);
-    __m512i acc = _mm512_setzero_si512();
+/* 16 rows of int16 sums of one plane over nc chunks. Lane l of r0 holds the
+ * 16 rows' lookups of group l (low nibbles), of r1 those of group l+4 (high
+ * nibbles). Their bytes are paired row by row (unpack) and summed into int16 by
+ * vpmaddubsw against ones, which cannot saturate (|a + b| <= 256): the pairing
+ * stays inside 128-bit lanes, where sign-extending each lookup would cross
+ * lanes (vpmovsxbw), which doubled the shuffle-port work per chunk. Each row
+ * receives at most 64 lookups per block: |sum| <= 8192 (see kernel_scalar.c). */
+TGT static inline __attribute__((always_inline)) __m256i block_sums(const uint8_t *wt, const int8_t *tab, int32_t c0,
+                                                                   int32_t nc, int32_t P, int32_t p) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi8(1);
+    __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512(); /* rows 0-7 / 8-15, one partial per lane */
     for (int32_t c = c0; c < c0 + nc; c++) {
         __m512i wv = _mm512_loadu_si512(wt + ((int64_t)c * P + p) * 64);
         const int8_t *tb = tab + (int64_t)c * 8 * LUT_TAB;
         __m512i r0 = _mm512_shuffle_epi8(_mm512_loadu_si512(tb), _mm512_and_si512(wv, m4));
         __m512i r1 = _mm512_shuffle_epi8(_mm512_loadu_si512(tb + 64), _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4));
-        acc = _mm512_add_epi16(acc, _mm512_cvtepi8_epi16(_mm512_castsi512_si256(r0)));
-        acc = _mm512_add_epi16(acc, _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(r0, 1)));
-        acc = _mm512_add_epi16(acc, _mm512_cvtepi8_epi16(_mm512_castsi512_si256(r1)));
-        acc = _mm512_add_epi16(acc, _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(r1, 1)));
+        lo = _mm512_add_epi16(lo, _mm512_maddubs_epi16(ones, _mm512_unpacklo_epi8(r0, r1)));
+        hi = _mm512_add_epi16(hi, _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(r0, r1)));
     }
-    return _mm256_add_epi16(_mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64(acc, 1));
+    /* fold the four lanes: [lo lanes 0+2, 1+3, hi lanes 0+2, 1+3], then [rows 0-7, rows 8-15] */
+    __m512i s = _mm512_add_epi16(_mm512_shuffle_i64x2(lo, hi, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_i64x2(lo, hi, _MM_SHUFFLE(3, 2, 3, 2)));
+    s = _mm512_shuffle_i64x2(s, s, _MM_SHUFFLE(3, 1, 2, 0));
+    return _mm256_add_epi16(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
 }
 
 /* y += s * (scale * ts), 16 rows: the scalar kernel's rounding order. */
@@ -54,8 +62,9 @@ TGT void lut_tile_avx512(const lut_job *j, int32_t tile, int32_t tok) {
     const int8_t *tab = j->tab + tok * lut_tab_stride(j);
     const float *ts = j->tscale + (int64_t)tok * nb, *xs = j->xsum + (int64_t)tok * ng;
     __m512 y = _mm512_setzero_ps();
+    int32_t g = 0, bg = 0; /* block b's group and its place there: counted, so no division runs per block */
     for (int32_t b = 0; b < nb; b++) {
-        int32_t g = b / bpg;
+        int64_t grp = (int64_t)tile * ng + g;
         __m512 tsv = _mm512_set1_ps(ts[b]);
         __m512i u = _mm512_setzero_si512(); /* uniform: sum_p 2^p * s_p */
         for (int32_t p = 0; p < P; p++) {
@@ -72,13 +81,17 @@ TGT void lut_tile_avx512(const lut_job *j, int32_t tile, int32_t tok) {
             if (w->uniform)
                 u = _mm512_add_epi32(u, _mm512_sll_epi32(s, _mm_cvtsi32_si128(p)));
             else
-                y = scale_add(y, s, scales16(w, lut_scale_ptr(w, tile, g, p)), tsv);
+                y = scale_add(y, s, scales16(w, lut_scale_ptr(w, grp, p)), tsv);
         }
         if (w->uniform)
-            y = scale_add(y, u, scales16(w, lut_scale_ptr(w, tile, g, 0)), tsv);
-        if (w->offsets && (b + 1) % bpg == 0) {
-            __m512 z = offsets16(w, lut_offset_ptr(w, tile, g), scales16(w, lut_scale_ptr(w, tile, g, 0)));
-            y = _mm512_fmadd_ps(z, _mm512_set1_ps(xs[g]), y);
+            y = scale_add(y, u, scales16(w, lut_scale_ptr(w, grp, 0)), tsv);
+        if (++bg == bpg) { /* the group's last block */
+            if (w->offsets) {
+                __m512 z = offsets16(w, lut_offset_ptr(w, grp), scales16(w, lut_scale_ptr(w, grp, 0)));
+                y = _mm512_fmadd_ps(z, _mm512_set1_ps(xs[g]), y);
+            }
+            bg = 0;
+            g++;
         }
     }
     int32_t n = w->M - tile * LUT_TILE < LUT_TILE ? w->M - tile * LUT_TILE : LUT_TILE;

@@ -85,8 +85,9 @@ void lut_tile_neon(const lut_job *j, int32_t tile, int32_t tok) {
     const int8_t *tab = j->tab + tok * lut_tab_stride(j);
     const float *ts = j->tscale + (int64_t)tok * nb, *xs = j->xsum + (int64_t)tok * ng;
     float32x4_t y[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
+    int32_t g = 0, bg = 0; /* block b's group and its place there: counted, so no division runs per block */
     for (int32_t b = 0; b < nb; b++) {
-        int32_t g = b / bpg;
+        int64_t grp = (int64_t)tile * ng + g;
         float32x4_t tsv = vdupq_n_f32(ts[b]);
         /* uniform: sum_p 2^p * s_p (vshlq shifts bits: defined for negative lanes) */
         int32x4_t u[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
@@ -115,16 +116,20 @@ void lut_tile_neon(const lut_job *j, int32_t tile, int32_t tok) {
                 for (int i = 0; i < 4; i++)
                     u[i] = vaddq_s32(u[i], vshlq_s32(s[i], vdupq_n_s32(p)));
             else
-                scale_add(y, s, w, lut_scale_ptr(w, tile, g, p), tsv);
+                scale_add(y, s, w, lut_scale_ptr(w, grp, p), tsv);
         }
         if (w->uniform)
-            scale_add(y, u, w, lut_scale_ptr(w, tile, g, 0), tsv);
-        if (w->offsets && (b + 1) % bpg == 0) {
-            float32x4_t h[4], z[4], xv = vdupq_n_f32(xs[g]);
-            scales16(w, lut_scale_ptr(w, tile, g, 0), h);
-            offsets16(w, lut_offset_ptr(w, tile, g), h, z);
-            for (int i = 0; i < 4; i++)
-                y[i] = vfmaq_f32(y[i], z[i], xv);
+            scale_add(y, u, w, lut_scale_ptr(w, grp, 0), tsv);
+        if (++bg == bpg) { /* the group's last block */
+            if (w->offsets) {
+                float32x4_t h[4], z[4], xv = vdupq_n_f32(xs[g]);
+                scales16(w, lut_scale_ptr(w, grp, 0), h);
+                offsets16(w, lut_offset_ptr(w, grp), h, z);
+                for (int i = 0; i < 4; i++)
+                    y[i] = vfmaq_f32(y[i], z[i], xv);
+            }
+            bg = 0;
+            g++;
         }
     }
     float out[LUT_TILE];

@@ -27,15 +27,15 @@ static inline float scale_add(float y, int32_t s, float scale, float ts) {
 }
 
 /* The 16 rows' scales of plane s (0 when uniform) as float. */
-static void scales16(const lut_layer *w, int32_t tile, int32_t g, int32_t s, float out[LUT_TILE]) {
-    const void *p = lut_scale_ptr(w, tile, g, s);
+static void scales16(const lut_layer *w, int64_t grp, int32_t s, float out[LUT_TILE]) {
+    const void *p = lut_scale_ptr(w, grp, s);
     for (int32_t r = 0; r < LUT_TILE; r++)
         out[r] = w->scale8 ? lut_f8(((const uint8_t *)p)[r]) : lut_h2f(((const uint16_t *)p)[r]);
 }
 
 /* The 16 rows' offsets as float; h: the rows' first scales (scales16, plane 0). */
-static void offsets16(const lut_layer *w, int32_t tile, int32_t g, const float h[LUT_TILE], float out[LUT_TILE]) {
-    const void *p = lut_offset_ptr(w, tile, g);
+static void offsets16(const lut_layer *w, int64_t grp, const float h[LUT_TILE], float out[LUT_TILE]) {
+    const void *p = lut_offset_ptr(w, grp);
     for (int32_t r = 0; r < LUT_TILE; r++)
         out[r] = w->scale8 ? h[r] * (float)((const int8_t *)p)[r] * 0.125f : lut_h2f(((const uint16_t *)p)[r]);
 }
@@ -48,8 +48,9 @@ void lut_tile_scalar(const lut_job *j, int32_t tile, int32_t tok) {
     const int8_t *tab = j->tab + tok * lut_tab_stride(j);
     const float *ts = j->tscale + (int64_t)tok * nb, *xs = j->xsum + (int64_t)tok * ng;
     float yacc[LUT_TILE] = {0};
+    int32_t g = 0, bg = 0; /* block b's group and its place there: counted, so no division runs per block */
     for (int32_t b = 0; b < nb; b++) {
-        int32_t g = b / bpg;
+        int64_t grp = (int64_t)tile * ng + g;
         float sc[LUT_TILE], z[LUT_TILE];
         int32_t u[LUT_TILE] = {0}; /* uniform: sum_p 2^p * s_p (bound in lut_internal.h) */
         for (int32_t p = 0; p < P; p++) {
@@ -67,21 +68,25 @@ void lut_tile_scalar(const lut_job *j, int32_t tile, int32_t tok) {
                     u[r] += s[r] * (1 << p); /* a multiply: shifting a negative int left is UB in C */
             }
             if (!w->uniform) {
-                scales16(w, tile, g, p, sc);
+                scales16(w, grp, p, sc);
                 for (int32_t r = 0; r < LUT_TILE; r++)
                     yacc[r] = scale_add(yacc[r], s[r], sc[r], ts[b]);
             }
         }
         if (w->uniform) {
-            scales16(w, tile, g, 0, sc);
+            scales16(w, grp, 0, sc);
             for (int32_t r = 0; r < LUT_TILE; r++)
                 yacc[r] = scale_add(yacc[r], u[r], sc[r], ts[b]);
         }
-        if (w->offsets && (b + 1) % bpg == 0) {
-            scales16(w, tile, g, 0, sc);
-            offsets16(w, tile, g, sc, z);
-            for (int32_t r = 0; r < LUT_TILE; r++)
-                yacc[r] = fmaf(z[r], xs[g], yacc[r]);
+        if (++bg == bpg) { /* the group's last block */
+            if (w->offsets) {
+                scales16(w, grp, 0, sc);
+                offsets16(w, grp, sc, z);
+                for (int32_t r = 0; r < LUT_TILE; r++)
+                    yacc[r] = fmaf(z[r], xs[g], yacc[r]);
+            }
+            bg = 0;
+            g++;
         }
     }
     for (int32_t r = 0; r < LUT_TILE && tile * LUT_TILE + r < w->M; r++)

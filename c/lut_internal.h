@@ -42,16 +42,17 @@ static inline int64_t lut_tab_stride(const lut_job *j) { return (int64_t)j->ntab
  * |sum_p 2^p S_p| <= 255 * 32512 = 8290560 < 2^23. It fits int32 and, like a
  * single plane's sum, converts to float32 exactly. */
 
-/* The 16 rows' scales of plane s (0 when uniform) for one tile and group:
- * fp16 [16], or uint8 codes [16] when scale8. */
-static inline const void *lut_scale_ptr(const lut_layer *w, int32_t tile, int32_t g, int32_t s) {
-    int64_t i = (((int64_t)tile * (w->K / w->G) + g) * (w->uniform ? 1 : w->P) + s) * LUT_TILE;
+/* The 16 rows' scales of plane s (0 when uniform) for group grp = tile * (K/G) + g
+ * (the kernels count it, so no division runs per block): fp16 [16], or uint8
+ * codes [16] when scale8. */
+static inline const void *lut_scale_ptr(const lut_layer *w, int64_t grp, int32_t s) {
+    int64_t i = (grp * (w->uniform ? 1 : w->P) + s) * LUT_TILE;
     return w->scale8 ? (const void *)((const uint8_t *)w->scales + i) : (const void *)((const uint16_t *)w->scales + i);
 }
 
-/* The 16 rows' offsets for one tile and group: fp16 [16], or int8 [16] when scale8. */
-static inline const void *lut_offset_ptr(const lut_layer *w, int32_t tile, int32_t g) {
-    int64_t i = ((int64_t)tile * (w->K / w->G) + g) * LUT_TILE;
+/* The 16 rows' offsets for group grp (as lut_scale_ptr): fp16 [16], or int8 [16] when scale8. */
+static inline const void *lut_offset_ptr(const lut_layer *w, int64_t grp) {
+    int64_t i = grp * LUT_TILE;
     return w->scale8 ? (const void *)((const int8_t *)w->offsets + i) : (const void *)((const uint16_t *)w->offsets + i);
 }
 

@@ -44,6 +44,18 @@ def test_dense_perplexity_reproduces_llama_cpp():
     assert abs(got.ppl / ref["ppl"] - 1) < 0.005, (got.ppl, ref["ppl"])
 
 
+def test_default_format_is_within_10_percent_of_dense_at_4_5_bits():
+    """README's claim for the default format (rtn4g32s8): wiki perplexity per PROTOCOL within 10% of the
+    dense model's (llama.cpp on the same GGUF, 14.628), at no more than 4.5 honest bits per linear weight."""
+    from engine.info import describe_qfile
+    from engine.load import default_qfile
+
+    ref = reference(SMOL, "wiki")
+    assert describe_qfile(default_qfile(SMOL))["bpw_linear"] <= 4.5
+    got = perplexity(load(SMOL, max_context=512).transformer, ref["token_ids"])
+    assert got.n_scored == 8176 and got.ppl <= 1.10 * ref["ppl"], (got.ppl, ref["ppl"])
+
+
 @pytest.mark.parametrize("model, question, expect", [
     # Not France: there the 135M model's greedy answer hinges on activation rounding; llama.cpp on the
     # same GGUF answers "L'Etoile, la Marseillaise, ..." as our quantized path does, the dense path "Paris".
