@@ -9,11 +9,15 @@ from tiny_models import write_gguf
 
 def test_plan_spends_the_budget_where_the_error_is_largest():
     # layer a suffers much more from losing bits than b: a gets the extra bits
-    opts = {"a": [(2, 64, 2.5, 0.30), (3, 64, 3.5, 0.10), (4, 64, 4.5, 0.03)],
-            "b": [(2, 64, 2.5, 0.05), (3, 64, 3.5, 0.02), (4, 64, 4.5, 0.01)]}
+    opts = {"a": [(2, 64, 16, 2.5, 0.30), (3, 64, 16, 3.5, 0.10), (4, 64, 16, 4.5, 0.03)],
+            "b": [(2, 64, 16, 2.5, 0.05), (3, 64, 16, 3.5, 0.02), (4, 64, 16, 4.5, 0.01)]}
     sizes = {"a": 100, "b": 100}
-    assert budget.plan(opts, sizes, 3.0) == {"a": {"bits": 3, "group": 64}, "b": {"bits": 2, "group": 64}}
-    assert budget.plan(opts, sizes, 4.5) == {"a": {"bits": 4, "group": 64}, "b": {"bits": 4, "group": 64}}
+    assert budget.plan(opts, sizes, 3.0) == {"a": {"bits": 3, "group": 64, "scale_bits": 16},
+                                             "b": {"bits": 2, "group": 64, "scale_bits": 16}}
+    assert budget.plan(opts, sizes, 4.5) == {"a": {"bits": 4, "group": 64, "scale_bits": 16},
+                                             "b": {"bits": 4, "group": 64, "scale_bits": 16}}
+    opts["a"].append((4, 64, 8, 4.25, 0.035))  # 8-bit scales: nearly as good for less
+    assert budget.plan(opts, sizes, 3.9)["a"] == {"bits": 4, "group": 64, "scale_bits": 8}
     with pytest.raises(ValueError, match="smallest format"):
         budget.plan(opts, sizes, 2.0)
 
@@ -25,9 +29,11 @@ def test_plan_never_exceeds_the_budget_and_uses_most_of_it(bpw):
     for i in range(40):
         sizes[f"l{i}"] = int(rng.integers(1, 50)) * 1024
         errs = np.sort(rng.random(len(budget.CANDIDATES)))[::-1]
-        opts[f"l{i}"] = [(b, g, b + 32 / g, e) for (b, g), e in zip(sorted(budget.CANDIDATES, key=lambda c: c[0] + 32 / c[1]), errs)]
+        formats = sorted((b + 2 * s / g, b, g, s) for b, g, s in budget.CANDIDATES)
+        opts[f"l{i}"] = [(b, g, s, cost, e) for (cost, b, g, s), e in zip(formats, errs)]
     choice = budget.plan(opts, sizes, bpw)
-    cost = {n: next(o[2] for o in opts[n] if (o[0], o[1]) == (c["bits"], c["group"])) for n, c in choice.items()}
+    cost = {n: next(o[3] for o in opts[n] if o[:3] == (c["bits"], c["group"], c["scale_bits"]))
+            for n, c in choice.items()}
     used = sum(cost[n] * sizes[n] for n in sizes) / sum(sizes.values())
     assert bpw - 0.5 < used <= bpw
 

@@ -223,7 +223,7 @@ def test_gptq_model_beats_its_grid_on_calibration_output_error(tiny, grid):
     errors = {}
     for method in ("gptq", grid):
         stats = {}
-        quantize_model(c, t, {"method": method, "grid": grid, "bits": 2, "calib": "c4", "scale_bits": 16}, tokens,
+        quantize_model(c, t, {"method": method, "grid": grid, "bits": 2, "calib": "c4"}, tokens,
                        lambda i, s: stats.update(s))
         assert len(stats) == 7 * c.n_layers
         errors[method] = stats
@@ -280,8 +280,9 @@ def test_settings_defaults_and_keys():
     ({"layers": {"*down*": {"method": "hlq"}}}, "may only set bits and group"),
     ({"colour": 1}, "unknown quantizer settings: colour"),
     ({"scale_bits": 12}, "scale_bits must be 16 or 8, got 12"),
-    ({"method": "hlq", "scale_bits": 8}, "8-bit scales are made by rtn only, not hlq"),
-    ({"bpw": 4.5, "scale_bits": 8}, "8-bit scales are made by rtn only, not rtn with a bpw budget"),
+    ({"method": "hlq", "scale_bits": 8}, r"8-bit scales are made on the rtn grid \(method rtn or gptq\), not hlq"),
+    ({"method": "gptq", "grid": "hlq", "calib": "c", "layers": {"*": {"scale_bits": 8}}}, "not gptq\\+hlq"),
+    ({"layers": {"*down*": {"scale_bits": 4}}}, r"scale_bits \(layer override '\*down\*'\) must be 16 or 8"),
 ])
 def test_bad_settings_are_one_line_errors(quant, message):
     with pytest.raises(ValueError, match=message):
@@ -290,7 +291,8 @@ def test_bad_settings_are_one_line_errors(quant, message):
 
 @pytest.mark.parametrize("quant, scale_bits", [
     ({}, 8), ({"bits": 2}, 8), ({"bits": 8}, 16), ({"layers": {"*down*": {"bits": 6}}}, 16),
-    ({"method": "hlq"}, 16), ({"bpw": 4.5}, 16), ({"bits": 8, "scale_bits": 8}, 8),
+    ({"method": "hlq"}, 16), ({"bits": 8, "scale_bits": 8}, 8), ({"method": "gptq", "calib": "c"}, 8),
+    ({"method": "gptq", "grid": "hlq", "calib": "c"}, 16), ({"bpw": 4.5}, None),  # None: the plan picks per layer
 ])
 def test_scale_bits_default_to_8_where_rtn_offsets_reach(quant, scale_bits):
     """8-bit offsets reach 16 plane-0 scales: enough for an rtn grid of up to 4 bits, not wider."""
@@ -313,6 +315,6 @@ def test_settings_that_do_not_fit_the_model():
 
 def test_later_layer_overrides_win():
     s = settings({"bits": 2, "layers": {"*.mlp.*": {"bits": 3, "group": 64}, "*down*": {"bits": 4}}})
-    assert layer_settings(s, "model.layers.0.mlp.down_proj.weight") == (4, 64)
-    assert layer_settings(s, "model.layers.0.mlp.up_proj.weight") == (3, 64)
-    assert layer_settings(s, "model.layers.0.self_attn.q_proj.weight") == (2, 32)
+    assert layer_settings(s, "model.layers.0.mlp.down_proj.weight")[:2] == (4, 64)
+    assert layer_settings(s, "model.layers.0.mlp.up_proj.weight")[:2] == (3, 64)
+    assert layer_settings(s, "model.layers.0.self_attn.q_proj.weight") == (2, 32, True)  # rtn <= 4 bits: 8-bit scales

@@ -12,10 +12,12 @@ Settings are a plain dict (stored verbatim in the quantized model file):
                dividing K; must be a kernel group size (32, 64, 128, 256) or some matrix's K
     symmetric  no offsets, grid symmetric around 0
     scale_bits 16 (float16 scales and offsets) or 8 (8-bit float scales, int8 offsets:
-               lutkernels/layout.py; rtn only, 4 bits at G = 32 cost 4.5 instead of 5.0
-               bits per weight); None picks 8 for rtn at up to 4 bits without a bpw
-               budget (its offsets reach 16 scales: enough for 4-bit grids, not for
-               wider ones), else 16. The head keeps float16 scales
+               lutkernels/layout.py; on the rtn grid only, rtn or gptq: 4 bits at G = 32
+               cost 4.5 instead of 5.0 bits per weight); None picks 8 for the rtn grid
+               at up to 4 bits (its offsets reach 16 scales: enough for 4-bit grids, not
+               for wider ones), else 16; under a bpw budget the plan picks per layer
+               among both widths (None) or the one given.
+               The head keeps float16 scales
     head_bits  bits of the output head (lm_head, or a packed copy of a tied embedding),
                always round to nearest
     grid       the grid gptq rounds to: "rtn", "hlq" or "msb"
@@ -23,7 +25,7 @@ Settings are a plain dict (stored verbatim in the quantized model file):
     calib      calibration text (gptq needs one; with rtn/hlq it only measures output errors)
     n_calib    calibration sequences ...
     calib_len  ... of this many tokens (calib.py)
-    layers     per-layer overrides {glob: {"bits": b, "group": g}} on full tensor names
+    layers     per-layer overrides {glob: {"bits": b, "group": g, "scale_bits": s}} on full tensor names
                (fnmatch, e.g. "*.mlp.down_proj.weight"); later globs win
     bpw        a budget of bits per weight over the linear layers: layers gets the plan
                (budget.py) that spends it where the output error is largest; method rtn,
@@ -55,7 +57,7 @@ PLANES = {"binary": (1, 2), "ternary": (2,)}  # methods that take only some plan
 # a group's weights [R, G] -> its grid, for gptq
 GRIDS = {"rtn": hlq.rtn_grid, "hlq": lambda Wg, bits, symmetric: hlq.fit_groups(Wg, bits, symmetric)[0],
          "msb": lambda Wg, bits, symmetric: msb.grid(Wg, bits - 1)}
-OVERRIDES = ("bits", "group")
+OVERRIDES = ("bits", "group", "scale_bits")
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -98,24 +100,22 @@ def settings(quant: dict | None = None) -> dict:
         if not isinstance(over, dict) or set(over) - set(OVERRIDES):
             raise ValueError(f"layer override {pattern!r}: {over!r} may only set {' and '.join(OVERRIDES)}")
         _check_layer(over, f" (layer override {pattern!r})", s["method"])
-    if s["scale_bits"] is None:
+    rtn_grid = s["method"] == "rtn" or (s["method"] == "gptq" and s["grid"] == "rtn")
+    if s["scale_bits"] is None and s["bpw"] is None:
         widest = max([s["bits"]] + [o.get("bits", 0) for o in s["layers"].values()])
-        s["scale_bits"] = 8 if s["method"] == "rtn" and s["bpw"] is None and widest <= 4 else 16
-    if s["scale_bits"] not in (8, 16) or isinstance(s["scale_bits"], bool):
-        raise ValueError(f"scale_bits must be 16 or 8, got {s['scale_bits']!r}")
-    if s["scale_bits"] == 8 and (s["method"] != "rtn" or s["bpw"] is not None):
-        raise ValueError(f"8-bit scales are made by rtn only, not {method_label(s)}"
-                         f"{' with a bpw budget' if s['bpw'] is not None else ''}")
+        s["scale_bits"] = 8 if rtn_grid and s["bpw"] is None and widest <= 4 else 16
+    if any(o.get("scale_bits") == 8 for o in [s, *s["layers"].values()]) and not rtn_grid:
+        raise ValueError(f"8-bit scales are made on the rtn grid (method rtn or gptq), not {method_label(s)}")
     return s
 
 
-def layer_settings(s: dict, name: str) -> tuple[int, int]:
-    """(bits, preferred group) of one linear layer, overrides applied."""
+def layer_settings(s: dict, name: str) -> tuple[int, int, bool]:
+    """(bits, preferred group, 8-bit scales) of one linear layer, overrides applied."""
     out = {k: s[k] for k in OVERRIDES}
     for pattern, over in s["layers"].items():
         if fnmatchcase(name, pattern):
             out.update(over)
-    return out["bits"], out["group"]
+    return out["bits"], out["group"], out["scale_bits"] == 8
 
 
 def check_model(s: dict, config: ModelConfig, tokens: np.ndarray | None = None) -> None:
@@ -160,7 +160,8 @@ def quantize_model(config: ModelConfig, tensors: dict[str, np.ndarray], quant: d
     workers = calib.Workers(_cores())
     try:
         if s["bpw"] is not None:
-            s = {**s, "layers": budget.plan(*budget.options(config, tensors, tokens, workers), s["bpw"])}
+            opts = budget.options(config, tensors, tokens, workers, s["scale_bits"])
+            s = {**s, "layers": budget.plan(*opts, s["bpw"])}
         packed = _linear_layers(config, tensors, s, tokens, workers, on_layer)
     finally:
         workers.close()
@@ -183,16 +184,20 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
 
     def quantize(name: str, f: gptq.Factor | None = None) -> None:
         W = np.asarray(tensors[name], np.float32)
-        bits, group = layer_settings(s, name)
-        if f is None and s["scale_bits"] == 8:
+        bits, group, scale8 = layer_settings(s, name)
+        if f is None and scale8:
             packed[name] = rtn.quantize(W, bits, group, s["symmetric"], scale8=True)
             return
         if f is None:
             packed[name] = METHODS[s["method"]](W, bits, group, s["symmetric"])
             return
         G = rtn.group_size(W.shape[1], group)
-        fit_grid = lambda Wg: GRIDS[s["grid"]](Wg, bits, s["symmetric"])  # noqa: E731
-        packed[name] = hlq.stack_rows(workers.blocks(lambda Wr: gptq.quantize(Wr, f, G, fit_grid), W)).packed()
+        if scale8:
+            fit_grid = lambda Wg: hlq.rtn_grid(Wg, bits, s["symmetric"], scale8=True)  # noqa: E731
+        else:
+            fit_grid = lambda Wg: GRIDS[s["grid"]](Wg, bits, s["symmetric"])  # noqa: E731
+        rows = workers.blocks(lambda Wr: gptq.quantize(Wr, f, G, fit_grid), W)
+        packed[name] = hlq.stack_rows(rows).packed(scale8)
 
     def fit(names: list[str], H: np.ndarray) -> list[np.ndarray]:
         if s["method"] == "gptq":
@@ -242,6 +247,8 @@ def _check_layer(s: dict, where: str, method: str) -> None:
             raise ValueError(f"{method} takes bits {' or '.join(map(str, allowed))}, got {s['bits']}{where}")
     if "group" in s:
         _check_int(s["group"], "group" + where, 32)
+    if s.get("scale_bits") is not None and (s["scale_bits"] not in (8, 16) or isinstance(s["scale_bits"], bool)):
+        raise ValueError(f"scale_bits{where} must be 16 or 8, got {s['scale_bits']!r}")
 
 
 def _cores() -> int:

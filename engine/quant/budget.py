@@ -1,8 +1,8 @@
 """Mixed precision under a bits budget: which (bits, group) each linear layer gets for `--bpw B`.
 
 Every layer is tried at each CANDIDATES format on the uniform (rtn) grid, whose
-stored bits per weight are exact and known before quantizing (bits + 32/G, the
-format's uniform mode, padding included). Its damage is the relative output
+stored bits per weight are exact and known before quantizing (bits + 32/G, or
+bits + 16/G with 8-bit scales, the format's uniform mode, padding included). Its damage is the relative output
 error e = ||X ΔWᵀ||² / ||X Wᵀ||² on the calibration inputs X of the dense model
 (from H = XᵀX/N: tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)); without calibration text, on the
 weights (H = I). Relative errors of different layers add as noise-to-signal
@@ -23,17 +23,20 @@ from models.config import ModelConfig
 
 from . import calib, rtn
 
-CANDIDATES = [(1, 128), (1, 64), (2, 128), (2, 64), (2, 32), (3, 128), (3, 64), (3, 32), (4, 128), (4, 64),
-              (4, 32), (5, 32), (6, 32), (8, 32)]
+# (bits, group, scale bits): 8-bit scales up to 4 bits, where their offsets reach (engine/quant/__init__.py)
+CANDIDATES = [(b, G, s) for b, G in [(1, 128), (1, 64), (2, 128), (2, 64), (2, 32), (3, 128), (3, 64), (3, 32),
+                                     (4, 128), (4, 64), (4, 32), (5, 32), (6, 32), (8, 32)]
+              for s in (16, 8) if s == 16 or b <= 4]
 BISECT = 60
 
-# layer name -> [(bits, group, bits per weight as stored, relative output error)]
-Options = dict[str, list[tuple[int, int, float, float]]]
+# layer name -> [(bits, group, scale bits, bits per weight as stored, relative output error)]
+Options = dict[str, list[tuple[int, int, int, float, float]]]
 
 
 def options(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndarray | None,
-            workers: calib.Workers) -> tuple[Options, dict[str, int]]:
-    """Each layer's formats with their cost and error, and its weight count."""
+            workers: calib.Workers, scale_bits: int | None = None) -> tuple[Options, dict[str, int]]:
+    """Each layer's formats with their cost and error, and its weight count; scale_bits
+    keeps only the candidates of that scale width (None: both)."""
     opts: Options = {}
     sizes: dict[str, int] = {}
 
@@ -42,7 +45,8 @@ def options(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndar
         for name in names:
             W = np.asarray(tensors[name], np.float32)
             sizes[name] = W.size
-            opts[name] = [(b, G, *_cost_error(W, b, G, H, workers)) for b, G in _fitting(W.shape[1])]
+            opts[name] = [(b, G, sb, *_cost_error(W, b, G, sb == 8, H, workers))
+                          for b, G, sb in _fitting(W.shape[1], scale_bits)]
             out.append(W)
         return out
 
@@ -56,18 +60,21 @@ def options(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndar
     return opts, sizes
 
 
+COST, ERROR = 3, 4  # an option's bits per weight and relative error
+
+
 def plan(opts: Options, sizes: dict[str, int], bpw: float) -> dict[str, dict[str, int]]:
-    """{layer name: {"bits", "group"}} with the least total error whose bits fit `bpw`."""
+    """{layer name: {"bits", "group", "scale_bits"}} with the least total error whose bits fit `bpw`."""
     total = sum(sizes.values())
-    cheapest = sum(min(o[2] for o in opts[n]) * sizes[n] for n in opts) / total
+    cheapest = sum(min(o[COST] for o in opts[n]) * sizes[n] for n in opts) / total
     if cheapest > bpw:
         raise ValueError(f"--bpw {bpw}: the smallest format of every layer already takes {cheapest:.3f} bits per weight")
 
     def choose(lam: float) -> dict[str, tuple]:
-        return {n: min(o, key=lambda c: c[3] + lam * c[2] * sizes[n] / total) for n, o in opts.items()}
+        return {n: min(o, key=lambda c: c[ERROR] + lam * c[COST] * sizes[n] / total) for n, o in opts.items()}
 
     def bits(choice) -> float:
-        return sum(c[2] * sizes[n] for n, c in choice.items()) / total
+        return sum(c[COST] * sizes[n] for n, c in choice.items()) / total
 
     lo, hi = 0.0, 1.0
     while bits(choose(hi)) > bpw:
@@ -78,20 +85,17 @@ def plan(opts: Options, sizes: dict[str, int], bpw: float) -> dict[str, dict[str
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if bits(choose(mid)) <= bpw else (mid, hi)
     choice = choose(hi)
-    return {n: {"bits": c[0], "group": c[1]} for n, c in choice.items()}
+    return {n: {"bits": c[0], "group": c[1], "scale_bits": c[2]} for n, c in choice.items()}
 
 
-def _fitting(K: int) -> list[tuple[int, int]]:
-    """The candidates whose group divides K, each format once."""
-    out = {}
-    for b, G in CANDIDATES:
-        if K % G == 0:
-            out[(b, G)] = None
-    return list(out)
+def _fitting(K: int, scale_bits: int | None) -> list[tuple[int, int, int]]:
+    """The candidates whose group divides K (and of the scale width asked for), each format once."""
+    return [(b, G, s) for b, G, s in CANDIDATES if K % G == 0 and scale_bits in (None, s)]
 
 
-def _cost_error(W: np.ndarray, bits: int, G: int, H: np.ndarray | None, workers: calib.Workers) -> tuple[float, float]:
-    p = rtn.quantize(W, bits, G)
+def _cost_error(W: np.ndarray, bits: int, G: int, scale8: bool, H: np.ndarray | None,
+                workers: calib.Workers) -> tuple[float, float]:
+    p = rtn.quantize(W, bits, G, scale8=scale8)
     Wq = lk.dense(p)
     if H is None:
         return p.bits_per_weight(), float(np.vdot(Wq - W, Wq - W) / np.vdot(W, W))

@@ -77,14 +77,15 @@ class Planes:
         lev = levels(self.scales.reshape(P, M * ng), None if self.offset is None else self.offset.reshape(-1))
         return np.take_along_axis(lev, self.codes.reshape(M * ng, self.G), 1).reshape(M, K)
 
-    def packed(self) -> lk.PackedLinear:
-        """Grids whose plane scales are h * 2^p everywhere store h alone (uniform)."""
+    def packed(self, scale8: bool = False) -> lk.PackedLinear:
+        """Grids whose plane scales are h * 2^p everywhere store h alone (uniform). scale8: the
+        grid's scales and offsets are 8-bit values (rtn_grid with scale8), stored as such."""
         P = self.scales.shape[0]
         planes = ((self.codes[None] >> np.arange(P, dtype=np.uint8)[:, None, None]) & 1).astype(bool)
         h = self.scales[:1]
         if np.array_equal(self.scales, h * np.float32(2.0) ** np.arange(P, dtype=np.float32)[:, None, None]):
-            return lk.pack(planes, h, self.offset, uniform=True)
-        return lk.pack(planes, self.scales, self.offset)
+            return lk.pack(planes, h, self.offset, uniform=True, scale8=scale8)
+        return lk.pack(planes, self.scales, self.offset, scale8=scale8)
 
 
 def stack_rows(parts: list[Planes]) -> Planes:
@@ -105,9 +106,9 @@ def levels(scales: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
     return lev
 
 
-def rtn_grid(Wg: np.ndarray, bits: int, symmetric: bool = False) -> Grid:
-    """Round-to-nearest grid of each row of Wg [R, G] (one group per row)."""
-    c = rtn.codes(Wg, bits, Wg.shape[1], symmetric)
+def rtn_grid(Wg: np.ndarray, bits: int, symmetric: bool = False, scale8: bool = False) -> Grid:
+    """Round-to-nearest grid of each row of Wg [R, G] (one group per row), on 8-bit scales if scale8."""
+    c = rtn.codes(Wg, bits, Wg.shape[1], symmetric, scale8)
     step = np.float32(2.0) ** (np.arange(bits, dtype=np.float32) - 1)
     return Grid(c.scale[:, 0][None] * step[:, None], None if c.offset is None else c.offset[:, 0])
 
