@@ -5,31 +5,34 @@
 
 #define TGT __attribute__((target("avx2,fma,f16c")))
 
-/* 16 rows of int16 sums of one plane over nc chunks. A chunk's 4 lookups per
- * row and lane are paired byte-wise (unpack) and summed into int16 by
- * vpmaddubsw against ones, which cannot saturate (|a + b| <= 256). Each row
- * receives at most 64 lookups per block: |sum| <= 8192 (see kernel_scalar.c). */
+/* 16 rows of int16 sums over nc chunks of a run of R planes (plane q at wb +
+ * 64q, weighted by 2^q; lut_plane_run bounds the total). A chunk's 4 lookups
+ * per row and lane are paired byte-wise (unpack) and summed into int16 by
+ * vpmaddubsw against 2^q, which cannot saturate (|2^q (a + b)| <= 16 * 256). */
 TGT static inline __attribute__((always_inline)) __m256i block_sums(const uint8_t *wb, const int8_t *tb, int32_t nc,
-                                                                   int64_t wstride) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi8(1);
+                                                                   int64_t wstride, int32_t R) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256(); /* rows 0-7 / 8-15, one partial per lane */
     for (int32_t c = 0; c < nc; c++) {
-        const uint8_t *w = wb + c * wstride; /* indexed, not stepped: no pointer past the array's end */
         const int8_t *t = tb + c * 8 * LUT_TAB;
-        __m256i w0 = _mm256_loadu_si256((const __m256i *)w), w1 = _mm256_loadu_si256((const __m256i *)(w + 32));
-        /* lane l of r0: groups l (low nibbles of bytes 0-31); r1: l+4; r2: l+2; r3: l+6 */
-        __m256i r0 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)t), _mm256_and_si256(w0, m4));
-        __m256i r1 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(t + 64)),
-                                         _mm256_and_si256(_mm256_srli_epi16(w0, 4), m4));
-        __m256i r2 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(t + 32)), _mm256_and_si256(w1, m4));
-        __m256i r3 = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(t + 96)),
-                                         _mm256_and_si256(_mm256_srli_epi16(w1, 4), m4));
-        __m256i a = _mm256_add_epi16(_mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(r0, r1)),
-                                     _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(r2, r3)));
-        __m256i b = _mm256_add_epi16(_mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(r0, r1)),
-                                     _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(r2, r3)));
-        lo = _mm256_add_epi16(lo, a);
-        hi = _mm256_add_epi16(hi, b);
+        __m256i t0 = _mm256_loadu_si256((const __m256i *)t), t1 = _mm256_loadu_si256((const __m256i *)(t + 64));
+        __m256i t2 = _mm256_loadu_si256((const __m256i *)(t + 32)), t3 = _mm256_loadu_si256((const __m256i *)(t + 96));
+        for (int32_t q = 0; q < R; q++) {
+            const uint8_t *w = wb + c * wstride + 64 * q; /* indexed, not stepped: no pointer past the array's end */
+            __m256i mul = _mm256_set1_epi8((char)(1 << q));
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)w), w1 = _mm256_loadu_si256((const __m256i *)(w + 32));
+            /* lane l of r0: groups l (low nibbles of bytes 0-31); r1: l+4; r2: l+2; r3: l+6 */
+            __m256i r0 = _mm256_shuffle_epi8(t0, _mm256_and_si256(w0, m4));
+            __m256i r1 = _mm256_shuffle_epi8(t1, _mm256_and_si256(_mm256_srli_epi16(w0, 4), m4));
+            __m256i r2 = _mm256_shuffle_epi8(t2, _mm256_and_si256(w1, m4));
+            __m256i r3 = _mm256_shuffle_epi8(t3, _mm256_and_si256(_mm256_srli_epi16(w1, 4), m4));
+            __m256i a = _mm256_add_epi16(_mm256_maddubs_epi16(mul, _mm256_unpacklo_epi8(r0, r1)),
+                                         _mm256_maddubs_epi16(mul, _mm256_unpacklo_epi8(r2, r3)));
+            __m256i b = _mm256_add_epi16(_mm256_maddubs_epi16(mul, _mm256_unpackhi_epi8(r0, r1)),
+                                         _mm256_maddubs_epi16(mul, _mm256_unpackhi_epi8(r2, r3)));
+            lo = _mm256_add_epi16(lo, a);
+            hi = _mm256_add_epi16(hi, b);
+        }
     }
     /* fold the two lanes: [rows 0-7, rows 8-15] */
     return _mm256_add_epi16(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
@@ -72,7 +75,8 @@ TGT static inline __attribute__((always_inline)) rows16 offsets16(const lut_laye
             r.v[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + 8 * i)));
             continue;
         }
-        __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)p + 8 * i))));
+        __m128i c8 = _mm_loadl_epi64((const __m128i *)((const int8_t *)p + 8 * i));
+        __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c8));
         r.v[i] = _mm256_mul_ps(_mm256_mul_ps(h.v[i], c), _mm256_set1_ps(0.125f));
     }
     return r;
@@ -86,23 +90,24 @@ TGT void lut_tile_avx2(const lut_job *j, int32_t tile, int32_t tok) {
     const int8_t *tab = j->tab + tok * lut_tab_stride(j);
     const float *ts = j->tscale + (int64_t)tok * nb, *xs = j->xsum + (int64_t)tok * ng;
     __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
-    int32_t g = 0, bg = 0; /* block b's group and its place there: counted, so no division runs per block */
+    int32_t g = 0, bg = 0, R = lut_plane_run(j); /* block b's group and its place there: counted, not divided */
     for (int32_t b = 0; b < nb; b++) {
         int64_t grp = (int64_t)tile * ng + g;
         __m256 tsv = _mm256_set1_ps(ts[b]);
         __m256i u0 = _mm256_setzero_si256(), u1 = _mm256_setzero_si256(); /* uniform: sum_p 2^p * s_p */
-        for (int32_t p = 0; p < P; p++) {
+        for (int32_t p = 0; p < P; p += R) {
+            int32_t n = P - p < R ? P - p : R;
             const uint8_t *wb = wt + ((int64_t)b * cpb * P + p) * 64;
             const int8_t *tb = tab + (int64_t)b * cpb * 8 * LUT_TAB;
-            __m256i s = block_sums(wb, tb, cpb, (int64_t)P * 64);
+            __m256i s = block_sums(wb, tb, cpb, (int64_t)P * 64, n);
             __m256i s0 = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s));
             __m256i s1 = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s, 1));
             if (j->ntab == 2) {
-                __m256i h = block_sums(wb, tb + (int64_t)K * 4, cpb, (int64_t)P * 64);
+                __m256i h = block_sums(wb, tb + (int64_t)K * 4, cpb, (int64_t)P * 64, n);
                 s0 = _mm256_add_epi32(s0, _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)), 8));
                 s1 = _mm256_add_epi32(s1, _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)), 8));
             }
-            if (j->acc) {
+            if (j->acc) { /* runs of one plane (lut_plane_run) */
                 int32_t tmp[LUT_TILE];
                 _mm256_storeu_si256((__m256i *)tmp, s0);
                 _mm256_storeu_si256((__m256i *)(tmp + 8), s1);

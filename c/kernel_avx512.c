@@ -5,24 +5,27 @@
 
 #define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
-/* 16 rows of int16 sums of one plane over nc chunks. Lane l of r0 holds the
- * 16 rows' lookups of group l (low nibbles), of r1 those of group l+4 (high
+/* 16 rows of int16 sums over nc chunks of a run of R planes from p0, plane
+ * p0 + q weighted by 2^q (lut_plane_run bounds the total). Lane l of r0 holds
+ * the 16 rows' lookups of group l (low nibbles), of r1 those of group l+4 (high
  * nibbles). Their bytes are paired row by row (unpack) and summed into int16 by
- * vpmaddubsw against ones, which cannot saturate (|a + b| <= 256): the pairing
- * stays inside 128-bit lanes, where sign-extending each lookup would cross
- * lanes (vpmovsxbw), which doubled the shuffle-port work per chunk. Each row
- * receives at most 64 lookups per block: |sum| <= 8192 (see kernel_scalar.c). */
+ * vpmaddubsw against 2^q, which cannot saturate (|2^q (a + b)| <= 16 * 256):
+ * the pairing stays inside 128-bit lanes, where sign-extending each lookup
+ * would cross lanes (vpmovsxbw), which doubled the shuffle-port work per chunk. */
 TGT static inline __attribute__((always_inline)) __m256i block_sums(const uint8_t *wt, const int8_t *tab, int32_t c0,
-                                                                   int32_t nc, int32_t P, int32_t p) {
-    const __m512i m4 = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi8(1);
+                                                                   int32_t nc, int32_t P, int32_t p0, int32_t R) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
     __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512(); /* rows 0-7 / 8-15, one partial per lane */
     for (int32_t c = c0; c < c0 + nc; c++) {
-        __m512i wv = _mm512_loadu_si512(wt + ((int64_t)c * P + p) * 64);
         const int8_t *tb = tab + (int64_t)c * 8 * LUT_TAB;
-        __m512i r0 = _mm512_shuffle_epi8(_mm512_loadu_si512(tb), _mm512_and_si512(wv, m4));
-        __m512i r1 = _mm512_shuffle_epi8(_mm512_loadu_si512(tb + 64), _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4));
-        lo = _mm512_add_epi16(lo, _mm512_maddubs_epi16(ones, _mm512_unpacklo_epi8(r0, r1)));
-        hi = _mm512_add_epi16(hi, _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(r0, r1)));
+        __m512i t0 = _mm512_loadu_si512(tb), t1 = _mm512_loadu_si512(tb + 64);
+        for (int32_t q = 0; q < R; q++) {
+            __m512i wv = _mm512_loadu_si512(wt + ((int64_t)c * P + p0 + q) * 64), mul = _mm512_set1_epi8((char)(1 << q));
+            __m512i r0 = _mm512_shuffle_epi8(t0, _mm512_and_si512(wv, m4));
+            __m512i r1 = _mm512_shuffle_epi8(t1, _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4));
+            lo = _mm512_add_epi16(lo, _mm512_maddubs_epi16(mul, _mm512_unpacklo_epi8(r0, r1)));
+            hi = _mm512_add_epi16(hi, _mm512_maddubs_epi16(mul, _mm512_unpackhi_epi8(r0, r1)));
+        }
     }
     /* fold the four lanes: [lo lanes 0+2, 1+3, hi lanes 0+2, 1+3], then [rows 0-7, rows 8-15] */
     __m512i s = _mm512_add_epi16(_mm512_shuffle_i64x2(lo, hi, _MM_SHUFFLE(1, 0, 1, 0)),
@@ -62,17 +65,19 @@ TGT void lut_tile_avx512(const lut_job *j, int32_t tile, int32_t tok) {
     const int8_t *tab = j->tab + tok * lut_tab_stride(j);
     const float *ts = j->tscale + (int64_t)tok * nb, *xs = j->xsum + (int64_t)tok * ng;
     __m512 y = _mm512_setzero_ps();
-    int32_t g = 0, bg = 0; /* block b's group and its place there: counted, so no division runs per block */
+    int32_t g = 0, bg = 0, R = lut_plane_run(j); /* block b's group and its place there: counted, not divided */
     for (int32_t b = 0; b < nb; b++) {
         int64_t grp = (int64_t)tile * ng + g;
         __m512 tsv = _mm512_set1_ps(ts[b]);
         __m512i u = _mm512_setzero_si512(); /* uniform: sum_p 2^p * s_p */
-        for (int32_t p = 0; p < P; p++) {
-            __m512i s = _mm512_cvtepi16_epi32(block_sums(wt, tab, b * cpb, cpb, P, p));
-            if (j->ntab == 2)
-                s = _mm512_add_epi32(
-                    s, _mm512_slli_epi32(_mm512_cvtepi16_epi32(block_sums(wt, tab + (int64_t)K * 4, b * cpb, cpb, P, p)), 8));
-            if (j->acc) {
+        for (int32_t p = 0; p < P; p += R) {
+            int32_t n = P - p < R ? P - p : R;
+            __m512i s = _mm512_cvtepi16_epi32(block_sums(wt, tab, b * cpb, cpb, P, p, n));
+            if (j->ntab == 2) {
+                __m256i h = block_sums(wt, tab + (int64_t)K * 4, b * cpb, cpb, P, p, n);
+                s = _mm512_add_epi32(s, _mm512_slli_epi32(_mm512_cvtepi16_epi32(h), 8));
+            }
+            if (j->acc) { /* runs of one plane (lut_plane_run) */
                 int32_t tmp[LUT_TILE];
                 _mm512_storeu_si512(tmp, s);
                 for (int32_t r = 0; r < LUT_TILE; r++)

@@ -42,6 +42,21 @@ static inline int64_t lut_tab_stride(const lut_job *j) { return (int64_t)j->ntab
  * |sum_p 2^p S_p| <= 255 * 32512 = 8290560 < 2^23. It fits int32 and, like a
  * single plane's sum, converts to float32 exactly. */
 
+/* Planes a SIMD kernel may sum in int16 before widening (a "run"): a uniform
+ * layer weights plane p by 2^p, so runs of R planes starting at p0 sum
+ * sum_q 2^q S_{p0+q}, then widen, shift by p0 and add. Every lookup is at most
+ * 128 in magnitude (fast entries and exact low bytes alike) and a row takes
+ * Kb/4 of them per block, so a run is bounded by (2^R - 1) * 32 * Kb, kept
+ * below 2^15: R = 5 at Kb = 32, 4 at 64, 3 at 128, 2 at 256. Per-plane layers,
+ * and calls that ask for each plane's sums (acc), take runs of 1. */
+static inline int32_t lut_plane_run(const lut_job *j) {
+    int32_t r = 1;
+    if (j->w->uniform && !j->acc)
+        while (r < j->w->P && ((1 << (r + 1)) - 1) * 32 * j->Kb < 32768)
+            r++;
+    return r;
+}
+
 /* The 16 rows' scales of plane s (0 when uniform) for group grp = tile * (K/G) + g
  * (the kernels count it, so no division runs per block): fp16 [16], or uint8
  * codes [16] when scale8. */

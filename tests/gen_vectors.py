@@ -60,7 +60,7 @@ def magnitude(w, x, sums, exact):
 def plan(ncases, rng):
     """Shapes. G, exact, offsets, uniform and 8-bit scales cycle with periods 5,
     2, 4, 8 and 16, so any 80 consecutive cases hold all 80 combinations; the
-    edge cases that replace the first slots leave 80 consecutive ones from 91
+    edge cases that replace the first slots leave 80 consecutive ones from 94
     cases on."""
     out = []
     for i in range(ncases):
@@ -91,6 +91,9 @@ def plan(ncases, rng):
         dict(M=45, K=512, P=3, G=128, off=True, N=2, exact=True, uniform=True, kind="subnormal"),
         # 8-bit scales at both ends of their range (and 0), offsets at both ends of theirs
         dict(M=36, K=256, P=4, G=32, off=True, N=2, exact=False, uniform=True, scale8=True, kind="f8_range"),
+        # a run of 5 planes summed in int16 at its bound (lut_plane_run): 31 * 8 lookups of 127 (fast), of -128 (exact)
+        dict(M=20, K=256, P=5, G=32, off=True, N=1, exact=False, uniform=True, kind="extreme_run"),
+        dict(M=20, K=256, P=5, G=32, off=False, N=1, exact=True, uniform=True, kind="extreme_run"),
     ]
     for e in edges:
         e.setdefault("scale8", False)
@@ -106,7 +109,8 @@ def make_case(c, rng):
     if c["scale8"]:  # what 8-bit scales hold: non-negative, offsets within [-16, 15.875] times plane 0's scale
         scales = np.abs(scales)
         if c["off"]:
-            offsets = (scales[0] * rng.uniform(-15, 15, (M, K // G))).astype(np.float32)
+            h0 = layout.F8_VALUES[layout.f8_encode(scales[0])]  # as stored: a tiny scale may round to 0
+            offsets = (h0 * rng.uniform(-15, 15, (M, K // G))).astype(np.float32)
     x = (rng.standard_normal((N, K)) * rng.uniform(0.01, 100)).astype(np.float32)
     if c["kind"] == "extreme_sum":
         # Exact mode, the largest block sum: all activations equal quantize to
@@ -130,6 +134,12 @@ def make_case(c, rng):
             x[:] = 1.0
     elif c["kind"] == "zero_token":
         x[1] = 0.0  # all-zero tables and a zero table scale
+    elif c["kind"] == "extreme_run":
+        planes[:] = np.where(np.arange(M)[None, :, None] % 2 == 0, 1, -1)
+        x[:] = 1.0
+        if c["exact"]:  # as "extreme", per 32-activation block: every group sums to 128, low byte -128
+            x[:] = 32.0
+            x[:, ::32], x[:, 1::32], x[:, 2::32], x[:, 3::32] = 127.0, 1.0, 0.0, 0.0
     elif c["kind"] == "f8_range":
         scales[:] = rng.choice(layout.F8_VALUES[[0, 1, 2, 254, 255]], scales.shape)
         offsets[:] = scales[0] * rng.choice([-16.0, 15.875, 0.125], offsets.shape)
@@ -141,7 +151,7 @@ def make_case(c, rng):
     return w, x, y, sums, magnitude(w, x, sums, c["exact"])
 
 
-def write(path, ncases=92, seed=0):
+def write(path, ncases=94, seed=0):
     rng = np.random.default_rng(seed)
     with open(path, "wb") as f:
         f.write(MAGIC + struct.pack("<II", 0x01020304, ncases))
@@ -161,7 +171,7 @@ def write(path, ncases=92, seed=0):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
-    ap.add_argument("--cases", type=int, default=92)
+    ap.add_argument("--cases", type=int, default=94)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.cases < 1:

@@ -110,7 +110,7 @@ static int untouched(const void *p, size_t n, unsigned char byte) {
 }
 
 /* One path of one case; returns 1 if it passed, else prints its first failure. */
-static int run_path(const vcase *c, int32_t ci, int32_t isa, int32_t threads, float *y, int32_t *acc,
+static int run_path(const vcase *c, int32_t ci, int32_t isa, int32_t threads, float *y, float *y_fused, int32_t *acc,
                     const float *y_scalar) {
     char where[192];
     snprintf(where, sizeof where,
@@ -152,6 +152,13 @@ static int run_path(const vcase *c, int32_t ci, int32_t isa, int32_t threads, fl
                    i % (size_t)c->M, (double)y[i], c->y[i], c->mag[i]);
             return 0;
         }
+    /* Without acc a uniform layer's planes are summed in runs (lut_plane_run): the same integers, so
+     * the same floats. */
+    memset(y_fused, Y_FILL, c->ny * sizeof *y_fused);
+    if (lut_gemm(&w, c->x, c->N, y_fused, c->exact, NULL) != LUT_OK || memcmp(y, y_fused, c->ny * sizeof *y) != 0) {
+        printf("FAIL %s: output without acc differs from the output with acc\n", where);
+        return 0;
+    }
     if (y_scalar && memcmp(y, y_scalar, c->ny * sizeof *y) != 0) {
         for (size_t i = 0; i < c->ny; i++)
             if (memcmp(y + i, y_scalar + i, sizeof *y) != 0) {
@@ -196,6 +203,7 @@ int main(int argc, char **argv) {
         vcase c;
         read_case(f, path, &c);
         float *y = xmalloc((c.ny + GUARD) * sizeof *y), *y_scalar = xmalloc(c.ny * sizeof *y_scalar);
+        float *y_fused = xmalloc(c.ny * sizeof *y_fused);
         int32_t *acc = xmalloc((c.nsums + GUARD) * sizeof *acc);
         /* LUT_ISA_SCALAR is 0, so the scalar 1-thread path runs first and sets the baseline */
         for (int32_t isa = 0; isa < LUT_ISA_COUNT; isa++) {
@@ -203,7 +211,7 @@ int main(int argc, char **argv) {
                 continue;
             for (size_t t = 0; t < sizeof thread_counts / sizeof thread_counts[0]; t++) {
                 int baseline = isa == LUT_ISA_SCALAR && t == 0;
-                int ok = run_path(&c, (int32_t)ci, isa, thread_counts[t], y, acc, baseline ? NULL : y_scalar);
+                int ok = run_path(&c, (int32_t)ci, isa, thread_counts[t], y, y_fused, acc, baseline ? NULL : y_scalar);
                 if (baseline)
                     memcpy(y_scalar, y, c.ny * sizeof *y);
                 passed += ok;
@@ -212,6 +220,7 @@ int main(int argc, char **argv) {
         }
         free(y);
         free(y_scalar);
+        free(y_fused);
         free(acc);
         free_case(&c);
     }
