@@ -20,6 +20,7 @@ TGT static inline __attribute__((always_inline)) __m256i block_sums(const uint8_
         for (int32_t q = 0; q < R; q++) {
             const uint8_t *w = wb + c * wstride + 64 * q; /* indexed, not stepped: no pointer past the array's end */
             __m256i mul = _mm256_set1_epi8((char)(1 << q));
+            _mm_prefetch(LUT_PREFETCH_AT(w), _MM_HINT_T0);
             __m256i w0 = _mm256_loadu_si256((const __m256i *)w), w1 = _mm256_loadu_si256((const __m256i *)(w + 32));
             /* lane l of r0: groups l (low nibbles of bytes 0-31); r1: l+4; r2: l+2; r3: l+6 */
             __m256i r0 = _mm256_shuffle_epi8(t0, _mm256_and_si256(w0, m4));
