@@ -38,6 +38,15 @@ def test_plan_never_exceeds_the_budget_and_uses_most_of_it(bpw):
     assert bpw - 0.5 < used <= bpw
 
 
+def test_formats_8_bit_scales_cannot_hold_are_not_offered():
+    W = (np.random.default_rng(0).standard_normal((32, 64)) * 0.02).astype(np.float32)
+    names = lambda opts: {o[:3] for o in opts}  # noqa: E731
+    assert (4, 32, 8) in names([budget._option(W, 4, 32, 8, None, None)])
+    W[0, :32] = np.linspace(-500, 500, 32)  # a group wider than 31 steps of the largest 8-bit scale
+    assert budget._option(W, 4, 32, 8, None, None) is None
+    assert budget._option(W, 4, 32, 16, None, None)[:3] == (4, 32, 16)
+
+
 def test_quantize_model_under_a_budget(tmp_path):
     src = open_source(str(write_gguf(tmp_path / "tiny.gguf", "llama")))
     tokens = np.random.default_rng(0).integers(0, src.config.vocab, (4, 32))

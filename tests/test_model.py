@@ -360,11 +360,16 @@ def test_rtn_8_bit_scales_reach_a_constant_group():
     assert np.abs(rtn.reconstruct(c) - W).max() <= c.scale.max()
 
 
-def test_rtn_8_bit_scales_out_of_range_is_a_clear_error():
+def test_rtn_8_bit_scales_out_of_range_is_a_clear_error_but_a_grid_still_exists():
+    """A whole layer out of range is refused; inside gptq (hlq.rtn_grid, codes) the group takes the
+    largest scale and clips, since error feedback can push a low-bit group that far."""
     W = np.zeros((16, 32), np.float32)
     W[0, 0] = 1000.0
     with pytest.raises(ValueError, match="weights out of range for 8-bit scales"):
         rtn.quantize(W, 4, 32, scale8=True)
+    c = rtn.codes(W, 4, 32, scale8=True)
+    assert c.scale[0, 0] == 2 * lk.layout.F8_MAX and np.abs(rtn.reconstruct(c)[1:]).max() == 0
+    np.testing.assert_array_equal(lk.dense(rtn.to_packed(c)), rtn.reconstruct(c))
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

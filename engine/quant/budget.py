@@ -45,8 +45,8 @@ def options(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndar
         for name in names:
             W = np.asarray(tensors[name], np.float32)
             sizes[name] = W.size
-            opts[name] = [(b, G, sb, *_cost_error(W, b, G, sb == 8, H, workers))
-                          for b, G, sb in _fitting(W.shape[1], scale_bits)]
+            opts[name] = [o for b, G, sb in _fitting(W.shape[1], scale_bits)
+                          if (o := _option(W, b, G, sb, H, workers)) is not None]
             out.append(W)
         return out
 
@@ -91,6 +91,17 @@ def plan(opts: Options, sizes: dict[str, int], bpw: float) -> dict[str, dict[str
 def _fitting(K: int, scale_bits: int | None) -> list[tuple[int, int, int]]:
     """The candidates whose group divides K (and of the scale width asked for), each format once."""
     return [(b, G, s) for b, G, s in CANDIDATES if K % G == 0 and scale_bits in (None, s)]
+
+
+def _option(W: np.ndarray, bits: int, G: int, scale_bits: int, H: np.ndarray | None,
+            workers: calib.Workers) -> tuple | None:
+    """(bits, G, scale_bits, cost, error), or None where 8-bit scales cannot hold the layer."""
+    try:
+        return (bits, G, scale_bits, *_cost_error(W, bits, G, scale_bits == 8, H, workers))
+    except ValueError:
+        if scale_bits != 8:
+            raise
+        return None
 
 
 def _cost_error(W: np.ndarray, bits: int, G: int, scale8: bool, H: np.ndarray | None,

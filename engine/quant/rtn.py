@@ -81,18 +81,24 @@ def codes(W: np.ndarray, bits: int, G: int, symmetric: bool = False, scale8: boo
     return Codes(q, scale, offset, bits, G)
 
 
-def _codes8(Wg: np.ndarray, bits: int, G: int, symmetric: bool) -> Codes:
-    """codes() on 8-bit scales: the best of three candidate h per group (module docstring)."""
-    M, ng, _ = Wg.shape
+def _ideal8(Wg: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's wanted plane-0 scale h (spanning the group, and reaching its centre in
+    127 eighths) and its centre."""
     half = (2**bits - 1) / 2
     if symmetric:
-        ideal, centre = np.abs(Wg).max(-1) / (2 * half), np.zeros((M, ng))
-    else:
-        lo, hi = Wg.min(-1), Wg.max(-1)
-        centre = (hi + lo) / 2
-        ideal = np.maximum((hi - lo) / (4 * half), np.abs(centre) * (8 / 127))  # the offset must fit too
-    if ideal.max(initial=0) > lk.layout.F8_MAX:
-        raise ValueError(f"weights out of range for 8-bit scales (a group needs a step above {2 * lk.layout.F8_MAX})")
+        return np.abs(Wg).max(-1) / (2 * half), np.zeros(Wg.shape[:2])
+    lo, hi = Wg.min(-1), Wg.max(-1)
+    centre = (hi + lo) / 2
+    return np.maximum((hi - lo) / (4 * half), np.abs(centre) * (8 / 127)), centre
+
+
+def _codes8(Wg: np.ndarray, bits: int, G: int, symmetric: bool) -> Codes:
+    """codes() on 8-bit scales: the best of three candidate h per group (module docstring).
+    A group that needs more than the largest 8-bit scale gets it and clips at its ends:
+    gptq's error feedback can push a low-bit group there, and its grid must still exist."""
+    M, ng, _ = Wg.shape
+    half = (2**bits - 1) / 2
+    ideal, centre = _ideal8(Wg, bits, symmetric)
     up = np.clip(np.searchsorted(lk.layout.F8_VALUES, ideal), 1, 255)
     best_err = np.full((M, ng), np.inf)
     best = None
@@ -141,6 +147,11 @@ def quantize(W: np.ndarray, bits: int = 4, group: int = 128, symmetric: bool = F
     group size, lowered to the largest kernel group size dividing K."""
     M, K = W.shape
     G = group_size(K, group)
+    if scale8:
+        lk.check_shape(M, K, bits, G)
+        if _ideal8(np.asarray(W, np.float64).reshape(M, K // G, G), bits, symmetric)[0].max() > lk.layout.F8_MAX:
+            raise ValueError(f"weights out of range for 8-bit scales (a group needs a step above "
+                             f"{2 * lk.layout.F8_MAX}): use 16-bit scales")
     parts = [to_packed(codes(W[r:r + ROW_CHUNK], bits, G, symmetric, scale8)) for r in range(0, M, ROW_CHUNK)]
     return _concat_rows(parts)
 
