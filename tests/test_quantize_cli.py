@@ -88,6 +88,21 @@ def test_the_file_records_the_settings_and_each_layers_method(hf, text, tmp_path
         assert np.linalg.norm(Wq - W) < 0.8 * np.linalg.norm(W)  # 2-3 bits; gptq trades weight for output error
 
 
+@pytest.mark.parametrize("args, scale_bits", [([], 8), (["--scale-bits", "16"], 16), (["--bits", "8"], 16)])
+def test_scale_bits_flag_and_default(gguf, tmp_path, args, scale_bits):
+    """rtn up to 4 bits stores 8-bit scales unless told otherwise: 4 + 16/G bits instead of 4 + 32/G."""
+    out = tmp_path / "m.lut.safetensors"
+    proc = quantize(gguf, out, "--group", "32", *args)
+    assert proc.returncode == 0, proc.stderr
+    q = qfile.load(out)
+    assert q.meta["quantizer"]["scale_bits"] == scale_bits
+    bits = 8 if "--bits" in args else 4
+    for name, t in q.meta["tensors"].items():
+        if name != "lm_head.weight":
+            assert t["scale_bits"] == scale_bits and q.packed[name].scale8 is (scale_bits == 8)
+            assert t["bpw"] == pytest.approx((bits + 2 * scale_bits / 32) * q.packed[name].tiles * 16 / t["M"])
+
+
 @pytest.mark.parametrize("args, words", [
     (["--method", "awq"], ["unknown quantization method 'awq'"]),
     (["--bits", "9"], ["bits must be an integer 1..8"]),
