@@ -44,8 +44,8 @@ from models.config import ModelConfig
 
 from . import binary, budget, calib, gptq, hlq, msb, rtn, ternary
 
-DEFAULT = {"method": "rtn", "bits": 4, "group": 32, "symmetric": False, "scale_bits": None, "head_bits": 8, "grid": "rtn",
-           "act_order": False, "calib": None, "n_calib": 64, "calib_len": 512, "layers": {}, "bpw": None}
+DEFAULT = {"method": "rtn", "bits": 4, "group": 32, "symmetric": False, "scale_bits": None, "head_bits": 8,
+           "grid": "rtn", "act_order": False, "calib": None, "n_calib": 64, "calib_len": 512, "layers": {}, "bpw": None}
 
 # calibration-free methods: (W, bits, group, symmetric) -> PackedLinear; gptq needs the Hessian of W's inputs
 METHODS: dict[str, Callable | None] = {
@@ -103,7 +103,7 @@ def settings(quant: dict | None = None) -> dict:
     rtn_grid = s["method"] == "rtn" or (s["method"] == "gptq" and s["grid"] == "rtn")
     if s["scale_bits"] is None and s["bpw"] is None:
         widest = max([s["bits"]] + [o.get("bits", 0) for o in s["layers"].values()])
-        s["scale_bits"] = 8 if rtn_grid and s["bpw"] is None and widest <= 4 else 16
+        s["scale_bits"] = 8 if rtn_grid and widest <= 4 else 16
     if any(o.get("scale_bits") == 8 for o in [s, *s["layers"].values()]) and not rtn_grid:
         raise ValueError(f"8-bit scales are made on the rtn grid (method rtn or gptq), not {method_label(s)}")
     return s
