@@ -48,6 +48,19 @@ def test_generate_prints_the_requested_number_of_tokens(hf, dense):
     assert proc.stdout == want + "\n"
 
 
+def test_inference_does_not_import_numba(tmp_path, gguf):
+    """numba (the quantizer loops, ~0.5 s to import) stays off the path of chat and generate,
+    here with a quantization on load; `quantize --method hlq` does load it."""
+    def imports(*args):
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "engine", *map(str, args)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+
+    assert "numba" not in imports("generate", "-m", gguf, "-p", "in the", "-n", 2, "-t", 1)
+    assert "numba" in imports("quantize", gguf, "-o", tmp_path / "q.safetensors", "--method", "hlq", "--bits", 2)
+
+
 def test_seeded_sampling_is_reproducible(gguf):
     run = lambda seed: cli("generate", "-m", gguf, "-p", "in the", "-n", 16, "--seed", seed, "--ignore-eos",
                            "--top-k", 0, "--top-p", 1, "--min-p", 0, "--temp", 1.5)

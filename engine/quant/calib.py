@@ -23,7 +23,7 @@ from models.config import ModelConfig
 
 from ..model import EMBED, attend, rmsnorm, rope, rope_tables, silu
 
-ROWS = 4096  # rows per block of a parallel product: bounds the temporaries of a wide MLP
+ROWS = 1024  # rows per block of a parallel product: its temporaries stay in the last-level cache
 
 # names of the layers reading one input, and that input's Hessian -> the float32 weights to run them with
 Fit = Callable[[list[str], np.ndarray], list[np.ndarray]]

@@ -54,6 +54,8 @@ def factor(H: np.ndarray, act_order: bool = False) -> Factor:
 
 def quantize(W: np.ndarray, f: Factor, G: int, fit_grid: GridFit) -> hlq.Planes:
     """W float32 [M, K] -> codes and grids, in groups of G columns."""
+    from . import loops
+
     M, K = W.shape
     ng = K // G
     group = f.perm // G
@@ -62,16 +64,19 @@ def quantize(W: np.ndarray, f: Factor, G: int, fit_grid: GridFit) -> hlq.Planes:
     grids: dict[int, hlq.Grid] = {}
     for i1 in range(0, K, BLOCK):
         i2 = min(i1 + BLOCK, K)
-        U1 = f.U[i1:i2, i1:i2]
+        U1 = np.ascontiguousarray(f.U[i1:i2, i1:i2])
         E = np.empty((i2 - i1, M), np.float32)
-        for j in range(i2 - i1):
+        j = 0
+        while j < i2 - i1:  # runs of columns of one group: a grid, then loops.gptq_columns
             g = group[i1 + j]
             if g not in grids:
                 grids[g] = fit_grid(_current(Wt, E[:j], f.U, i1, i2, np.flatnonzero(group == g)).T)
-            c, q = grids[g].round(Wt[i1 + j][:, None])
-            codes[i1 + j] = c[:, 0]
-            E[j] = (Wt[i1 + j] - q[:, 0]) / U1[j, j]
-            Wt[i1 + j + 1:i2] -= U1[j, j + 1:, None] * E[j]
+            end = j + 1
+            while end < i2 - i1 and group[i1 + end] == g:
+                end += 1
+            grid = grids[g]
+            loops.gptq_columns(Wt, E, U1, i1, j, end, grid.mids, grid.order, grid.sorted, grid.L, codes)
+            j = end
         Wt[i2:] -= f.U[i1:i2, i2:].T @ E
     P = grids[0].scales.shape[0]
     scales = np.empty((P, M, ng), np.float32)

@@ -8,7 +8,7 @@ alternates two steps, each a minimiser of the group's squared error, until
 they stop paying (at most ITERS rounds):
 
     fit      least squares of [s_1..s_b, z] given the codes: a (b+1)x(b+1)
-             normal system per group, all groups solved at once;
+             normal system per group, from per-code counts and weight sums;
     assign   every weight to the nearest of its group's 2^b levels.
 
 Scales are stored as float16, and rounding them can undo a step, so every
@@ -40,23 +40,20 @@ class Grid:
         lev = levels(scales, offset)
         R, L = lev.shape
         order = np.argsort(lev, axis=1, kind="stable")
-        # flat arrays and row bases: np.take on them is several times faster than take_along_axis
+        # flat arrays, as loops.nearest takes them
         self.order = order.astype(np.uint8).ravel()
         self.sorted = np.take_along_axis(lev, order, 1).ravel()
         srt = self.sorted.reshape(R, L).astype(np.float64)
         self.mids = ((srt[:, 1:] + srt[:, :-1]) / 2).ravel()
-        self.rows = np.arange(R)[:, None]
         self.L = L
 
     def round(self, Wg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Nearest level of each weight of Wg [R, n]: (codes uint8, values float32)."""
-        idx = np.zeros(Wg.shape, np.intp)
-        step, base = self.L // 2, self.rows * (self.L - 1)
-        while step:
-            idx += step * (Wg > np.take(self.mids, base + idx + (step - 1)))
-            step //= 2
-        idx += self.rows * self.L
-        return np.take(self.order, idx), np.take(self.sorted, idx)
+        from . import loops
+
+        codes, values = np.empty(Wg.shape, np.uint8), np.empty(Wg.shape, np.float32)
+        loops.nearest(np.ascontiguousarray(Wg, np.float32), self.mids, self.order, self.sorted, self.L, codes, values)
+        return codes, values
 
 
 @dataclass(frozen=True)
@@ -114,51 +111,23 @@ def rtn_grid(Wg: np.ndarray, bits: int, symmetric: bool = False, scale8: bool = 
 
 
 def fit_groups(Wg: np.ndarray, bits: int, symmetric: bool = False, iters: int = ITERS) -> tuple[Grid, np.ndarray]:
-    """HLQ grid and codes of each row of Wg [R, G] (one group per row). Each group stops on its
-    own, so a group's result never depends on which other groups are fitted with it."""
+    """HLQ grid and codes of each row of Wg [R, G] (one group per row), from the rtn grid,
+    by loops.hlq_refine. Each group stops on its own, so its result never depends on
+    which groups are fitted with it."""
+    from . import loops
+
+    Wg = np.ascontiguousarray(Wg, np.float32)
     grid = rtn_grid(Wg, bits, symmetric)
     codes, values = grid.round(Wg)
-    err = _sse(Wg, values)
-    best_s, best_z, best_c = grid.scales.copy(), None if grid.offset is None else grid.offset.copy(), codes.copy()
-    live = np.arange(len(Wg))
-    for _ in range(iters):
-        w = Wg[live]
-        s, z = solve(w, codes, bits, symmetric)
-        new, values = Grid(s, z).round(w)
-        e = _sse(w, values)
-        better = e < err[live]
-        gain = err[live] - np.where(better, e, err[live])
-        at = live[better]
-        best_s[:, at] = s[:, better]
-        if z is not None:
-            best_z[at] = z[better]
-        best_c[at] = new[better]
-        err[at] = e[better]
-        keep = gain > TOL * (err[live] + gain)
-        live, codes = live[keep], new[keep]
-        if not len(live):
-            break
-    return Grid(best_s, best_z), best_c
-
-
-def solve(Wg: np.ndarray, codes: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Least-squares plane scales [P, R] and offsets [R] (None if symmetric) given the codes, rounded to float16.
-
-    A group's design rows take at most 2^P distinct values (one per code), so its
-    normal system is assembled from per-code counts and weight sums."""
-    R, G = Wg.shape
-    L = 2**bits
-    a = _signs(bits).T  # [L, P]: design row of each code
+    d = values.astype(np.float64) - Wg
+    err = np.einsum("rg,rg->r", d, d)
+    scales = np.ascontiguousarray(grid.scales)
+    offset = np.zeros(len(Wg), np.float32) if symmetric else grid.offset.copy()
+    a = _signs(bits).T.astype(np.float64)  # [2^b, b]: design row of each code, then 1 for the offset
     if not symmetric:
-        a = np.concatenate([a, np.ones((L, 1), np.float32)], axis=1)
-    n = a.shape[1]
-    at = (np.arange(R)[:, None] * L + codes).ravel()
-    counts = np.bincount(at, minlength=R * L).reshape(R, L).astype(np.float64)
-    sums = np.bincount(at, weights=Wg.ravel(), minlength=R * L).reshape(R, L)
-    outer = (a[:, :, None] * a[:, None, :]).reshape(L, n * n).astype(np.float64)
-    N = (counts @ outer).reshape(R, n, n) + RIDGE * G * np.eye(n)
-    x = _f16(np.linalg.solve(N, (sums @ a.astype(np.float64))[..., None])[..., 0])
-    return np.ascontiguousarray(x[:, :bits].T), None if symmetric else x[:, bits]
+        a = np.concatenate([a, np.ones((len(a), 1))], axis=1)
+    loops.hlq_refine(Wg, a, RIDGE * Wg.shape[1], iters, TOL, scales, offset, codes, err)
+    return Grid(scales, None if symmetric else offset), codes
 
 
 def fit(W: np.ndarray, bits: int, G: int, symmetric: bool = False, iters: int = ITERS) -> Planes:
@@ -179,13 +148,3 @@ def _signs(P: int) -> np.ndarray:
     """[P, 2^P] float32: +1 where bit p of the code is set, else -1."""
     c = np.arange(2**P)
     return (((c[None] >> np.arange(P)[:, None]) & 1) * 2 - 1).astype(np.float32)
-
-
-def _sse(Wg: np.ndarray, values: np.ndarray) -> np.ndarray:
-    d = values.astype(np.float64) - Wg
-    return np.einsum("rg,rg->r", d, d)
-
-
-def _f16(x: np.ndarray) -> np.ndarray:
-    """float16 values as float32; beyond float16 range clipped (such a grid loses to the one it came from)."""
-    return np.clip(x, -65504, 65504).astype(np.float16).astype(np.float32)
