@@ -11,15 +11,16 @@
  * vpmaddubsw against 2^q, which cannot saturate (|2^q (a + b)| <= 16 * 256). */
 TGT static inline __attribute__((always_inline)) __m256i block_sums(const uint8_t *wb, const int8_t *tb, int32_t nc,
                                                                    int64_t wstride, int32_t R) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const __m256i m4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
     __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256(); /* rows 0-7 / 8-15, one partial per lane */
     for (int32_t c = 0; c < nc; c++) {
         const int8_t *t = tb + c * 8 * LUT_TAB;
         __m256i t0 = _mm256_loadu_si256((const __m256i *)t), t1 = _mm256_loadu_si256((const __m256i *)(t + 64));
         __m256i t2 = _mm256_loadu_si256((const __m256i *)(t + 32)), t3 = _mm256_loadu_si256((const __m256i *)(t + 96));
-        for (int32_t q = 0; q < R; q++) {
+        __m256i mul = one;
+        /* 2^q by doubling: a broadcast from a general register would take the shuffle port */
+        for (int32_t q = 0; q < R; q++, mul = _mm256_add_epi8(mul, mul)) {
             const uint8_t *w = wb + c * wstride + 64 * q; /* indexed, not stepped: no pointer past the array's end */
-            __m256i mul = _mm256_set1_epi8((char)(1 << q));
             _mm_prefetch(LUT_PREFETCH_AT(w), _MM_HINT_T0);
             __m256i w0 = _mm256_loadu_si256((const __m256i *)w), w1 = _mm256_loadu_si256((const __m256i *)(w + 32));
             /* lane l of r0: groups l (low nibbles of bytes 0-31); r1: l+4; r2: l+2; r3: l+6 */

@@ -18,11 +18,12 @@ TGT static inline __attribute__((always_inline)) __m256i block_sums(const uint8_
     __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512(); /* rows 0-7 / 8-15, one partial per lane */
     for (int32_t c = c0; c < c0 + nc; c++) {
         const int8_t *tb = tab + (int64_t)c * 8 * LUT_TAB;
-        __m512i t0 = _mm512_loadu_si512(tb), t1 = _mm512_loadu_si512(tb + 64);
-        for (int32_t q = 0; q < R; q++) {
+        __m512i t0 = _mm512_loadu_si512(tb), t1 = _mm512_loadu_si512(tb + 64), mul = _mm512_set1_epi8(1);
+        /* 2^q by doubling: a broadcast from a general register would take the shuffle port */
+        for (int32_t q = 0; q < R; q++, mul = _mm512_add_epi8(mul, mul)) {
             const uint8_t *wc = wt + ((int64_t)c * P + p0 + q) * 64;
             _mm_prefetch(LUT_PREFETCH_AT(wc), _MM_HINT_T0);
-            __m512i wv = _mm512_loadu_si512(wc), mul = _mm512_set1_epi8((char)(1 << q));
+            __m512i wv = _mm512_loadu_si512(wc);
             __m512i r0 = _mm512_shuffle_epi8(t0, _mm512_and_si512(wv, m4));
             __m512i r1 = _mm512_shuffle_epi8(t1, _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4));
             lo = _mm512_add_epi16(lo, _mm512_maddubs_epi16(mul, _mm512_unpacklo_epi8(r0, r1)));
