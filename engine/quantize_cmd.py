@@ -9,6 +9,7 @@ written to a temporary name and renamed (models/qfile.write).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -39,7 +40,8 @@ def add_arguments(p) -> None:
                         "group 32: 4.5 instead of 5.0 bits per weight) (default: 8 for rtn at up to 4 bits, else 16)")
     p.add_argument("--head-bits", type=int, default=DEFAULT["head_bits"],
                    help="bits of the output head, round to nearest (default: %(default)s)")
-    p.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing Hessian diagonal")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq: columns by decreasing Hessian diagonal (default: on with --bpw, else off)")
     p.add_argument("--calib", metavar="FILE", help="calibration text, never an evaluation text "
                    "(e.g. ../shared/data/c4-calib.txt); gptq needs one")
     p.add_argument("--n-calib", type=int, default=DEFAULT["n_calib"], metavar="N",

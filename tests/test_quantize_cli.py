@@ -155,3 +155,4 @@ def test_bpw_budget_is_never_exceeded(gguf, text, tmp_path, with_calib):
     assert info["bpw_linear"] <= 2.6
     assert info["quantization"]["bpw"] == 2.6
     assert info["quantization"]["method"] == ("gptq" if with_calib else "rtn")
+    assert info["quantization"]["act_order"] is with_calib  # gptq's default under a budget

@@ -21,7 +21,8 @@ Settings are a plain dict (stored verbatim in the quantized model file):
     head_bits  bits of the output head (lm_head, or a packed copy of a tied embedding),
                always round to nearest
     grid       the grid gptq rounds to: "rtn", "hlq" or "msb"
-    act_order  gptq takes columns by decreasing Hessian diagonal
+    act_order  gptq takes columns by decreasing Hessian diagonal; None: on for gptq under a bpw budget
+               (SmolLM2 --bpw 3.3: wiki 48.0 against 60.8 without), off otherwise
     calib      calibration text (gptq needs one; with rtn/hlq it only measures output errors)
     n_calib    calibration sequences ...
     calib_len  ... of this many tokens (calib.py)
@@ -45,7 +46,7 @@ from models.config import ModelConfig
 from . import binary, budget, calib, gptq, hlq, msb, rtn, ternary
 
 DEFAULT = {"method": "rtn", "bits": 4, "group": 32, "symmetric": False, "scale_bits": None, "head_bits": 8,
-           "grid": "rtn", "act_order": False, "calib": None, "n_calib": 64, "calib_len": 512, "layers": {}, "bpw": None}
+           "grid": "rtn", "act_order": None, "calib": None, "n_calib": 64, "calib_len": 512, "layers": {}, "bpw": None}
 
 # calibration-free methods: (W, bits, group, symmetric) -> PackedLinear; gptq needs the Hessian of W's inputs
 METHODS: dict[str, Callable | None] = {
@@ -78,6 +79,8 @@ def settings(quant: dict | None = None) -> dict:
         raise ValueError(f"unknown gptq grid {s['grid']!r} (known: {', '.join(GRIDS)})")
     _check_layer(s, "", s["method"])
     _check_int(s["head_bits"], "head_bits", 1, 8)
+    if s["act_order"] is None:
+        s["act_order"] = s["bpw"] is not None and s["method"] == "gptq"
     for key in ("symmetric", "act_order"):
         if not isinstance(s[key], bool):
             raise ValueError(f"{key} must be true or false, got {s[key]!r}")
