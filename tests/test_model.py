@@ -418,8 +418,8 @@ def test_group_size_choice():
 
 
 def test_quant_settings():
-    assert settings(None) == {**DEFAULT, "scale_bits": 8}
-    assert settings({"bits": 2}) == {**DEFAULT, "bits": 2, "scale_bits": 8}
+    assert settings(None) == {**DEFAULT, "scale_bits": 8, "act_order": False}
+    assert settings({"bits": 2}) == {**DEFAULT, "bits": 2, "scale_bits": 8, "act_order": False}
     with pytest.raises(ValueError, match="unknown quantizer settings: colour"):
         settings({"colour": 1})
     with pytest.raises(ValueError, match="bits must be"):
