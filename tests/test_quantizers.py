@@ -184,6 +184,28 @@ def test_calibration_forward_is_the_transformer(tiny):
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_loops_round_to_float16_as_numpy_does():
+    from engine.quant import loops
+
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.standard_normal(4000) * 10.0 ** rng.uniform(-9, 5, 4000),
+                        [0.0, 65504.0, 7e4, -1e9, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 1.5 * 2.0**-24, 1 + 2.0**-11]])
+    want = np.clip(x, -65504, 65504).astype(np.float16).astype(np.float64)
+    np.testing.assert_array_equal([loops._f16(v) for v in x], want)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 6])  # counted midpoints up to 16 levels, binary search above
+def test_grid_rounding_picks_the_nearest_level(bits):
+    rng = np.random.default_rng(bits)
+    Wg = rng.standard_normal((50, 64)).astype(np.float32)
+    grid = hlq.fit_groups(Wg, bits)[0]
+    codes, values = grid.round(Wg)
+    lev = hlq.levels(grid.scales, grid.offset)
+    dist = np.abs(lev[:, None, :].astype(np.float64) - Wg[:, :, None])
+    np.testing.assert_array_equal(np.abs(values - Wg.astype(np.float64)), dist.min(-1))
+    np.testing.assert_array_equal(values, np.take_along_axis(lev, codes.astype(np.intp), 1))
+
+
 def test_hessian_is_the_mean_outer_product():
     X = np.random.default_rng(9).standard_normal((1000, 64)).astype(np.float32)
     workers = calib.Workers(2)

@@ -1,10 +1,13 @@
 """The quantizer loops that numpy cannot vectorise, compiled by numba.
 
 Imported only when quantizing (numba takes about half a second to import, and
-`chat` must start in about one). Each function repeats, operation for
-operation in the same float widths, the numpy it replaced, so results do not
-depend on which one ran; they release the GIL, so the worker threads of a
-quantization (engine/quant/calib.py) run them on every core at once.
+`chat` must start in about one). Rounding and GPTQ's column loop repeat, in the
+same float widths and order, the numpy they replaced, so their results are
+bit-identical to it; the HLQ alternation solves its small normal systems by
+Gaussian elimination where numpy called LAPACK (same codes and scales on every
+matrix compared, and scales are rounded to float16 after either). They release
+the GIL, so the worker threads of a quantization (engine/quant/calib.py) run
+them on every core at once.
 """
 from __future__ import annotations
 
