@@ -53,10 +53,10 @@ TGT static inline __attribute__((always_inline)) void scale_add(__m256 *y0, __m2
 }
 
 /* 16 scales as float: fp16, or lut_f8's bit construction on 8-bit codes. */
-TGT static inline __attribute__((always_inline)) rows16 scales16(const lut_layer *w, const void *p) {
+TGT static inline __attribute__((always_inline)) rows16 scales16(int32_t scale8, const void *p) {
     rows16 r;
     for (int i = 0; i < 2; i++) {
-        if (!w->scale8) {
+        if (!scale8) {
             r.v[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + 8 * i)));
             continue;
         }
@@ -70,10 +70,10 @@ TGT static inline __attribute__((always_inline)) rows16 scales16(const lut_layer
 }
 
 /* 16 offsets as float: fp16, or (h * c) * 0.125 on int8 counts c (h: scales16 of plane 0). */
-TGT static inline __attribute__((always_inline)) rows16 offsets16(const lut_layer *w, const void *p, rows16 h) {
+TGT static inline __attribute__((always_inline)) rows16 offsets16(int32_t scale8, const void *p, rows16 h) {
     rows16 r;
     for (int i = 0; i < 2; i++) {
-        if (!w->scale8) {
+        if (!scale8) {
             r.v[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + 8 * i)));
             continue;
         }
@@ -84,7 +84,10 @@ TGT static inline __attribute__((always_inline)) rows16 offsets16(const lut_laye
     return r;
 }
 
-TGT void lut_tile_avx2(const lut_job *j, int32_t tile, int32_t tok) {
+/* One tile, instantiated by LUT_DEFINE_TILE with its mode as constants. */
+TGT static inline __attribute__((always_inline)) void tile_rows(const lut_job *j, int32_t tile, int32_t tok,
+                                                               int32_t ntab, int32_t uniform, int32_t scale8,
+                                                               int32_t keep) {
     const lut_layer *w = j->w;
     int32_t K = w->K, P = w->P, nb = K / j->Kb, ng = K / w->G, bpg = w->G / j->Kb, cpb = j->Kb / LUT_CHUNK;
     int32_t nchunk = K / LUT_CHUNK, rows = ((w->M + LUT_TILE - 1) / LUT_TILE) * LUT_TILE;
@@ -92,7 +95,7 @@ TGT void lut_tile_avx2(const lut_job *j, int32_t tile, int32_t tok) {
     const int8_t *tab = j->tab + tok * lut_tab_stride(j);
     const float *ts = j->tscale + (int64_t)tok * nb, *xs = j->xsum + (int64_t)tok * ng;
     __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
-    int32_t g = 0, bg = 0, R = lut_plane_run(j); /* block b's group and its place there: counted, not divided */
+    int32_t g = 0, bg = 0, R = uniform ? lut_plane_run(j) : 1; /* block b's group and its place there: counted, not divided */
     for (int32_t b = 0; b < nb; b++) {
         int64_t grp = (int64_t)tile * ng + g;
         __m256 tsv = _mm256_set1_ps(ts[b]);
@@ -104,31 +107,31 @@ TGT void lut_tile_avx2(const lut_job *j, int32_t tile, int32_t tok) {
             __m256i s = block_sums(wb, tb, cpb, (int64_t)P * 64, n);
             __m256i s0 = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s));
             __m256i s1 = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s, 1));
-            if (j->ntab == 2) {
+            if (ntab == 2) {
                 __m256i h = block_sums(wb, tb + (int64_t)K * 4, cpb, (int64_t)P * 64, n);
                 s0 = _mm256_add_epi32(s0, _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)), 8));
                 s1 = _mm256_add_epi32(s1, _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)), 8));
             }
-            if (j->acc) { /* runs of one plane (lut_plane_run) */
+            if (keep) { /* runs of one plane (lut_plane_run) */
                 int32_t tmp[LUT_TILE];
                 _mm256_storeu_si256((__m256i *)tmp, s0);
                 _mm256_storeu_si256((__m256i *)(tmp + 8), s1);
                 for (int32_t r = 0; r < LUT_TILE; r++)
                     j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = tmp[r];
             }
-            if (w->uniform) {
+            if (uniform) {
                 __m128i sh = _mm_cvtsi32_si128(p);
                 u0 = _mm256_add_epi32(u0, _mm256_sll_epi32(s0, sh));
                 u1 = _mm256_add_epi32(u1, _mm256_sll_epi32(s1, sh));
             } else {
-                scale_add(&y0, &y1, s0, s1, scales16(w, lut_scale_ptr(w, grp, p)), tsv);
+                scale_add(&y0, &y1, s0, s1, scales16(scale8, lut_scale_ptr(w, grp, p)), tsv);
             }
         }
-        if (w->uniform)
-            scale_add(&y0, &y1, u0, u1, scales16(w, lut_scale_ptr(w, grp, 0)), tsv);
+        if (uniform)
+            scale_add(&y0, &y1, u0, u1, scales16(scale8, lut_scale_ptr(w, grp, 0)), tsv);
         if (++bg == bpg) { /* the group's last block */
             if (w->offsets) {
-                rows16 z = offsets16(w, lut_offset_ptr(w, grp), scales16(w, lut_scale_ptr(w, grp, 0)));
+                rows16 z = offsets16(scale8, lut_offset_ptr(w, grp), scales16(scale8, lut_scale_ptr(w, grp, 0)));
                 __m256 xv = _mm256_set1_ps(xs[g]);
                 y0 = _mm256_fmadd_ps(z.v[0], xv, y0);
                 y1 = _mm256_fmadd_ps(z.v[1], xv, y1);
@@ -143,3 +146,5 @@ TGT void lut_tile_avx2(const lut_job *j, int32_t tile, int32_t tok) {
     int32_t n = w->M - tile * LUT_TILE < LUT_TILE ? w->M - tile * LUT_TILE : LUT_TILE;
     memcpy(j->y + (int64_t)tok * w->M + tile * LUT_TILE, out, (size_t)n * sizeof(float));
 }
+
+LUT_DEFINE_TILE(TGT, lut_tile_avx2, tile_rows)

@@ -43,8 +43,8 @@ TGT static inline __attribute__((always_inline)) __m512 scale_add(__m512 y, __m5
 }
 
 /* 16 scales as float: fp16, or lut_f8's bit construction on 8-bit codes. */
-TGT static inline __attribute__((always_inline)) __m512 scales16(const lut_layer *w, const void *p) {
-    if (!w->scale8)
+TGT static inline __attribute__((always_inline)) __m512 scales16(int32_t scale8, const void *p) {
+    if (!scale8)
         return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
     __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_srli_epi32(u, 4), _mm512_set1_epi32(LUT_F8_BIAS)), 23);
@@ -53,14 +53,16 @@ TGT static inline __attribute__((always_inline)) __m512 scales16(const lut_layer
 }
 
 /* 16 offsets as float: fp16, or (h * c) * 0.125 on int8 counts c (h: scales16 of plane 0). */
-TGT static inline __attribute__((always_inline)) __m512 offsets16(const lut_layer *w, const void *p, __m512 h) {
-    if (!w->scale8)
+TGT static inline __attribute__((always_inline)) __m512 offsets16(int32_t scale8, const void *p, __m512 h) {
+    if (!scale8)
         return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
     __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
     return _mm512_mul_ps(_mm512_mul_ps(h, c), _mm512_set1_ps(0.125f));
 }
 
-TGT void lut_tile_avx512(const lut_job *j, int32_t tile, int32_t tok) {
+/* One tile, instantiated by LUT_DEFINE_TILE with its mode as constants. */
+TGT static inline __attribute__((always_inline)) void tile_rows(const lut_job *j, int32_t tile, int32_t tok,
+                                                               int32_t ntab, int32_t uniform, int32_t scale8, int32_t keep) {
     const lut_layer *w = j->w;
     int32_t K = w->K, P = w->P, nb = K / j->Kb, ng = K / w->G, bpg = w->G / j->Kb, cpb = j->Kb / LUT_CHUNK;
     int32_t nchunk = K / LUT_CHUNK, rows = ((w->M + LUT_TILE - 1) / LUT_TILE) * LUT_TILE;
@@ -68,7 +70,7 @@ TGT void lut_tile_avx512(const lut_job *j, int32_t tile, int32_t tok) {
     const int8_t *tab = j->tab + tok * lut_tab_stride(j);
     const float *ts = j->tscale + (int64_t)tok * nb, *xs = j->xsum + (int64_t)tok * ng;
     __m512 y = _mm512_setzero_ps();
-    int32_t g = 0, bg = 0, R = lut_plane_run(j); /* block b's group and its place there: counted, not divided */
+    int32_t g = 0, bg = 0, R = uniform ? lut_plane_run(j) : 1; /* block b's group and its place there: counted, not divided */
     for (int32_t b = 0; b < nb; b++) {
         int64_t grp = (int64_t)tile * ng + g;
         __m512 tsv = _mm512_set1_ps(ts[b]);
@@ -76,26 +78,26 @@ TGT void lut_tile_avx512(const lut_job *j, int32_t tile, int32_t tok) {
         for (int32_t p = 0; p < P; p += R) {
             int32_t n = P - p < R ? P - p : R;
             __m512i s = _mm512_cvtepi16_epi32(block_sums(wt, tab, b * cpb, cpb, P, p, n));
-            if (j->ntab == 2) {
+            if (ntab == 2) {
                 __m256i h = block_sums(wt, tab + (int64_t)K * 4, b * cpb, cpb, P, p, n);
                 s = _mm512_add_epi32(s, _mm512_slli_epi32(_mm512_cvtepi16_epi32(h), 8));
             }
-            if (j->acc) { /* runs of one plane (lut_plane_run) */
+            if (keep) { /* runs of one plane (lut_plane_run) */
                 int32_t tmp[LUT_TILE];
                 _mm512_storeu_si512(tmp, s);
                 for (int32_t r = 0; r < LUT_TILE; r++)
                     j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = tmp[r];
             }
-            if (w->uniform)
+            if (uniform)
                 u = _mm512_add_epi32(u, _mm512_sll_epi32(s, _mm_cvtsi32_si128(p)));
             else
-                y = scale_add(y, s, scales16(w, lut_scale_ptr(w, grp, p)), tsv);
+                y = scale_add(y, s, scales16(scale8, lut_scale_ptr(w, grp, p)), tsv);
         }
-        if (w->uniform)
-            y = scale_add(y, u, scales16(w, lut_scale_ptr(w, grp, 0)), tsv);
+        if (uniform)
+            y = scale_add(y, u, scales16(scale8, lut_scale_ptr(w, grp, 0)), tsv);
         if (++bg == bpg) { /* the group's last block */
             if (w->offsets) {
-                __m512 z = offsets16(w, lut_offset_ptr(w, grp), scales16(w, lut_scale_ptr(w, grp, 0)));
+                __m512 z = offsets16(scale8, lut_offset_ptr(w, grp), scales16(scale8, lut_scale_ptr(w, grp, 0)));
                 y = _mm512_fmadd_ps(z, _mm512_set1_ps(xs[g]), y);
             }
             bg = 0;
@@ -105,3 +107,5 @@ TGT void lut_tile_avx512(const lut_job *j, int32_t tile, int32_t tok) {
     int32_t n = w->M - tile * LUT_TILE < LUT_TILE ? w->M - tile * LUT_TILE : LUT_TILE;
     _mm512_mask_storeu_ps(j->y + (int64_t)tok * w->M + tile * LUT_TILE, (__mmask16)((1u << n) - 1u), y);
 }
+
+LUT_DEFINE_TILE(TGT, lut_tile_avx512, tile_rows)

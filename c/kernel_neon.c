@@ -36,8 +36,8 @@ static inline int16x8x2_t block_sums(const uint8_t *wb, const int8_t *tb, int32_
 static inline float32x4_t h2f4(const uint16_t *h) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h))); }
 
 /* 16 scales as float, rows 4i..4i+3 in out[i]: fp16, or lut_f8's bit construction on 8-bit codes. */
-static inline void scales16(const lut_layer *w, const void *p, float32x4_t out[4]) {
-    if (!w->scale8) {
+static inline void scales16(int32_t scale8, const void *p, float32x4_t out[4]) {
+    if (!scale8) {
         for (int i = 0; i < 4; i++)
             out[i] = h2f4((const uint16_t *)p + 4 * i);
         return;
@@ -53,8 +53,8 @@ static inline void scales16(const lut_layer *w, const void *p, float32x4_t out[4
 }
 
 /* 16 offsets as float: fp16, or (h * c) * 0.125 on int8 counts c (h: scales16 of plane 0). */
-static inline void offsets16(const lut_layer *w, const void *p, const float32x4_t h[4], float32x4_t out[4]) {
-    if (!w->scale8) {
+static inline void offsets16(int32_t scale8, const void *p, const float32x4_t h[4], float32x4_t out[4]) {
+    if (!scale8) {
         for (int i = 0; i < 4; i++)
             out[i] = h2f4((const uint16_t *)p + 4 * i);
         return;
@@ -69,15 +69,17 @@ static inline void offsets16(const lut_layer *w, const void *p, const float32x4_
 
 /* y += s * (scale * ts), rows 4i..4i+3 in y[i]: scale * ts rounded first, then one
  * fused step, the scalar kernel's fmaf order. */
-static inline void scale_add(float32x4_t y[4], const int32x4_t s[4], const lut_layer *w, const void *sc,
+static inline void scale_add(float32x4_t y[4], const int32x4_t s[4], int32_t scale8, const void *sc,
                              float32x4_t tsv) {
     float32x4_t f[4];
-    scales16(w, sc, f);
+    scales16(scale8, sc, f);
     for (int i = 0; i < 4; i++)
         y[i] = vfmaq_f32(y[i], vcvtq_f32_s32(s[i]), vmulq_f32(f[i], tsv));
 }
 
-void lut_tile_neon(const lut_job *j, int32_t tile, int32_t tok) {
+/* One tile, instantiated by LUT_DEFINE_TILE with its mode as constants. */
+static inline __attribute__((always_inline)) void tile_rows(const lut_job *j, int32_t tile, int32_t tok, int32_t ntab,
+                                                           int32_t uniform, int32_t scale8, int32_t keep) {
     const lut_layer *w = j->w;
     int32_t K = w->K, P = w->P, nb = K / j->Kb, ng = K / w->G, bpg = w->G / j->Kb, cpb = j->Kb / LUT_CHUNK;
     int32_t nchunk = K / LUT_CHUNK, rows = ((w->M + LUT_TILE - 1) / LUT_TILE) * LUT_TILE;
@@ -97,7 +99,7 @@ void lut_tile_neon(const lut_job *j, int32_t tile, int32_t tok) {
             int16x8x2_t s16 = block_sums(wb, tb, cpb, (int64_t)P * 64);
             int32x4_t s[4] = {vmovl_s16(vget_low_s16(s16.val[0])), vmovl_high_s16(s16.val[0]),
                               vmovl_s16(vget_low_s16(s16.val[1])), vmovl_high_s16(s16.val[1])};
-            if (j->ntab == 2) {
+            if (ntab == 2) {
                 /* widening shift: |hi sum| <= 2 * 64, and 256 * 128 does not fit int16 */
                 int16x8x2_t h = block_sums(wb, tb + (int64_t)K * 4, cpb, (int64_t)P * 64);
                 s[0] = vaddq_s32(s[0], vshll_n_s16(vget_low_s16(h.val[0]), 8));
@@ -105,26 +107,26 @@ void lut_tile_neon(const lut_job *j, int32_t tile, int32_t tok) {
                 s[2] = vaddq_s32(s[2], vshll_n_s16(vget_low_s16(h.val[1]), 8));
                 s[3] = vaddq_s32(s[3], vshll_high_n_s16(h.val[1], 8));
             }
-            if (j->acc) {
+            if (keep) {
                 int32_t tmp[LUT_TILE];
                 for (int i = 0; i < 4; i++)
                     vst1q_s32(tmp + 4 * i, s[i]);
                 for (int32_t r = 0; r < LUT_TILE; r++)
                     j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = tmp[r];
             }
-            if (w->uniform)
+            if (uniform)
                 for (int i = 0; i < 4; i++)
                     u[i] = vaddq_s32(u[i], vshlq_s32(s[i], vdupq_n_s32(p)));
             else
-                scale_add(y, s, w, lut_scale_ptr(w, grp, p), tsv);
+                scale_add(y, s, scale8, lut_scale_ptr(w, grp, p), tsv);
         }
-        if (w->uniform)
-            scale_add(y, u, w, lut_scale_ptr(w, grp, 0), tsv);
+        if (uniform)
+            scale_add(y, u, scale8, lut_scale_ptr(w, grp, 0), tsv);
         if (++bg == bpg) { /* the group's last block */
             if (w->offsets) {
                 float32x4_t h[4], z[4], xv = vdupq_n_f32(xs[g]);
-                scales16(w, lut_scale_ptr(w, grp, 0), h);
-                offsets16(w, lut_offset_ptr(w, grp), h, z);
+                scales16(scale8, lut_scale_ptr(w, grp, 0), h);
+                offsets16(scale8, lut_offset_ptr(w, grp), h, z);
                 for (int i = 0; i < 4; i++)
                     y[i] = vfmaq_f32(y[i], z[i], xv);
             }
@@ -138,3 +140,5 @@ void lut_tile_neon(const lut_job *j, int32_t tile, int32_t tok) {
     int32_t n = w->M - tile * LUT_TILE < LUT_TILE ? w->M - tile * LUT_TILE : LUT_TILE;
     memcpy(j->y + (int64_t)tok * w->M + tile * LUT_TILE, out, (size_t)n * sizeof(float));
 }
+
+LUT_DEFINE_TILE(, lut_tile_neon, tile_rows)
