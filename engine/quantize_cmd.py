@@ -42,6 +42,9 @@ def add_arguments(p) -> None:
                    help="bits of the output head, round to nearest (default: %(default)s)")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="gptq: columns by decreasing Hessian diagonal (default: on with --bpw, else off)")
+    p.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize in a randomly rotated hidden space, fused into the weights (no run-time cost; "
+                        "default: on for gptq, else off)")
     p.add_argument("--calib", metavar="FILE", help="calibration text, never an evaluation text "
                    "(e.g. ../shared/data/c4-calib.txt); gptq needs one")
     p.add_argument("--n-calib", type=int, default=DEFAULT["n_calib"], metavar="N",
@@ -58,7 +61,8 @@ def quant_settings(args) -> dict:
 
     method = args.method or ("gptq" if args.bpw is not None and args.calib else DEFAULT["method"])
     return {"method": method, "bpw": args.bpw, "bits": args.bits, "group": args.group, "symmetric": args.symmetric,
-            "scale_bits": args.scale_bits, "head_bits": args.head_bits, "grid": args.grid, "act_order": args.act_order, "calib": args.calib,
+            "scale_bits": args.scale_bits, "head_bits": args.head_bits, "grid": args.grid, "act_order": args.act_order,
+            "rotate": args.rotate, "calib": args.calib,
             "n_calib": args.n_calib, "calib_len": args.calib_len, "layers": parse_layers(args.layer)}
 
 

@@ -8,7 +8,7 @@ import pytest
 import lutkernels as lk
 from engine import model as em
 from engine.model import Transformer, rope_inv_freq
-from engine.quant import DEFAULT, quantize_model, rtn, settings
+from engine.quant import DEFAULT, quantize_model, rotate, rtn, settings
 from models.config import ModelConfig, ModelError
 from tiny_models import random_weights
 
@@ -187,6 +187,32 @@ def test_from_source_dense_and_quantized(cfg):
     q = Transformer.from_source(src, {"bits": 3})
     assert q.max_context == cfg.max_context
     assert q.weights["model.layers.0.mlp.up_proj.weight"].P == 3
+
+
+def test_rotation_keeps_the_function(any_cfg):
+    """The rotated weights (norm gains folded, hidden space and value heads turned) differ from
+    the source everywhere, yet the model computes the same logits."""
+    t = random_weights(any_cfg)
+    r = rotate.rotate(any_cfg, t)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                 "model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.o_proj.weight", EMBED):
+        assert rel(r[name], t[name]) > 0.5
+    assert np.all(r["model.layers.1.input_layernorm.weight"] == 1) and np.all(r["model.norm.weight"] == 1)
+    assert r[HEAD].shape == (any_cfg.vocab, any_cfg.hidden)  # its own head, tied or not
+    assert rel(Transformer(any_cfg, r).forward(IDS, 0, all_logits=True),
+               Transformer(any_cfg, t).forward(IDS, 0, all_logits=True)) < 1e-5
+
+
+@pytest.mark.parametrize("rot", [False, True])
+def test_quantize_model_rotated_or_not_stays_the_model(cfg, rot):
+    """8-bit layers in either basis give the source model's logits up to the kernels' int8 tables
+    (as in the test above); a rotated file's head is packed from the rotated head, not from the
+    rotated embedding, which would be far off."""
+    t = random_weights(cfg)
+    w = quantized(cfg, t, bits=8, rotate=rot)
+    assert rel(Transformer(cfg, w).forward(IDS, 0, all_logits=True),
+               Transformer(cfg, t).forward(IDS, 0, all_logits=True)) < 3e-2
+    assert (rel(w[EMBED].astype(np.float32), t[EMBED]) > 0.5) == rot
 
 
 def test_max_context_defaults_to_at_most_4096():
@@ -418,8 +444,8 @@ def test_group_size_choice():
 
 
 def test_quant_settings():
-    assert settings(None) == {**DEFAULT, "scale_bits": 8, "act_order": False}
-    assert settings({"bits": 2}) == {**DEFAULT, "bits": 2, "scale_bits": 8, "act_order": False}
+    assert settings(None) == {**DEFAULT, "scale_bits": 8, "act_order": False, "rotate": False}
+    assert settings({"bits": 2}) == {**DEFAULT, "bits": 2, "scale_bits": 8, "act_order": False, "rotate": False}
     with pytest.raises(ValueError, match="unknown quantizer settings: colour"):
         settings({"colour": 1})
     with pytest.raises(ValueError, match="bits must be"):

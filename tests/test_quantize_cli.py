@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import lutkernels as lk
-from engine.quant import settings
+from engine.quant import rotate, settings
 from models import qfile
 from models.load import open_source
 from test_cli import cli, one_line_error
@@ -45,6 +45,8 @@ def leftovers(folder):
 @pytest.mark.parametrize("method", [["--method", "rtn"], ["--method", "hlq", "--bits", "3"],
                                     ["--method", "gptq", "--grid", "hlq", "--bits", "2", "--act-order"],
                                     ["--method", "gptq", "--grid", "rtn", "--bits", "3", "--group", "64"],
+                                    ["--method", "gptq", "--grid", "rtn", "--bits", "3", "--no-rotate"],
+                                    ["--method", "rtn", "--bits", "3", "--rotate"],
                                     ["--method", "gptq", "--grid", "msb", "--bits", "3"],
                                     ["--method", "msb", "--bits", "2"], ["--method", "binary", "--bits", "2"],
                                     ["--method", "ternary", "--bits", "2"]])
@@ -62,6 +64,7 @@ def test_quantize_writes_a_runnable_file_with_a_layer_summary(gguf, text, tmp_pa
     assert leftovers(tmp_path) == [out.name]
     info = json.loads(cli("info", out, "--json").stdout)
     assert info["quantization"]["method"] == method[1]
+    assert info["quantization"]["rotate"] == ("--rotate" in method or ("gptq" in method and "--no-rotate" not in method))
     assert info["bpw_linear"] > 0
     gen = cli("generate", "-m", out, "-p", "the weather", "-n", 4, "--temp", 0, "--ignore-eos", "-t", 1)
     assert gen.returncode == 0, gen.stderr
@@ -77,14 +80,16 @@ def test_the_file_records_the_settings_and_each_layers_method(hf, text, tmp_path
     assert q.meta["quantizer"] == settings({"method": "gptq", "grid": "hlq", "bits": 2, "calib": str(text),
                                             "n_calib": 8, "calib_len": 64,
                                             "layers": {"*.mlp.down_proj.weight": {"bits": 3, "group": 64}}})
+    assert q.meta["quantizer"]["rotate"] is True  # gptq's default: the layers are the rotated model's
     src = open_source(hf)
+    rotated = rotate.rotate(src.config, src.tensors)
     for name, t in q.meta["tensors"].items():
         down = name.endswith("down_proj.weight")
         if name == "lm_head.weight":
             assert (t["method"], t["bits"]) == ("rtn", 8)
             continue
         assert (t["method"], t["bits"], t["group"]) == ("gptq+hlq", 3 if down else 2, 64 if down else 32)
-        W, Wq = src.tensors[name], lk.dense(q.packed[name])
+        W, Wq = rotated[name], lk.dense(q.packed[name])
         assert np.linalg.norm(Wq - W) < 0.8 * np.linalg.norm(W)  # 2-3 bits; gptq trades weight for output error
 
 
@@ -141,7 +146,7 @@ def test_help_lists_the_quantize_options():
     proc = cli("quantize", "--help")
     assert proc.returncode == 0
     for opt in ("--method", "--grid", "--bits", "--group", "--calib", "--n-calib", "--calib-len", "--act-order",
-                "--layer", "--head-bits", "--symmetric"):
+                "--rotate", "--layer", "--head-bits", "--symmetric"):
         assert opt in proc.stdout
 
 

@@ -281,9 +281,9 @@ def test_rtn_and_hlq_need_no_calibration(tiny):
 # ---- settings -------------------------------------------------------------------------------------
 
 def test_settings_defaults_and_keys():
-    assert settings(None) == {**DEFAULT, "scale_bits": 8, "act_order": False}
+    assert settings(None) == {**DEFAULT, "scale_bits": 8, "act_order": False, "rotate": False}
     assert set(DEFAULT) == {"method", "bits", "group", "symmetric", "scale_bits", "head_bits", "grid", "act_order",
-                            "calib", "n_calib", "calib_len", "layers", "bpw"}
+                            "rotate", "calib", "n_calib", "calib_len", "layers", "bpw"}
     s = settings({"method": "gptq", "grid": "hlq", "calib": "c4.txt", "layers": {"*down*": {"bits": 4}}})
     assert s["method"] == "gptq" and s["layers"] == {"*down*": {"bits": 4}}
 
@@ -292,6 +292,14 @@ def test_act_order_defaults_on_under_a_budget_only():
     assert settings({"method": "gptq", "calib": "c4.txt"})["act_order"] is False
     assert settings({"method": "gptq", "calib": "c4.txt", "bpw": 3.3})["act_order"] is True
     assert settings({"method": "gptq", "calib": "c4.txt", "bpw": 3.3, "act_order": False})["act_order"] is False
+
+
+def test_rotate_defaults_on_for_gptq_only():
+    assert settings({"method": "gptq", "calib": "c4.txt"})["rotate"] is True
+    assert settings({"method": "gptq", "calib": "c4.txt", "rotate": False})["rotate"] is False
+    assert settings({"method": "hlq"})["rotate"] is False
+    with pytest.raises(ValueError, match="rotate must be true or false"):
+        settings({"rotate": "yes"})
 
 
 @pytest.mark.parametrize("quant, message", [
