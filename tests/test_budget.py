@@ -22,6 +22,21 @@ def test_plan_spends_the_budget_where_the_error_is_largest():
         budget.plan(opts, sizes, 2.0)
 
 
+def test_plan_never_goes_below_the_best_uniform_format_that_fits():
+    # the proxy says b barely minds 2 bits, so a free plan would trade b's bits for a's (2 and 4);
+    # 3 bits fit everywhere, and layers only move up from there
+    opts = {"a": [(2, 64, 16, 2.5, 0.30), (3, 64, 16, 3.5, 0.10), (4, 64, 16, 4.5, 0.03)],
+            "b": [(2, 64, 16, 2.5, 0.001), (3, 64, 16, 3.5, 0.0005), (4, 64, 16, 4.5, 0.0001)]}
+    sizes = {"a": 100, "b": 100}
+    assert budget.floor(opts, sizes, 3.5) == (3, 64, 16)
+    assert budget.plan(opts, sizes, 3.5) == {"a": {"bits": 3, "group": 64, "scale_bits": 16},
+                                             "b": {"bits": 3, "group": 64, "scale_bits": 16}}
+    assert budget.floor(opts, sizes, 3.4) == (2, 64, 16)
+    assert budget.plan(opts, sizes, 3.4)["a"]["bits"] == 3
+    opts["b"] = [o for o in opts["b"] if o[0] != 2]  # no format common to every layer fits 2.9
+    assert budget.floor(opts, sizes, 2.9) is None
+
+
 @pytest.mark.parametrize("bpw", [2.3, 3.3, 4.5])
 def test_plan_never_exceeds_the_budget_and_uses_most_of_it(bpw):
     rng = np.random.default_rng(int(bpw * 10))
