@@ -93,6 +93,17 @@ def add_record(rec: dict, path: Path = OURS) -> None:
         os.replace(tmp, path)
 
 
+def made_by(quantize_cmd: list[str]) -> str | None:
+    """The command and the last commit touching the code that makes a file (None with uncommitted
+    changes there): a file in the sweep folder is reused, to resume a sweep, only when both match,
+    so a stale file is never measured again under a new record."""
+    commit = subprocess.run(["git", "log", "-1", "--format=%H", "--", "engine", "lutkernels", "c", "models"],
+                            cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "engine", "lutkernels", "c", "models"],
+                           cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return None if dirty or not commit else json.dumps({"command": quantize_cmd, "commit": commit})
+
+
 def run(args) -> None:
     done = {(r["model"], r["recipe"], r["text"]) for r in load_records(OURS)}
     folder = Path(os.environ.get("LUTENGINE_HOME", Path.home() / ".cache" / "lutengine")) / "sweep"
@@ -105,11 +116,14 @@ def run(args) -> None:
             out = folder / f"{model}.{recipe}.safetensors"
             qargs = quantize_args(recipe)
             quantize_cmd = ["quantize", model, "-o", str(out), *qargs]
-            seconds = None
-            if not out.exists():
+            seconds, stamp = None, made_by(quantize_cmd)
+            sidecar = out.with_name(out.name + ".made-by")
+            if not (stamp and out.exists() and sidecar.exists() and sidecar.read_text() == stamp):
                 t0 = time.perf_counter()
                 lutengine(*quantize_cmd)
                 seconds = round(time.perf_counter() - t0, 1)
+                if stamp:
+                    sidecar.write_text(stamp)
             info = json.loads(lutengine("info", str(out), "--json").stdout)
             for text in todo:
                 t0 = time.perf_counter()
