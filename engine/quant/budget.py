@@ -103,7 +103,8 @@ def floor(opts: Options, sizes: dict[str, int], bpw: float) -> tuple[int, int, i
     most bits, then the least total error; None if no format fits. The plan only upgrades layers
     from it. Left free, the plan followed its output-error proxy down to 2 bits in layers whose
     damage to the model the proxy misjudges: SmolLM2 --bpw 3.3 (gptq, act-order) gave wiki 48.0
-    unrotated and 78.3 rotated, where uniform 3 bits (G 64, 3.5 bpw, rotated) alone gave 26.8."""
+    unrotated and 78.3 rotated, where uniform 3 bits (gptq, act-order, rotated, G 64 with 8-bit
+    scales: 3.25 bpw) alone gives 27.2."""
     total = sum(sizes.values())
     common = set.intersection(*({o[:3] for o in v} for v in opts.values()))
     fits = []
