@@ -19,7 +19,9 @@ bench/llamacpp_quality.py (bench/llamacpp_quality.json), on the same token ids.
 Recipe names: METHOD BITS g GROUP, e.g. rtn4g64, hlq3g64, gptq-hlq2g64
 (gptq on the hlq grid), gptq-rtn4g64, msb3g64 (sign + 2 magnitude planes),
 binary1g64, ternary2g64, with s8 appended for 8-bit scales on the rtn grid
-(rtn4g32s8, gptq-rtn3g64s8; without it the rtn grid keeps 16-bit scales); and
+(rtn4g32s8, gptq-rtn3g64s8; without it the rtn grid keeps 16-bit scales), -ao
+for gptq with act-order (gptq-rtn3g64s8-ao); gptq rotates by default, and
+records made before that carry -norot and --no-rotate; and
 bpw2.5 for `quantize --bpw 2.5` (the plan picks the scale width per layer;
 bpw4.5-f16 and the like are records of the planner before 8-bit scales, bpw3.3-noao
 of gptq without act-order, the budget's default since). Calibration
@@ -49,22 +51,25 @@ RECIPES = ["rtn4g32", "rtn4g32s8", "rtn4g64", "rtn3g64", "rtn2g64", "rtn4g128", 
            "gptq-rtn4g64", "gptq-rtn3g64", "gptq-hlq3g64", "gptq-hlq2g64", "gptq-hlq2g128",
            "msb4g64", "msb3g64", "msb2g64", "binary1g64", "binary2g64", "ternary2g64",
            "bpw4.5", "bpw3.3", "bpw2.5", "bpw1.6"]
-RECIPE = re.compile(r"(?:(gptq)-)?(rtn|hlq|msb|binary|ternary)(\d)g(\d+)(s8)?$|bpw(\d+(?:\.\d+)?)$")
+RECIPE = re.compile(r"(?:(gptq)-)?(rtn|hlq|msb|binary|ternary)(\d)g(\d+)(s8)?(-ao)?$|bpw(\d+(?:\.\d+)?)$")
 
 
 def quantize_args(recipe: str) -> list[str]:
     m = RECIPE.match(recipe)
     if not m:
         raise SystemExit(f"unknown recipe {recipe!r}: expected e.g. rtn4g64, gptq-hlq2g64, msb3g64 or bpw2.5")
-    gptq, method, bits, group, s8, bpw = m.groups()
+    gptq, method, bits, group, s8, ao, bpw = m.groups()
     calib = ["--calib", str(CALIB)]
     if bpw:
         return ["--bpw", bpw, *calib]
     if s8 and method != "rtn":
         raise SystemExit(f"recipe {recipe!r}: 8-bit scales are made on the rtn grid only")
     scales = ["--scale-bits", "8" if s8 else "16"] if method == "rtn" else []
+    if ao and not gptq:
+        raise SystemExit(f"recipe {recipe!r}: act-order (-ao) is a gptq option")
     if gptq:
-        return ["--method", "gptq", "--grid", method, "--bits", bits, "--group", group, *scales, *calib]
+        return ["--method", "gptq", "--grid", method, "--bits", bits, "--group", group, *scales, *calib,
+                *(["--act-order"] if ao else [])]
     return ["--method", method, "--bits", bits, "--group", group, *scales]
 
 
