@@ -44,7 +44,7 @@ def add_arguments(p) -> None:
                    help="gptq: columns by decreasing Hessian diagonal (default: on with --bpw, else off)")
     p.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize in a randomly rotated hidden space, fused into the weights (no run-time cost; "
-                        "default: on for gptq, else off)")
+                        "default: on for gptq, except with --bpw 4 or more; else off)")
     p.add_argument("--calib", metavar="FILE", help="calibration text, never an evaluation text "
                    "(e.g. ../shared/data/c4-calib.txt); gptq needs one")
     p.add_argument("--n-calib", type=int, default=DEFAULT["n_calib"], metavar="N",

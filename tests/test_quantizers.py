@@ -294,9 +294,11 @@ def test_act_order_defaults_on_under_a_budget_only():
     assert settings({"method": "gptq", "calib": "c4.txt", "bpw": 3.3, "act_order": False})["act_order"] is False
 
 
-def test_rotate_defaults_on_for_gptq_only():
+def test_rotate_defaults_on_for_gptq_below_4_bits_per_weight():
     assert settings({"method": "gptq", "calib": "c4.txt"})["rotate"] is True
     assert settings({"method": "gptq", "calib": "c4.txt", "rotate": False})["rotate"] is False
+    assert settings({"method": "gptq", "calib": "c4.txt", "bpw": 3.3})["rotate"] is True
+    assert settings({"method": "gptq", "calib": "c4.txt", "bpw": 4.5})["rotate"] is False
     assert settings({"method": "hlq"})["rotate"] is False
     with pytest.raises(ValueError, match="rotate must be true or false"):
         settings({"rotate": "yes"})

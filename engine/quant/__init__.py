@@ -24,7 +24,10 @@ Settings are a plain dict (stored verbatim in the quantized model file):
     act_order  gptq takes columns by decreasing Hessian diagonal; None: on for gptq under a bpw budget
                (SmolLM2 --bpw 3.3: wiki 48.0 against 60.8 without), off otherwise
     rotate     quantize in a rotated hidden space (rotate.py: exact, fused into the weights);
-               None: on for gptq, off otherwise (SmolLM2 gptq 3 bits G 64: 40.1 -> 28.1; rtn: 117 -> 288)
+               None: on for gptq, except under a budget of 4 bits or more, off otherwise (SmolLM2,
+               wiki: gptq 3 bits G 64 40.1 -> 26.8, gptq-rtn4g64 18.579 -> 16.569, rtn3g64
+               117.5 -> 557; --bpw 4.5 14.714 -> 15.887, where 4 bits in groups of 32 can
+               keep the Q4_1 source's own grid, which rotation dissolves)
     calib      calibration text (gptq needs one; with rtn/hlq it only measures output errors)
     n_calib    calibration sequences ...
     calib_len  ... of this many tokens (calib.py)
@@ -84,7 +87,7 @@ def settings(quant: dict | None = None) -> dict:
     if s["act_order"] is None:
         s["act_order"] = s["bpw"] is not None and s["method"] == "gptq"
     if s["rotate"] is None:
-        s["rotate"] = s["method"] == "gptq"
+        s["rotate"] = s["method"] == "gptq" and (s["bpw"] is None or s["bpw"] < 4)
     for key in ("symmetric", "act_order", "rotate"):
         if not isinstance(s[key], bool):
             raise ValueError(f"{key} must be true or false, got {s[key]!r}")
