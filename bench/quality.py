@@ -21,7 +21,8 @@ Recipe names: METHOD BITS g GROUP, e.g. rtn4g64, hlq3g64, gptq-hlq2g64
 binary1g64, ternary2g64, with s8 appended for 8-bit scales on the rtn grid
 (rtn4g32s8, gptq-rtn3g64s8; without it the rtn grid keeps 16-bit scales), -ao
 for gptq with act-order (gptq-rtn3g64s8-ao); gptq rotates by default, and
-records made before that carry -norot and --no-rotate; and
+records made before that carry -norot and --no-rotate (the bpw ones among them
+also predate the plan's uniform floor, so their commands now plan differently); and
 bpw2.5 for `quantize --bpw 2.5` (the plan picks the scale width per layer;
 bpw4.5-f16 and the like are records of the planner before 8-bit scales, bpw3.3-noao
 of gptq without act-order, the budget's default since). Calibration
