@@ -40,8 +40,9 @@ static inline int64_t lut_tab_stride(const lut_job *j) { return (int64_t)j->ntab
  * kept) get copies with the layer's mode as constants: the compiler then drops
  * the branches between blocks and keeps the loop state in registers. That is
  * most of the time at small groups (G = 64 puts 2 chunks in a block): on
- * 1536x576 AVX-512 went from 22.5 to 17.5 us per GEMV at P = 1 and from 33.5 to
- * 23 at P = 2. */
+ * 1536x576 AVX-512 went from 22.8 to 17.7 us per GEMV at P = 1 and from 33.6 to
+ * 23.4 at P = 2. Per-plane bodies also set their plane run R to a literal 1,
+ * which lut_plane_run would return anyway, so the copies know it. */
 #define LUT_DEFINE_TILE(attrs, name, body)                                                                             \
     attrs void name(const lut_job *j, int32_t tile, int32_t tok) {                                                    \
         const lut_layer *w = j->w;                                                                                     \

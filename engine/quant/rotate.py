@@ -18,9 +18,11 @@ A rotated matrix mixes each row's weights across all columns, so no column
 keeps an outlier for a group's scale to stretch over, and GPTQ's error
 compensation has a smoother problem: on SmolLM2-135M (wiki.txt, gptq on the
 rtn grid, 3 bits, G = 64, act-order) rotation took perplexity from 40.1 to
-28.1. Plain round-to-nearest got worse (117 to 288): the source's weights lie
-on a 4-bit grid (Q4_1) that rotation dissolves, and without the Hessian
-nothing recovers it. So `rotate` defaults to on for gptq only.
+26.8, and gptq-rtn4g64 from 18.579 to 16.569. Plain round-to-nearest got worse
+(rtn3g64 117.5 to 557): the source's weights lie on a 4-bit grid (Q4_1) that
+rotation dissolves, and without the Hessian nothing recovers it; for the same
+reason a budget of 4 bits or more keeps it (--bpw 4.5: 14.712 unrotated, 15.887
+rotated). The defaults follow (engine/quant/__init__.py, settings).
 
 The head stops being the embedding (e·Q against W_head·diag(g)·Q), which costs
 nothing: a tied head is stored as its own packed copy anyway.
@@ -31,7 +33,8 @@ import numpy as np
 
 from models.config import ModelConfig
 
-EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+from ..model import EMBED, HEAD, NORM
+
 READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
            "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")
@@ -56,7 +59,7 @@ def rotate(config: ModelConfig, tensors: dict[str, np.ndarray], seed: int = 0) -
         return np.asarray(tensors[name], np.float64)
 
     embed = f64(EMBED)
-    head = embed if config.tied_embeddings else f64(HEAD)
+    head = f64(HEAD) if HEAD in tensors else embed
     out[HEAD] = ((head * f64(NORM)) @ Q).astype(np.float32)
     out[EMBED] = (embed @ Q).astype(np.float32)
     out[NORM] = np.ones(config.hidden, np.float32)
