@@ -155,12 +155,15 @@ def test_quantized_path_matches_dense_of_the_same_weights(cfg):
     """Packed layers through the LUT kernels vs their dequantized float32 matrices through numpy:
     the only difference left is the kernel's int8 activation tables. Those cost about 0.75% relative
     error per 4-bit matmul on Gaussian activations (lutkernels.reference reproduces it), compounded
-    here over 2 blocks and the head."""
+    here over 2 blocks and the head: a few hundredths of a logit, so the predicted token may only
+    differ where the dense model's top two are closer than that."""
     w = quantized(cfg, random_weights(cfg, 4))
     q = Transformer(cfg, w).forward(IDS, 0, all_logits=True)
     d = Transformer(cfg, dequantized(w)).forward(IDS, 0, all_logits=True)
     assert rel(q, d) < 3e-2
-    assert (q.argmax(-1) == d.argmax(-1)).mean() >= 0.9
+    top2 = np.sort(d, -1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.05
+    assert clear.mean() >= 0.5 and (q.argmax(-1) == d.argmax(-1))[clear].all()
     x = np.random.default_rng(0).standard_normal((8, cfg.hidden)).astype(np.float32)
     layer = w["model.layers.0.mlp.gate_proj.weight"]
     assert rel(lk.gemm(layer, x), x @ lk.dense(layer).T) < 1.2e-2
@@ -400,9 +403,10 @@ def test_rtn_8_bit_scales_out_of_range_is_a_clear_error_but_a_grid_still_exists(
 
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
-def test_rtn_error_is_at_most_half_a_step(bits, symmetric):
+def test_rtn_spanning_grid_error_is_at_most_half_a_step(monkeypatch, bits, symmetric):
     W = rtn_case(bits)
     G = 64
+    monkeypatch.setattr(rtn, "CLIP_STEPS", 0)
     c = rtn.codes(W, bits, G, symmetric)
     err = np.abs(rtn.reconstruct(c).astype(np.float64) - W).reshape(W.shape[0], -1, G).max(-1)
     # the float16 offset can sit up to half its ulp off the group's minimum; that bounds the
@@ -413,6 +417,36 @@ def test_rtn_error_is_at_most_half_a_step(bits, symmetric):
     if symmetric:
         assert c.offset is None
         assert rtn.to_packed(c).offsets is None
+
+
+@pytest.mark.parametrize("scale8", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_rtn_clipped_grids_never_lose_to_the_spanning_one(monkeypatch, bits, symmetric, scale8):
+    """Per group the search keeps the spanning grid unless a finer one has less squared error;
+    on Gaussian weights the finer ones win overall, most at 2 bits."""
+    W = np.random.default_rng(bits).standard_normal((64, 256)).astype(np.float32) * 0.05
+
+    def sse():
+        return ((rtn.reconstruct(rtn.codes(W, bits, 64, symmetric, scale8)) - W) ** 2).reshape(64, 4, 64).sum(-1)
+    searched = sse()
+    monkeypatch.setattr(rtn, "CLIP_STEPS", 0)
+    spanning = sse()
+    assert (searched <= spanning * (1 + 1e-6)).all()
+    assert searched.sum() < {2: 0.8, 3: 0.9, 4: 0.98}[bits] * spanning.sum()
+
+
+def test_rtn_keeps_a_group_already_on_a_uniform_grid():
+    """A Q4_1 source at 4 bits in its own groups of 32 keeps its codes and steps, clipped grids offered or not."""
+    rng = np.random.default_rng(5)
+    q = rng.integers(0, 16, (32, 128))
+    q[:, ::32], q[:, 1::32] = 0, 15  # every group spans its whole grid
+    d = rng.uniform(0.01, 0.02, (32, 4, 1)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.1, 0.0, (32, 4, 1)).astype(np.float16).astype(np.float32)
+    W = (q.reshape(32, 4, 32) * d + m).reshape(32, 128).astype(np.float32)
+    c = rtn.codes(W, 4, 32)
+    np.testing.assert_array_equal(c.q, q)
+    np.testing.assert_array_equal(c.scale, np.broadcast_to(d[..., 0], c.scale.shape))
 
 
 def test_rtn_codes_are_round_to_nearest():
