@@ -25,7 +25,9 @@ records made before that carry -norot and --no-rotate (the bpw ones among them
 also predate the plan's uniform floor, so their commands now plan differently); and
 bpw2.5 for `quantize --bpw 2.5` (the plan picks the scale width per layer;
 bpw4.5-f16 and the like are records of the planner before 8-bit scales, bpw3.3-noao
-of gptq without act-order, the budget's default since). Calibration
+of gptq without act-order, the budget's default since; -span marks every record on
+the rtn or hlq grid made before those grids searched finer, clipping steps
+(engine/quant/rtn.py): their commands now give other files). Calibration
 (gptq, --bpw) reads ../shared/data/c4-calib.txt only, never an evaluation text.
 """
 from __future__ import annotations
