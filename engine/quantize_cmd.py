@@ -110,6 +110,10 @@ def run(args) -> int:
              else f"{method_label(s)} {s['bits']}-bit g{s['group']}")
     print(f"{args.source}: {label}" + (f", calibration {s['n_calib']} x {s['calib_len']} tokens of {s['calib']}"
                                         if tokens is not None else ""), flush=True)
+    if s["bpw"] is not None:
+        print("planning the budget first: every layer at every format" +
+              (", then each layer's end-to-end sensitivity" if tokens is not None else "") +
+              " (minutes, before the first layer shows)", flush=True)
     weights, info = _quantize(src.config, src.tensors, s, tokens, label)
     qfile.write(out, src.config, weights, src.tok, info=info, source={"path": str(src.path), "sha256": src.sha256},
                 quantizer=s)

@@ -2,9 +2,11 @@
 import numpy as np
 import pytest
 
-from engine.quant import budget, quantize_model
+import lutkernels as lk
+from engine.model import Transformer
+from engine.quant import budget, calib, quantize_model, rtn
 from models.load import open_source
-from tiny_models import write_gguf
+from tiny_models import random_weights, tiny_config, write_gguf
 
 
 def test_plan_spends_the_budget_where_the_error_is_largest():
@@ -70,3 +72,44 @@ def test_quantize_model_under_a_budget(tmp_path):
     bits = sum(w.bits_per_weight() * w.M * w.K for w in linear) / sum(w.M * w.K for w in linear)
     assert bits <= 3.3
     assert len({w.P for w in linear}) > 1  # a mix, not one format everywhere
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    lp, lq = (z - z.max(1, keepdims=True) for z in (p_logits.astype(np.float64), q_logits.astype(np.float64)))
+    lp, lq = (z - np.log(np.exp(z).sum(1, keepdims=True)) for z in (lp, lq))
+    return float((np.exp(lp) * (lp - lq)).sum(1).mean())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_sensitivity_is_each_layers_kl_per_unit_of_output_error(arch):
+    """Against the Transformer run on the same windows with that one layer rounded to the probe format."""
+    c = tiny_config(arch)
+    t = random_weights(c, 6)
+    tokens = np.random.default_rng(1).integers(0, c.vocab, (6, budget.SENS_LEN + 8))
+    workers = calib.Workers(2)
+    opts, _ = budget.options(c, t, tokens, workers)
+    sens = budget.sensitivity(c, t, tokens, opts, workers)
+    workers.close()
+    rows = np.linspace(0, len(tokens) - 1, budget.SENS_SEQS).astype(int)
+
+    def logits(m: Transformer, r: int) -> np.ndarray:
+        m.reset()
+        return m.forward(tokens[r, :budget.SENS_LEN], 0, all_logits=True)
+    dense = Transformer(c, t)
+    ref = {r: logits(dense, r) for r in rows}
+    for name in [f"model.layers.{i}.{m}" for i in (0, c.n_layers - 1) for m in ("self_attn.v_proj.weight", "mlp.down_proj.weight")]:
+        probe = max((o for o in opts[name] if o[0] == budget.PROBE_BITS and o[2] == 16), key=lambda o: o[1])
+        m = Transformer(c, {**t, name: lk.dense(rtn.quantize(t[name], budget.PROBE_BITS, probe[1]))})
+        kl = np.mean([_kl(ref[r], logits(m, r)) for r in rows])
+        assert kl > 0
+        assert sens[name] == pytest.approx(kl / probe[budget.ERROR], rel=2e-2)
+
+
+def test_weights_move_bits_to_the_layers_that_matter():
+    # equal proxies: the plan cannot choose; a layer worth 10 times more gets the extra bits
+    opts = {"a": [(3, 64, 16, 3.5, 0.10), (4, 64, 16, 4.5, 0.03)], "b": [(3, 64, 16, 3.5, 0.10), (4, 64, 16, 4.5, 0.03)]}
+    sizes = {"a": 100, "b": 100}
+    for heavy in "ab":
+        weights = {"a": 1.0, "b": 1.0, heavy: 10.0}
+        plan = budget.plan(budget.weigh(opts, weights), sizes, 4.0)
+        assert {n: p["bits"] for n, p in plan.items()} == {n: 4 if n == heavy else 3 for n in "ab"}

@@ -169,7 +169,7 @@ def test_calibration_forward_is_the_transformer(tiny):
     workers = calib.Workers(2)
     seen = []
 
-    def fit(names, H):
+    def fit(names, X):
         seen.append(names)
         return [t[n] for n in names]
     *_, (last, x) = calib.layers(c, t, tokens, fit, workers)

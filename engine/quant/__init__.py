@@ -34,7 +34,7 @@ Settings are a plain dict (stored verbatim in the quantized model file):
     layers     per-layer overrides {glob: {"bits": b, "group": g, "scale_bits": s}} on full tensor names
                (fnmatch, e.g. "*.mlp.down_proj.weight"); later globs win
     bpw        a budget of bits per weight over the linear layers: layers gets the plan
-               (budget.py) that spends it where the output error is largest; method rtn,
+               (budget.py) that spends it where the error costs the model most; method rtn,
                or gptq on the rtn grid when there is calibration text
 """
 from __future__ import annotations
@@ -172,8 +172,10 @@ def quantize_model(config: ModelConfig, tensors: dict[str, np.ndarray], quant: d
     workers = calib.Workers(_cores())
     try:
         if s["bpw"] is not None:
-            opts = budget.options(config, tensors, tokens, workers, s["scale_bits"])
-            s = {**s, "layers": budget.plan(*opts, s["bpw"])}
+            opts, sizes = budget.options(config, tensors, tokens, workers, s["scale_bits"])
+            if tokens is not None:
+                opts = budget.weigh(opts, budget.sensitivity(config, tensors, tokens, opts, workers))
+            s = {**s, "layers": budget.plan(opts, sizes, s["bpw"])}
         packed = _linear_layers(config, tensors, s, tokens, workers, on_layer)
     finally:
         workers.close()
@@ -211,7 +213,8 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
         rows = workers.blocks(lambda Wr: gptq.quantize(Wr, f, G, fit_grid), W)
         packed[name] = hlq.stack_rows(rows).packed(scale8)
 
-    def fit(names: list[str], H: np.ndarray) -> list[np.ndarray]:
+    def fit(names: list[str], X: np.ndarray) -> list[np.ndarray]:
+        H = calib.hessian(X, workers)
         if s["method"] == "gptq":
             f = gptq.factor(H, s["act_order"])
             for n in names:

@@ -2,7 +2,7 @@
 input Hessian taken on the outputs of the layers already quantized.
 
     ids = tokens(read_text(path), tok, n=64, length=512)   # evenly spaced windows of the text
-    for i, x in layers(config, tensors, ids, fit, workers): ...
+    for i, x in layers(config, tensors, ids, fit, workers): ...   # fit(names, X): H = hessian(X, workers)
 
 Inside a block the layers go in the order they read their inputs (q/k/v, o,
 gate/up, down), and each stage runs with the weights fit returned for the
@@ -25,7 +25,7 @@ from ..model import EMBED, attend, rmsnorm, rope, rope_tables, silu
 
 ROWS = 1024  # rows per block of a parallel product: its temporaries stay in the last-level cache
 
-# names of the layers reading one input, and that input's Hessian -> the float32 weights to run them with
+# names of the layers reading one input, and that input X [n*L, K] -> the float32 weights to run them with
 Fit = Callable[[list[str], np.ndarray], list[np.ndarray]]
 
 
@@ -89,13 +89,16 @@ def output_error(W: np.ndarray, Wq: np.ndarray, H: np.ndarray, workers: Workers)
 
 
 def layers(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndarray, fit: Fit,
-           workers: Workers) -> Iterator[tuple[int, np.ndarray]]:
+           workers: Workers, start: tuple[int, np.ndarray] | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Quantize block after block through fit; yields each block's index when it is done,
-    with the residual stream after it (float32 [n*L, hidden], sequence after sequence)."""
+    with the residual stream after it (float32 [n*L, hidden], sequence after sequence; the
+    same array throughout, updated in place). start: (first block, the stream before it),
+    instead of block 0 on the embedded tokens."""
     c = config
     n, L = tokens.shape
     cos, sin = (t[:, None] for t in rope_tables(c, L))
-    x = np.asarray(tensors[EMBED])[tokens.ravel()].astype(np.float32)
+    first, x = (0, np.asarray(tensors[EMBED])[tokens.ravel()].astype(np.float32)) if start is None \
+        else (start[0], np.array(start[1], np.float32))
 
     def linear(X, W, bias=None, add_to=None):
         """X @ Wᵀ (+ bias) as a new array, or added to add_to in place."""
@@ -126,18 +129,18 @@ def layers(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndarr
         workers.map(one, [slice(s * L, (s + 1) * L) for s in range(n)])
         return out
 
-    for i in range(c.n_layers):
+    for i in range(first, c.n_layers):
         p = f"model.layers.{i}."
         h = rmsnorm(x, tensors[p + "input_layernorm.weight"], c.norm_eps)
         names = [f"{p}self_attn.{m}_proj.weight" for m in "qkv"]
         heads = (c.n_heads, c.n_kv_heads, c.n_kv_heads)
         qkv = [linear(h, W, tensors[name[:-len("weight")] + "bias"] if c.qkv_bias else None)
-               for name, W in zip(names, fit(names, hessian(h, workers)))]
+               for name, W in zip(names, fit(names, h))]
         att = attention(*(y.reshape(len(y), nh, c.head_dim) for y, nh in zip(qkv, heads)))
-        [o] = fit([p + "self_attn.o_proj.weight"], hessian(att, workers))
+        [o] = fit([p + "self_attn.o_proj.weight"], att)
         linear(att, o, add_to=x)
         h = rmsnorm(x, tensors[p + "post_attention_layernorm.weight"], c.norm_eps)
-        act = mlp(h, *fit([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], hessian(h, workers)))
-        [down] = fit([p + "mlp.down_proj.weight"], hessian(act, workers))
+        act = mlp(h, *fit([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], h))
+        [down] = fit([p + "mlp.down_proj.weight"], act)
         linear(act, down, add_to=x)
         yield i, x

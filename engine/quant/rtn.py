@@ -73,22 +73,31 @@ def codes(W: np.ndarray, bits: int, G: int, symmetric: bool = False, scale8: boo
     lk.check_shape(M, K, bits, G)
     Wg = np.asarray(W, np.float64).reshape(M, K // G, G)
     half = (2**bits - 1) / 2
-    best_err = np.full(Wg.shape[:2], np.inf)
-    best: list[np.ndarray] = []
-    for s, off in (_grids8 if scale8 else _grids16)(Wg, bits, symmetric):
-        s64 = s.astype(np.float64)
-        centre = np.zeros_like(s64) if off is None else off.astype(np.float64)
-        inv = np.divide(1.0, s64, out=np.zeros_like(s64), where=s64 > 0)
-        q = np.clip(np.rint((Wg - centre[..., None]) * inv[..., None] + half), 0, 2 * half)
-        err = ((Wg - (s64[..., None] * (q - half) + centre[..., None])) ** 2).sum(-1)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        cand = [q, s, np.zeros_like(s) if off is None else off]
-        best = cand if not best else [np.where(better[..., None] if a.ndim == 3 else better, a, b)
-                                      for a, b in zip(cand, best)]
-    q, s, off = best
-    return Codes(q.astype(np.uint8).reshape(M, K), s.astype(np.float32), None if symmetric else off.astype(np.float32),
-                 bits, G, scale8)
+    grids = list((_grids8 if scale8 else _grids16)(Wg, bits, symmetric))
+    # choose in float32 (the candidates' squared errors only rank them), then round once in float64
+    W32 = Wg.astype(np.float32)
+    err = np.stack([_round(W32, s, off, np.float32(half))[1] for s, off in grids])
+    pick = np.argmin(err, axis=0)  # the first of equals: the spanning grid wins ties
+    s = _pick([g[0] for g in grids], pick)
+    off = None if symmetric else _pick([g[1] for g in grids], pick)
+    q, _ = _round(Wg, s, off, half)
+    return Codes(q.astype(np.uint8).reshape(M, K), s.astype(np.float32),
+                 None if symmetric else off.astype(np.float32), bits, G, scale8)
+
+
+def _pick(candidates: list[np.ndarray], pick: np.ndarray) -> np.ndarray:
+    return np.take_along_axis(np.stack(candidates), pick[None], 0)[0]
+
+
+def _round(Wg: np.ndarray, s: np.ndarray, off: np.ndarray | None, half) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of each group [M, ng, G] on the grid of step s and centre off (in Wg's precision),
+    and each group's squared error."""
+    s = s.astype(Wg.dtype)
+    centre = np.zeros_like(s) if off is None else off.astype(Wg.dtype)
+    inv = np.divide(1, s, out=np.zeros_like(s), where=s > 0)
+    q = np.clip(np.rint((Wg - centre[..., None]) * inv[..., None] + half), 0, 2 * half)
+    d = Wg - (s[..., None] * (q - half) + centre[..., None])
+    return q, np.einsum("mgk,mgk->mg", d, d)
 
 
 def _shrink(k: int) -> float:
