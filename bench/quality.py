@@ -27,7 +27,8 @@ bpw2.5 for `quantize --bpw 2.5` (the plan picks the scale width per layer;
 bpw4.5-f16 and the like are records of the planner before 8-bit scales, bpw3.3-noao
 of gptq without act-order, the budget's default since; -span marks every record on
 the rtn or hlq grid made before those grids searched finer, clipping steps
-(engine/quant/rtn.py): their commands now give other files). Calibration
+(engine/quant/rtn.py): their commands now give other files; bpw3.3-unweighted
+is the plan with the clip search but before its sensitivity weights). Calibration
 (gptq, --bpw) reads ../shared/data/c4-calib.txt only, never an evaluation text.
 """
 from __future__ import annotations

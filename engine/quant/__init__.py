@@ -25,7 +25,7 @@ Settings are a plain dict (stored verbatim in the quantized model file):
                (SmolLM2 --bpw 3.3: wiki 48.0 against 60.8 without), off otherwise
     rotate     quantize in a rotated hidden space (rotate.py: exact, fused into the weights);
                None: on for gptq, except under a budget of 4 bits or more, off otherwise (SmolLM2,
-               wiki: gptq 3 bits G 64 40.1 -> 26.8, gptq-rtn4g64 18.579 -> 16.569, rtn3g64
+               wiki, measured before rtn's clip search: gptq 3 bits G 64 40.1 -> 26.8, gptq-rtn4g64 18.579 -> 16.569, rtn3g64
                117.5 -> 557; --bpw 4.5 14.714 -> 15.887, where 4 bits in groups of 32 can
                keep the Q4_1 source's own grid, which rotation dissolves)
     calib      calibration text (gptq needs one; with rtn/hlq it only measures output errors)

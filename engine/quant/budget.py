@@ -33,7 +33,7 @@ from . import calib, rtn
 # (bits, group, scale bits); 8-bit scales up to 4 bits (as rtn's default). Before the plan had a floor
 # and gptq rotated, 8-bit scales below 4 bits were left out: the free 3.3-bpw plan took 3-bit ones nearly
 # everywhere and gave wiki 142.9 against 59.2 with 16-bit scales; since, gptq with act-order on the rotated
-# model gives 3 bits G 64 with 8-bit scales (3.25 bpw) 27.2.
+# model gives 3 bits G 64 with 8-bit scales (3.25 bpw) 27.2, and 22.3 since rtn grids search clipping steps.
 CANDIDATES = [(b, G, s) for b, G in [(1, 128), (1, 64), (2, 128), (2, 64), (2, 32), (3, 128), (3, 64), (3, 32),
                                      (4, 128), (4, 64), (4, 32), (5, 32), (6, 32), (8, 32)]
               for s in (16, 8) if s == 16 or b <= 4]
@@ -154,7 +154,7 @@ def floor(opts: Options, sizes: dict[str, int], bpw: float) -> tuple[int, int, i
     from it. Left free, the plan followed its output-error proxy down to 2 bits in layers whose
     damage to the model the proxy misjudges: SmolLM2 --bpw 3.3 (gptq, act-order) gave wiki 48.0
     unrotated and 78.3 rotated, where uniform 3 bits (gptq, act-order, rotated, G 64 with 8-bit
-    scales: 3.25 bpw) alone gives 27.2."""
+    scales: 3.25 bpw) alone gave 27.2 (all before the sensitivity weights and rtn's clip search)."""
     total = sum(sizes.values())
     common = set.intersection(*({o[:3] for o in v} for v in opts.values()))
     fits = []
