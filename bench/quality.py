@@ -28,7 +28,9 @@ bpw4.5-f16 and the like are records of the planner before 8-bit scales, bpw3.3-n
 of gptq without act-order, the budget's default since; -span marks every record on
 the rtn or hlq grid made before those grids searched finer, clipping steps
 (engine/quant/rtn.py): their commands now give other files; bpw3.3-unweighted
-is the plan with the clip search but before its sensitivity weights). Calibration
+is the plan with the clip search but before its sensitivity weights; -clip4 records
+clipped 4-bit grids too, which the search no longer tries; bpw3.3 and bpw2.5 were made
+then as well, their 4-bit upgrades clipped). Calibration
 (gptq, --bpw) reads ../shared/data/c4-calib.txt only, never an evaluation text.
 """
 from __future__ import annotations
