@@ -61,8 +61,9 @@ def options(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndar
         return out
 
     if tokens is not None:
-        for _ in calib.layers(config, tensors, tokens, lambda names, X: measure(names, calib.hessian(X, workers).astype(np.float32)),
-                              workers):
+        def fit(names: list[str], X: np.ndarray) -> list[np.ndarray]:
+            return measure(names, calib.hessian(X, workers).astype(np.float32))
+        for _ in calib.layers(config, tensors, tokens, fit, workers):
             pass
     else:
         names = [f"model.layers.{i}.{n}" for i in range(config.n_layers) for n in config.linear_shapes()]

@@ -15,9 +15,9 @@ is kept exactly. Then, up to 3 bits, CLIP_STEPS finer grids centred on the
 group, each step 2^(-1/16) smaller, down to half: they clip the extremes to
 round the bulk of the weights more finely. At 4 bits the gain in squared
 error is small (0.0077 to 0.0073) and clipping cost Qwen2.5-Coder's
-rtn4g128s8 c4 perplexity (61.341 to 62.403), so wider grids only span. On rotated SmolLM2 (relative squared weight error,
-G 64, 8-bit scales) the search takes 3 bits from 0.035 to 0.030 and 2 bits
-from 0.19 to 0.11; gptq 3 bits G 64 (act-order, rotated) went from wiki
+rtn4g128s8 c4 perplexity (61.341 to 62.403), so wider grids only span.
+On rotated SmolLM2 (relative squared weight error, G 64, 8-bit scales) the
+search takes 3 bits from 0.035 to 0.030 and 2 bits from 0.19 to 0.11; gptq 3 bits G 64 (act-order, rotated) went from wiki
 27.248 to 22.289.
 
 Scales and offsets are stored as float16, so codes are chosen against the
@@ -28,8 +28,8 @@ With 8-bit scales (scale8, lutkernels/layout.py) the plane-0 scale h = s/2 is
 an 8-bit float (16 steps per octave) and the offset a multiple of h/8. The
 candidates are the 8-bit h at or above the group's ideal one (large enough to
 span the group and to reach its centre in 127 eighths), the CLIP_STEPS codes
-below it (above 3 bits the one code below), and 0, each with its nearest offset. On SmolLM2's Q4_1 source
-weights 8-bit scales lose 0.05 perplexity (wiki, dense path) at 4.5 instead
+below it (above 3 bits the one code below), and 0, each with its nearest
+offset. On SmolLM2's Q4_1 source weights 8-bit scales lose 0.05 perplexity (wiki, dense path) at 4.5 instead
 of 5.0 bits per weight.
 """
 from __future__ import annotations
@@ -77,12 +77,14 @@ def codes(W: np.ndarray, bits: int, G: int, symmetric: bool = False, scale8: boo
     Wg = np.asarray(W, np.float64).reshape(M, K // G, G)
     half = (2**bits - 1) / 2
     grids = list((_grids8 if scale8 else _grids16)(Wg, bits, symmetric))
-    # choose in float32 (the candidates' squared errors only rank them), then round once in float64
-    W32 = Wg.astype(np.float32)
-    err = np.stack([_round(W32, s, off, np.float32(half))[1] for s, off in grids])
-    pick = np.argmin(err, axis=0)  # the first of equals: the spanning grid wins ties
-    s = _pick([g[0] for g in grids], pick)
-    off = None if symmetric else _pick([g[1] for g in grids], pick)
+    s, off = grids[0]
+    if len(grids) > 1:
+        # choose in float32 (the candidates' squared errors only rank them), then round once in float64
+        W32 = Wg.astype(np.float32)
+        err = np.stack([_round(W32, c, o, np.float32(half))[1] for c, o in grids])
+        pick = np.argmin(err, axis=0)  # the first of equals: the spanning grid wins ties
+        s = _pick([g[0] for g in grids], pick)
+        off = None if symmetric else _pick([g[1] for g in grids], pick)
     q, _ = _round(Wg, s, off, half)
     return Codes(q.astype(np.uint8).reshape(M, K), s.astype(np.float32),
                  None if symmetric else off.astype(np.float32), bits, G, scale8)
