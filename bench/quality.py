@@ -30,7 +30,9 @@ the rtn or hlq grid made before those grids searched finer, clipping steps
 (engine/quant/rtn.py): their commands now give other files; bpw3.3-unweighted
 is the plan with the clip search but before its sensitivity weights; -clip4 records
 clipped 4-bit grids too, which the search no longer tries; bpw3.3 and bpw2.5 were made
-then as well, their 4-bit upgrades clipped). Calibration
+then as well, their 4-bit upgrades clipped; -dtA sets gptq's dense target to A, and
+-dt0 marks the gptq and bpw records made before gptq aimed at the dense model's output
+(`--dense-target 0` redoes them). Calibration
 (gptq, --bpw) reads ../shared/data/c4-calib.txt only, never an evaluation text.
 """
 from __future__ import annotations
@@ -57,15 +59,18 @@ RECIPES = ["rtn4g32", "rtn4g32s8", "rtn4g64", "rtn3g64", "rtn2g64", "rtn4g128", 
            "gptq-rtn4g64", "gptq-rtn3g64", "gptq-hlq3g64", "gptq-hlq2g64", "gptq-hlq2g128",
            "msb4g64", "msb3g64", "msb2g64", "binary1g64", "binary2g64", "ternary2g64",
            "bpw4.5", "bpw3.3", "bpw2.5", "bpw1.6"]
-RECIPE = re.compile(r"(?:(gptq)-)?(rtn|hlq|msb|binary|ternary)(\d)g(\d+)(s8)?(-ao)?$|bpw(\d+(?:\.\d+)?)$")
+RECIPE = re.compile(r"(?:(?:(gptq)-)?(rtn|hlq|msb|binary|ternary)(\d)g(\d+)(s8)?(-ao)?|bpw(\d+(?:\.\d+)?))"
+                    r"(?:-dt(\d+(?:\.\d+)?))?$")
 
 
 def quantize_args(recipe: str) -> list[str]:
     m = RECIPE.match(recipe)
     if not m:
         raise SystemExit(f"unknown recipe {recipe!r}: expected e.g. rtn4g64, gptq-hlq2g64, msb3g64 or bpw2.5")
-    gptq, method, bits, group, s8, ao, bpw = m.groups()
-    calib = ["--calib", str(CALIB)]
+    gptq, method, bits, group, s8, ao, bpw, dt = m.groups()
+    calib = ["--calib", str(CALIB)] + (["--dense-target", dt] if dt is not None else [])
+    if dt is not None and not (gptq or bpw):
+        raise SystemExit(f"recipe {recipe!r}: the dense target (-dt) is a gptq option")
     if bpw:
         return ["--bpw", bpw, *calib]
     if s8 and method != "rtn":

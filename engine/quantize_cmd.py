@@ -45,6 +45,10 @@ def add_arguments(p) -> None:
     p.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize in a randomly rotated hidden space, fused into the weights (no run-time cost; "
                         "default: on for gptq, except with --bpw 4 or more; else off)")
+    p.add_argument("--dense-target", type=float, metavar="A",
+                   help="gptq: aim each layer this fraction (0..1) of the way at the dense model's output "
+                        "rather than at its own weights, undoing upstream error (default: 0.15 for gptq, except with "
+                        "--bpw 4 or more; else 0)")
     p.add_argument("--calib", metavar="FILE", help="calibration text, never an evaluation text "
                    "(e.g. ../shared/data/c4-calib.txt); gptq needs one")
     p.add_argument("--n-calib", type=int, default=DEFAULT["n_calib"], metavar="N",
@@ -62,7 +66,7 @@ def quant_settings(args) -> dict:
     method = args.method or ("gptq" if args.bpw is not None and args.calib else DEFAULT["method"])
     return {"method": method, "bpw": args.bpw, "bits": args.bits, "group": args.group, "symmetric": args.symmetric,
             "scale_bits": args.scale_bits, "head_bits": args.head_bits, "grid": args.grid, "act_order": args.act_order,
-            "rotate": args.rotate, "calib": args.calib,
+            "rotate": args.rotate, "dense_target": args.dense_target, "calib": args.calib,
             "n_calib": args.n_calib, "calib_len": args.calib_len, "layers": parse_layers(args.layer)}
 
 

@@ -155,6 +155,26 @@ def test_factor_is_the_upper_cholesky_of_the_damped_inverse_hessian():
                                    rtol=0, atol=2e-5 * np.abs(np.linalg.inv(Hd)).max())
 
 
+def test_transfer_solves_the_damped_least_squares_to_the_dense_output():
+    """W T is `mix` of the way from W to argmin_V ||X Vᵀ - Xd Wᵀ||² + damping: its normal equations hold."""
+    rng = np.random.default_rng(13)
+    X = correlated_inputs(rng, 800, 96)
+    X[:, 5] = 0  # an input never active: damped like gptq.factor damps it
+    Xd = X @ (np.eye(96) + 0.1 * rng.standard_normal((96, 96))).astype(np.float32)  # upstream error, linear in X
+    W = heavy_tailed(rng, 24, 96)
+    H, C = X.T.astype(np.float64) @ X / 800, Xd.T.astype(np.float64) @ X / 800
+    d = np.diag(H).copy()
+    d[5] = 1
+    Hd = H.copy()
+    Hd[np.diag_indices(96)] = d + gptq.DAMP * d.mean()
+    V = W @ gptq.transfer(H, C, 1.0).astype(np.float64)
+    np.testing.assert_allclose(V @ Hd, W @ C, rtol=0, atol=1e-4 * np.abs(W @ C).max())
+    np.testing.assert_array_equal(gptq.transfer(H, C, 0.0), np.eye(96, dtype=np.float32))
+    np.testing.assert_allclose(W @ gptq.transfer(H, C, 0.3), 0.3 * V + 0.7 * W, rtol=0, atol=1e-5)
+    # the full target matches the dense output better than W itself does, on the inputs it was fitted to
+    assert np.linalg.norm(X @ V.T - Xd @ W.T) < 0.9 * np.linalg.norm(X @ W.T - Xd @ W.T)
+
+
 # ---- calibration and the model pass ---------------------------------------------------------------
 
 @pytest.fixture(params=["llama", "qwen2"])
@@ -182,6 +202,33 @@ def test_calibration_forward_is_the_transformer(tiny):
         m.reset()
         np.testing.assert_allclose(logits[s * 40:(s + 1) * 40], m.forward(seq, 0, all_logits=True),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_dense_inputs_are_what_the_dense_model_feeds_each_layer(tiny):
+    """With dense_inputs, fit also gets each layer's input in the dense model, while the stream
+    it returns weights for runs on its own (here: perturbed) weights."""
+    c, t = tiny
+    tokens = np.random.default_rng(14).integers(0, c.vocab, (2, 24))
+    workers = calib.Workers(2)
+    dense = {}
+
+    def record(names, X):
+        dense[names[0]] = X.copy()
+        return [t[n] for n in names]
+    for _ in calib.layers(c, t, tokens, record, workers):
+        pass
+    got, own = {}, {}
+
+    def fit(names, X, Xd):
+        got[names[0]], own[names[0]] = Xd.copy(), X.copy()
+        return [t[n] * 0.9 for n in names]
+    for _ in calib.layers(c, t, tokens, fit, workers, dense_inputs=True):
+        pass
+    workers.close()
+    assert got.keys() == dense.keys() and len(got) == 4 * c.n_layers
+    for n in dense:
+        np.testing.assert_array_equal(got[n], dense[n])
+    assert not np.allclose(own["model.layers.1.mlp.down_proj.weight"], dense["model.layers.1.mlp.down_proj.weight"])
 
 
 def test_loops_round_to_float16_as_numpy_does():
@@ -281,9 +328,9 @@ def test_rtn_and_hlq_need_no_calibration(tiny):
 # ---- settings -------------------------------------------------------------------------------------
 
 def test_settings_defaults_and_keys():
-    assert settings(None) == {**DEFAULT, "scale_bits": 8, "act_order": False, "rotate": False}
+    assert settings(None) == {**DEFAULT, "scale_bits": 8, "act_order": False, "rotate": False, "dense_target": 0.0}
     assert set(DEFAULT) == {"method", "bits", "group", "symmetric", "scale_bits", "head_bits", "grid", "act_order",
-                            "rotate", "calib", "n_calib", "calib_len", "layers", "bpw"}
+                            "rotate", "calib", "n_calib", "calib_len", "layers", "bpw", "dense_target"}
     s = settings({"method": "gptq", "grid": "hlq", "calib": "c4.txt", "layers": {"*down*": {"bits": 4}}})
     assert s["method"] == "gptq" and s["layers"] == {"*down*": {"bits": 4}}
 
@@ -292,6 +339,18 @@ def test_act_order_defaults_on_under_a_budget_only():
     assert settings({"method": "gptq", "calib": "c4.txt"})["act_order"] is False
     assert settings({"method": "gptq", "calib": "c4.txt", "bpw": 3.3})["act_order"] is True
     assert settings({"method": "gptq", "calib": "c4.txt", "bpw": 3.3, "act_order": False})["act_order"] is False
+
+
+def test_dense_target_defaults_on_for_gptq_only():
+    assert settings({"method": "gptq", "calib": "c4.txt"})["dense_target"] == 0.15
+    assert settings({"method": "gptq", "calib": "c4.txt", "dense_target": 0})["dense_target"] == 0
+    assert settings({"method": "gptq", "calib": "c4.txt", "bpw": 3.3})["dense_target"] == 0.15
+    assert settings({"method": "gptq", "calib": "c4.txt", "bpw": 4.5})["dense_target"] == 0
+    assert settings({"method": "hlq"})["dense_target"] == 0
+    with pytest.raises(ValueError, match="dense_target is a gptq setting"):
+        settings({"method": "rtn", "dense_target": 0.5})
+    with pytest.raises(ValueError, match="dense_target must be a number from 0 to 1"):
+        settings({"method": "gptq", "calib": "c4.txt", "dense_target": 1.5})
 
 
 def test_rotate_defaults_on_for_gptq_below_4_bits_per_weight():

@@ -28,6 +28,10 @@ Settings are a plain dict (stored verbatim in the quantized model file):
                wiki, measured before rtn's clip search: gptq 3 bits G 64 40.1 -> 26.8, gptq-rtn4g64 18.579 -> 16.569, rtn3g64
                117.5 -> 557; --bpw 4.5 14.714 -> 15.887, where 4 bits in groups of 32 can
                keep the Q4_1 source's own grid, which rotation dissolves)
+    dense_target  gptq aims each layer this fraction (0..1) of the way at the output the dense
+               model gives on its own inputs, rather than at its own weights (gptq.transfer);
+               None: 0.15 for gptq, except under a budget of 4 bits or more (as rotate: there 4 bits
+               in groups of 32 keep a Q4_1 source's own grid, which a moved target leaves), else 0
     calib      calibration text (gptq needs one; with rtn/hlq it only measures output errors)
     n_calib    calibration sequences ...
     calib_len  ... of this many tokens (calib.py)
@@ -51,7 +55,8 @@ from models.config import ModelConfig
 from . import binary, budget, calib, gptq, hlq, msb, rotate, rtn, ternary
 
 DEFAULT = {"method": "rtn", "bits": 4, "group": 32, "symmetric": False, "scale_bits": None, "head_bits": 8,
-           "grid": "rtn", "act_order": None, "rotate": None, "calib": None, "n_calib": 64, "calib_len": 512, "layers": {}, "bpw": None}
+           "grid": "rtn", "act_order": None, "rotate": None, "calib": None, "n_calib": 64, "calib_len": 512, "layers": {}, "bpw": None,
+           "dense_target": None}
 
 # calibration-free methods: (W, bits, group, symmetric) -> PackedLinear; gptq needs the Hessian of W's inputs
 METHODS: dict[str, Callable | None] = {
@@ -64,6 +69,7 @@ PLANES = {"binary": (1, 2), "ternary": (2,)}  # methods that take only some plan
 GRIDS = {"rtn": hlq.rtn_grid, "hlq": lambda Wg, bits, symmetric: hlq.fit_groups(Wg, bits, symmetric)[0],
          "msb": lambda Wg, bits, symmetric: msb.grid(Wg, bits - 1)}
 OVERRIDES = ("bits", "group", "scale_bits")
+DENSE_TARGET = 0.15  # gptq's default mix (gptq.transfer)
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -88,6 +94,13 @@ def settings(quant: dict | None = None) -> dict:
         s["act_order"] = s["bpw"] is not None and s["method"] == "gptq"
     if s["rotate"] is None:
         s["rotate"] = s["method"] == "gptq" and (s["bpw"] is None or s["bpw"] < 4)
+    if s["dense_target"] is None:
+        s["dense_target"] = DENSE_TARGET if s["method"] == "gptq" and (s["bpw"] is None or s["bpw"] < 4) else 0.0
+    if isinstance(s["dense_target"], bool) or not isinstance(s["dense_target"], (int, float)) \
+            or not 0 <= s["dense_target"] <= 1:
+        raise ValueError(f"dense_target must be a number from 0 to 1, got {s['dense_target']!r}")
+    if s["dense_target"] and s["method"] != "gptq":
+        raise ValueError(f"dense_target is a gptq setting, not one of {s['method']}")
     for key in ("symmetric", "act_order", "rotate"):
         if not isinstance(s[key], bool):
             raise ValueError(f"{key} must be true or false, got {s[key]!r}")
@@ -196,8 +209,10 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
     packed: dict[str, lk.PackedLinear] = {}
     stats: dict[str, tuple[float, float, int]] = {}
 
-    def quantize(name: str, f: gptq.Factor | None = None) -> None:
+    def quantize(name: str, f: gptq.Factor | None = None, T: np.ndarray | None = None) -> None:
         W = np.asarray(tensors[name], np.float32)
+        if T is not None:
+            W = W @ T
         bits, group, scale8 = layer_settings(s, name)
         if f is None and scale8:
             packed[name] = rtn.quantize(W, bits, group, s["symmetric"], scale8=True)
@@ -213,12 +228,13 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
         rows = workers.blocks(lambda Wr: gptq.quantize(Wr, f, G, fit_grid), W)
         packed[name] = hlq.stack_rows(rows).packed(scale8)
 
-    def fit(names: list[str], X: np.ndarray) -> list[np.ndarray]:
+    def fit(names: list[str], X: np.ndarray, Xd: np.ndarray | None = None) -> list[np.ndarray]:
         H = calib.hessian(X, workers)
         if s["method"] == "gptq":
             f = gptq.factor(H, s["act_order"])
+            T = None if Xd is None else gptq.transfer(H, calib.cross(Xd, X, workers), s["dense_target"])
             for n in names:
-                quantize(n, f)
+                quantize(n, f, T)
         else:
             workers.map(quantize, names)
         out = [lk.dense(packed[n]) for n in names]
@@ -234,7 +250,8 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
             on_layer(i, {n: v for n, v in stats.items() if n.startswith(prefix)})
 
     if tokens is not None:
-        for i, _ in calib.layers(config, tensors, tokens, fit, workers):
+        for i, _ in calib.layers(config, tensors, tokens, fit, workers,
+                                 dense_inputs=s["dense_target"] > 0):
             report(i)
         return packed
     for i in range(config.n_layers):

@@ -9,7 +9,9 @@ gate/up, down), and each stage runs with the weights fit returned for the
 stages before it, so a layer's Hessian sees the error of everything upstream.
 The forward pass is made of engine.model's pieces (rmsnorm, rope, attend, silu;
 the tests hold its result equal to Transformer's logits), run over all
-sequences at once, block by block, instead of one prompt through the whole model. Calibration
+sequences at once, block by block, instead of one prompt through the whole model. With
+dense_inputs a second stream runs through the dense weights alongside, so that gptq can aim
+at the dense model's output (gptq.transfer). Calibration
 texts must never be evaluation texts (../shared/PROTOCOL.md).
 """
 from __future__ import annotations
@@ -81,6 +83,14 @@ def hessian(X: np.ndarray, workers: Workers) -> np.ndarray:
     return H / len(X)
 
 
+def cross(Xd: np.ndarray, X: np.ndarray, workers: Workers) -> np.ndarray:
+    """XdᵀX / N, float64 [K, K]: how the dense model's inputs Xd relate to the inputs X."""
+    C = np.zeros((X.shape[1], X.shape[1]), np.float64)
+    for part in workers.map(lambda r: Xd[r].T @ X[r], [slice(a, a + ROWS * 8) for a in range(0, len(X), ROWS * 8)]):
+        C += part
+    return C / len(X)
+
+
 def output_error(W: np.ndarray, Wq: np.ndarray, H: np.ndarray, workers: Workers) -> float:
     """||X Wqᵀ - X Wᵀ|| / ||X Wᵀ|| over the calibration inputs X, from H = XᵀX/N (float32)."""
     D = Wq - W
@@ -89,18 +99,41 @@ def output_error(W: np.ndarray, Wq: np.ndarray, H: np.ndarray, workers: Workers)
 
 
 def layers(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndarray, fit: Fit,
-           workers: Workers, start: tuple[int, np.ndarray] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+           workers: Workers, start: tuple[int, np.ndarray] | None = None,
+           dense_inputs: bool = False) -> Iterator[tuple[int, np.ndarray]]:
     """Quantize block after block through fit; yields each block's index when it is done,
     with the residual stream after it (float32 [n*L, hidden], sequence after sequence; the
     same array throughout, updated in place). start: (first block, the stream before it),
-    instead of block 0 on the embedded tokens."""
-    c = config
+    instead of block 0 on the embedded tokens. dense_inputs: a second stream runs through
+    the dense weights, and fit(names, X, Xd) also gets the input the layers would have in
+    the dense model."""
     n, L = tokens.shape
-    cos, sin = (t[:, None] for t in rope_tables(c, L))
     first, x = (0, np.asarray(tensors[EMBED])[tokens.ravel()].astype(np.float32)) if start is None \
         else (start[0], np.array(start[1], np.float32))
+    run = _Block(config, tensors, n, L, workers)
+    xd = x.copy() if dense_inputs else None
+    for i in range(first, config.n_layers):
+        if xd is None:
+            run(i, x, fit)
+        else:
+            seen: dict[str, np.ndarray] = {}
 
-    def linear(X, W, bias=None, add_to=None):
+            def keep(names: list[str], X: np.ndarray) -> list[np.ndarray]:
+                seen[names[0]] = X
+                return [tensors[name] for name in names]
+            run(i, xd, keep)
+            run(i, x, lambda names, X: fit(names, X, seen.pop(names[0])))
+        yield i, x
+
+
+class _Block:
+    """One transformer block over all sequences at once, its linear layers' weights from fit."""
+
+    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], n: int, L: int, workers: Workers):
+        self.c, self.t, self.n, self.L, self.workers = config, tensors, n, L, workers
+        self.cos, self.sin = (a[:, None] for a in rope_tables(config, L))
+
+    def linear(self, X, W, bias=None, add_to=None):
         """X @ Wᵀ (+ bias) as a new array, or added to add_to in place."""
         out = np.empty((len(X), len(W)), np.float32) if add_to is None else add_to
         wt = W.T
@@ -112,35 +145,37 @@ def layers(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndarr
             np.matmul(xb, wt, out=ob)
             if bias is not None:
                 ob += bias
-        workers.rows(block, X, out)
+        self.workers.rows(block, X, out)
         return out
 
-    def mlp(h, gate, up):
+    def mlp(self, h, gate, up):
         act = np.empty((len(h), len(gate)), np.float32)
         gt, ut = gate.T, up.T
-        workers.rows(lambda hb, ab: np.multiply(silu(hb @ gt), hb @ ut, out=ab), h, act)
+        self.workers.rows(lambda hb, ab: np.multiply(silu(hb @ gt), hb @ ut, out=ab), h, act)
         return act
 
-    def attention(q, k, v):
-        out = np.empty((n * L, c.n_heads * c.head_dim), np.float32)
+    def attention(self, q, k, v):
+        c, L = self.c, self.L
+        out = np.empty((self.n * L, c.n_heads * c.head_dim), np.float32)
 
         def one(r):
-            np.copyto(out[r], attend(rope(q[r], cos, sin), rope(k[r], cos, sin), v[r], 0))
-        workers.map(one, [slice(s * L, (s + 1) * L) for s in range(n)])
+            np.copyto(out[r], attend(rope(q[r], self.cos, self.sin), rope(k[r], self.cos, self.sin), v[r], 0))
+        self.workers.map(one, [slice(s * L, (s + 1) * L) for s in range(self.n)])
         return out
 
-    for i in range(first, c.n_layers):
+    def __call__(self, i: int, x: np.ndarray, fit: Fit) -> None:
+        """Block i on the residual stream x, in place."""
+        c, t = self.c, self.t
         p = f"model.layers.{i}."
-        h = rmsnorm(x, tensors[p + "input_layernorm.weight"], c.norm_eps)
+        h = rmsnorm(x, t[p + "input_layernorm.weight"], c.norm_eps)
         names = [f"{p}self_attn.{m}_proj.weight" for m in "qkv"]
         heads = (c.n_heads, c.n_kv_heads, c.n_kv_heads)
-        qkv = [linear(h, W, tensors[name[:-len("weight")] + "bias"] if c.qkv_bias else None)
+        qkv = [self.linear(h, W, t[name[:-len("weight")] + "bias"] if c.qkv_bias else None)
                for name, W in zip(names, fit(names, h))]
-        att = attention(*(y.reshape(len(y), nh, c.head_dim) for y, nh in zip(qkv, heads)))
+        att = self.attention(*(y.reshape(len(y), nh, c.head_dim) for y, nh in zip(qkv, heads)))
         [o] = fit([p + "self_attn.o_proj.weight"], att)
-        linear(att, o, add_to=x)
-        h = rmsnorm(x, tensors[p + "post_attention_layernorm.weight"], c.norm_eps)
-        act = mlp(h, *fit([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], h))
+        self.linear(att, o, add_to=x)
+        h = rmsnorm(x, t[p + "post_attention_layernorm.weight"], c.norm_eps)
+        act = self.mlp(h, *fit([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], h))
         [down] = fit([p + "mlp.down_proj.weight"], act)
-        linear(act, down, add_to=x)
-        yield i, x
+        self.linear(act, down, add_to=x)
