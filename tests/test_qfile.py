@@ -83,7 +83,8 @@ def test_metadata(src, saved):
     m = q.meta
     assert m["format_version"] == qfile.FORMAT_VERSION == 3
     assert m["source"] == {"path": str(src.path), "sha256": "ab" * 32}
-    assert m["quantizer"] == {**DEFAULT, "bits": 3, "scale_bits": 8, "act_order": False, "rotate": False}  # rtn at <= 4 bits: 8-bit scales
+    assert m["quantizer"] == {**DEFAULT, "bits": 3, "scale_bits": 8, "act_order": False, "rotate": False,
+                              "dense_target": 0.0}  # rtn at <= 4 bits: 8-bit scales
     t = m["tensors"][Q_PROJ]
     w = q.packed[Q_PROJ]
     G = rtn.group_size(64, DEFAULT["group"])
