@@ -47,8 +47,8 @@ def add_arguments(p) -> None:
                         "default: on for gptq, except with --bpw 4 or more; else off)")
     p.add_argument("--dense-target", type=float, metavar="A",
                    help="gptq: aim each layer this fraction (0..1) of the way at the dense model's output "
-                        "rather than at its own weights, undoing upstream error (default: 0.15 for gptq, except with "
-                        "--bpw 4 or more; else 0)")
+                        "rather than at its own weights, undoing upstream error (default: 0.15 for gptq at up to 3 "
+                        "bits or with --bpw below 4; else 0)")
     p.add_argument("--calib", metavar="FILE", help="calibration text, never an evaluation text "
                    "(e.g. ../shared/data/c4-calib.txt); gptq needs one")
     p.add_argument("--n-calib", type=int, default=DEFAULT["n_calib"], metavar="N",

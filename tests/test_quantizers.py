@@ -341,9 +341,11 @@ def test_act_order_defaults_on_under_a_budget_only():
     assert settings({"method": "gptq", "calib": "c4.txt", "bpw": 3.3, "act_order": False})["act_order"] is False
 
 
-def test_dense_target_defaults_on_for_gptq_only():
-    assert settings({"method": "gptq", "calib": "c4.txt"})["dense_target"] == 0.15
-    assert settings({"method": "gptq", "calib": "c4.txt", "dense_target": 0})["dense_target"] == 0
+def test_dense_target_defaults_on_for_gptq_at_3_bits_or_below_4_bpw():
+    assert settings({"method": "gptq", "calib": "c4.txt", "bits": 3})["dense_target"] == 0.15
+    assert settings({"method": "gptq", "calib": "c4.txt", "bits": 4})["dense_target"] == 0
+    assert settings({"method": "gptq", "calib": "c4.txt", "bits": 4, "dense_target": 0.5})["dense_target"] == 0.5
+    assert settings({"method": "gptq", "calib": "c4.txt", "bits": 3, "dense_target": 0})["dense_target"] == 0
     assert settings({"method": "gptq", "calib": "c4.txt", "bpw": 3.3})["dense_target"] == 0.15
     assert settings({"method": "gptq", "calib": "c4.txt", "bpw": 4.5})["dense_target"] == 0
     assert settings({"method": "hlq"})["dense_target"] == 0
