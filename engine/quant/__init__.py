@@ -98,9 +98,7 @@ def settings(quant: dict | None = None) -> dict:
     if s["dense_target"] is None:
         low = s["bits"] <= 3 if s["bpw"] is None else s["bpw"] < 4
         s["dense_target"] = DENSE_TARGET if s["method"] == "gptq" and low else 0.0
-    if isinstance(s["dense_target"], bool) or not isinstance(s["dense_target"], (int, float)) \
-            or not 0 <= s["dense_target"] <= 1:
-        raise ValueError(f"dense_target must be a number from 0 to 1, got {s['dense_target']!r}")
+    _check_number(s["dense_target"], "dense_target", 0, 1)
     if s["dense_target"] and s["method"] != "gptq":
         raise ValueError(f"dense_target is a gptq setting, not one of {s['method']}")
     for key in ("symmetric", "act_order", "rotate"):
@@ -113,8 +111,7 @@ def settings(quant: dict | None = None) -> dict:
     if s["method"] == "gptq" and s["calib"] is None:
         raise ValueError("gptq needs a calibration text (calib, --calib FILE); never an evaluation text")
     if s["bpw"] is not None:
-        if isinstance(s["bpw"], bool) or not isinstance(s["bpw"], (int, float)) or not 1 <= s["bpw"] <= 9:
-            raise ValueError(f"bpw must be a number of bits per weight from 1 to 9, got {s['bpw']!r}")
+        _check_number(s["bpw"], "bpw", 1, 9, " of bits per weight")
         if s["method"] not in ("rtn", "gptq") or s["grid"] != "rtn":
             raise ValueError(f"a bpw budget plans formats on the rtn grid (method rtn or gptq), not {method_label(s)}")
         if s["layers"]:
@@ -271,6 +268,11 @@ def _check_int(v, key: str, lo: int, hi: int | None = None) -> None:
     if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
         span = f"{lo}..{hi}" if hi is not None else f"of at least {lo}"
         raise ValueError(f"{key} must be an integer {span}, got {v!r}")
+
+
+def _check_number(v, key: str, lo: float, hi: float, unit: str = "") -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+        raise ValueError(f"{key} must be a number{unit} from {lo} to {hi}, got {v!r}")
 
 
 def _check_layer(s: dict, where: str, method: str) -> None:
