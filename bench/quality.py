@@ -32,7 +32,9 @@ is the plan with the clip search but before its sensitivity weights; -clip4 reco
 clipped 4-bit grids too, which the search no longer tries; bpw3.3 and bpw2.5 were made
 then as well, their 4-bit upgrades clipped; -dtA sets gptq's dense target to A, and
 -dt0 marks the gptq and bpw records made before gptq aimed at the dense model's output
-(`--dense-target 0` redoes them). Calibration
+(`--dense-target 0` redoes them); -fmtfloor marks bpw records made while the plan held every
+layer to at least its floor's format (now: its floor's bits, in any group), as are all the
+bpw records above whose label does not say otherwise. Calibration
 (gptq, --bpw) reads ../shared/data/c4-calib.txt only, never an evaluation text.
 """
 from __future__ import annotations

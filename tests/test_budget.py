@@ -39,6 +39,17 @@ def test_plan_never_goes_below_the_best_uniform_format_that_fits():
     assert budget.floor(opts, sizes, 2.9) is None
 
 
+def test_plan_may_take_a_larger_group_at_the_floors_bits_to_move_another_layer_up():
+    # b gives up little in groups of 128, which pays for a's 4 bits; b's 2 bits would cost it even
+    # less, but no layer goes below the floor's 3 bits
+    opts = {"a": [(3, 64, 16, 3.5, 0.10), (3, 128, 16, 3.25, 0.11), (4, 64, 16, 4.5, 0.03)],
+            "b": [(2, 64, 16, 2.5, 0.1005), (3, 64, 16, 3.5, 0.10), (3, 128, 16, 3.25, 0.101)]}
+    sizes = {"a": 20, "b": 100}
+    assert budget.floor(opts, sizes, 3.5) == (3, 64, 16)
+    assert budget.plan(opts, sizes, 3.5) == {"a": {"bits": 4, "group": 64, "scale_bits": 16},
+                                             "b": {"bits": 3, "group": 128, "scale_bits": 16}}
+
+
 @pytest.mark.parametrize("bpw", [2.3, 3.3, 4.5])
 def test_plan_never_exceeds_the_budget_and_uses_most_of_it(bpw):
     rng = np.random.default_rng(int(bpw * 10))
