@@ -129,7 +129,7 @@ def plan(opts: Options, sizes: dict[str, int], bpw: float) -> dict[str, dict[str
         raise ValueError(f"--bpw {bpw}: the smallest format of every layer already takes {cheapest:.3f} bits per weight")
     base = floor(opts, sizes, bpw)
     if base is not None:
-        opts = {n: _upgrades(v, base) for n, v in opts.items()}
+        opts = {n: [o for o in v if o[0] >= base[0]] for n, v in opts.items()}
 
     def choose(lam: float) -> dict[str, tuple]:
         return {n: min(o, key=lambda c: c[ERROR] + lam * c[COST] * sizes[n] / total) for n, o in opts.items()}
@@ -168,11 +168,6 @@ def floor(opts: Options, sizes: dict[str, int], bpw: float) -> tuple[int, int, i
         if sum(c[COST] * sizes[n] for n, c in chosen.items()) / total <= bpw:
             fits.append((-f[0], sum(c[ERROR] for c in chosen.values()), f))
     return min(fits)[2] if fits else None
-
-
-def _upgrades(options: list[tuple], base: tuple[int, int, int]) -> list[tuple]:
-    """A layer's options with at least the base format's bits."""
-    return [o for o in options if o[0] >= base[0]]
 
 
 def _fitting(K: int, scale_bits: int | None) -> list[tuple[int, int, int]]:
