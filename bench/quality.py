@@ -34,7 +34,9 @@ then as well, their 4-bit upgrades clipped; -dtA sets gptq's dense target to A, 
 -dt0 marks the gptq and bpw records made before gptq aimed at the dense model's output
 (`--dense-target 0` redoes them); -fmtfloor marks bpw records made while the plan held every
 layer to at least its floor's format (now: its floor's bits, in any group), as are all the
-bpw records above whose label does not say otherwise. Calibration
+bpw records above whose label does not say otherwise; -nomlprot marks rotated (gptq, bpw below 4)
+records made before rotation also turned down_proj's inputs (engine/quant/rotate.py), as are all
+rotated records above whose label does not say otherwise. Calibration
 (gptq, --bpw) reads ../shared/data/c4-calib.txt only, never an evaluation text.
 """
 from __future__ import annotations

@@ -74,5 +74,10 @@ void lut_attention_step(float *q, float *k, float *v, const float *q_bias, const
                         float *scores, float *out);
 /* g = silu(g) * u */
 void lut_silu_mul(float *g, const float *u, int32_t n);
+/* Each of `rows` rows of x [rows][a*n] (n a power of two) in place: x <- R x for
+ * the orthogonal R = (mix (x) H_n / sqrt(n)) diag(signs); tmp holds a*n floats.
+ * lutkernels/reference.py rotate_rows is its definition. */
+void lut_rotate_rows(float *x, int64_t rows, int32_t a, int32_t n, const float *signs,
+                     const float *mix, float *tmp);
 
 #endif

@@ -1,7 +1,8 @@
 /* The non-matmul work of one decode step (one token): RMSNorm with the
  * residual add, RoPE + KV-cache write + attention, SiLU gating. In numpy these
  * are dozens of small calls per layer, which cost more than the layer's
- * matmuls; here they are three calls per layer.
+ * matmuls; here they are three calls per layer (four in a model whose MLP
+ * output is rotated: lut_rotate_rows).
  *
  * Plain C (GNU vector types for the dot products), written so the compiler
  * vectorises it without fast-math: dot products keep 8 partial sums in one
@@ -186,4 +187,40 @@ OPS_CLONES void lut_attention_step(float *q, float *k, float *v, const float *q_
 OPS_CLONES void lut_silu_mul(float *g, const float *u, int32_t n) {
     for (int32_t i = 0; i < n; i++)
         g[i] = g[i] / (1.0f + exp_poly(-g[i])) * u[i];
+}
+
+/* Rows of a*n floats (n a power of two) each become R x: signs, then a
+ * Walsh-Hadamard transform of each run of n, then the a runs mixed by the
+ * a x a matrix `mix` (scaled by 1/sqrt(n), which makes R orthogonal).
+ * O(a*n*(log n + a)) per row instead of a dense product's (a*n)^2. */
+OPS_CLONES void lut_rotate_rows(float *x, int64_t rows, int32_t a, int32_t n, const float *signs,
+                                const float *mix, float *tmp) {
+    const int64_t F = (int64_t)a * n;
+    const float norm = 1.0f / sqrtf((float)n);
+    for (int64_t r = 0; r < rows; r++) {
+        float *v = x + r * F;
+        for (int64_t i = 0; i < F; i++)
+            v[i] *= signs[i];
+        for (int32_t j = 0; j < a; j++) {
+            float *c = v + (int64_t)j * n;
+            for (int32_t h = 1; h < n; h *= 2)
+                for (int32_t s = 0; s < n; s += 2 * h)
+                    for (int32_t i = s; i < s + h; i++) {
+                        const float p = c[i], q = c[i + h];
+                        c[i] = p + q;
+                        c[i + h] = p - q;
+                    }
+        }
+        for (int32_t i = 0; i < a; i++) {
+            float *o = tmp + (int64_t)i * n;
+            memset(o, 0, (size_t)n * sizeof(float));
+            for (int32_t j = 0; j < a; j++) {
+                const float m = mix[(int64_t)i * a + j] * norm;
+                const float *c = v + (int64_t)j * n;
+                for (int32_t p = 0; p < n; p++)
+                    o[p] += m * c[p];
+            }
+        }
+        memcpy(v, tmp, (size_t)F * sizeof(float));
+    }
 }

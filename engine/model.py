@@ -17,10 +17,13 @@ from typing import Sequence
 import numpy as np
 
 import lutkernels as lk
-from lutkernels import ops
+from lutkernels import ops, rotation
 from models.config import ModelConfig, ModelError
 
 EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+# A rotated model (engine/quant/rotate.py) turns every MLP's hidden activations before down_proj
+# by one orthogonal R (lutkernels/rotation.py), folded into down_proj's weights as W·Rᵀ.
+MLP_SIGNS, MLP_MIX = "model.mlp_rotation.signs", "model.mlp_rotation.mix"
 DEFAULT_MAX_CONTEXT = 4096
 ATTN_BLOCK = 256  # queries per attention block of a prompt: scores stay [heads, 256, T]
 
@@ -123,6 +126,7 @@ class Transformer:
         head = weights.get(HEAD, self.embed)
         self.head = linear(head if isinstance(head, lk.PackedLinear) else np.asarray(head, np.float32))
         self.blocks = [_block(config, weights, i) for i in range(config.n_layers)]
+        self.mlp_rotation = mlp_rotation(weights)
         self.cos, self.sin = rope_tables(config, self.max_context)
         shape = (config.n_layers, self.max_context, config.n_kv_heads, config.head_dim)
         self.k_cache = np.zeros(shape, np.float32)
@@ -199,7 +203,10 @@ class Transformer:
             vc[pos:end] = _add(b.v(h), b.v_bias).reshape(n, c.n_kv_heads, c.head_dim)
             x += b.o(attend(rope(q, cos, sin), kc[:end], vc[:end], pos))
             h = rmsnorm(x, b.mlp_norm, c.norm_eps)
-            x += b.down(silu(b.gate(h)) * b.up(h))
+            act = silu(b.gate(h)) * b.up(h)
+            if self.mlp_rotation is not None:
+                rotation.apply(act, *self.mlp_rotation)
+            x += b.down(act)
         return self.head(rmsnorm(x if all_logits else x[-1:], self.norm, c.norm_eps))
 
 
@@ -223,8 +230,10 @@ class _Decoder:
                    b.q.bind(h, q), b.k.bind(h, k), b.v.bind(h, v))
             attn = ops.bind_attention(q, k, v, biases, m.cos, m.sin, m.k_cache[i], m.v_cache[i], c.n_heads,
                                       scores, att)
+            rotate = () if m.mlp_rotation is None else (ops.bind_rotate(gate, *m.mlp_rotation),)
             post = (b.o.bind(att, delta), ops.bind_add_rmsnorm(self.x, delta, b.mlp_norm, c.norm_eps, h),
-                    b.gate.bind(h, gate), b.up.bind(h, up), ops.bind_silu_mul(gate, up), b.down.bind(gate, delta))
+                    b.gate.bind(h, gate), b.up.bind(h, up), ops.bind_silu_mul(gate, up), *rotate,
+                    b.down.bind(gate, delta))
             self.blocks.append((pre, attn, post))
         self.final = (ops.bind_add_rmsnorm(self.x, delta if m.blocks else None, m.norm, c.norm_eps, h),
                       m.head.bind(h, self.logits))
@@ -323,6 +332,13 @@ def _shape(w: Weight) -> tuple[int, ...]:
     return (w.M, w.K) if isinstance(w, lk.PackedLinear) else tuple(w.shape)
 
 
+def mlp_rotation(weights: dict[str, Weight]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(signs, mix) float32 of a rotated model's MLP rotation, or None."""
+    if MLP_SIGNS not in weights:
+        return None
+    return tuple(np.ascontiguousarray(weights[n], np.float32) for n in (MLP_SIGNS, MLP_MIX))
+
+
 def _check_weights(config: ModelConfig, weights: dict[str, Weight]) -> None:
     expected = config.expected_shapes()
     if HEAD in weights:
@@ -332,6 +348,13 @@ def _check_weights(config: ModelConfig, weights: dict[str, Weight]) -> None:
             raise ModelError(f"missing tensor {name}")
         if _shape(weights[name]) != shape:
             raise ModelError(f"tensor {name} has shape {_shape(weights[name])}, config says {shape}")
+    if (MLP_SIGNS in weights) != (MLP_MIX in weights):
+        raise ModelError(f"an MLP rotation needs both {MLP_SIGNS} and {MLP_MIX}")
+    if MLP_SIGNS in weights:
+        try:
+            rotation.check(np.asarray(weights[MLP_SIGNS]), np.asarray(weights[MLP_MIX]), config.ffn)
+        except ValueError as e:
+            raise ModelError(str(e)) from None
 
 
 def _context(config: ModelConfig, max_context: int | None) -> int:

@@ -38,6 +38,8 @@ void lut_attention_step(float *q, float *k, float *v, const float *q_bias, const
                         float *v_cache, int32_t pos, int32_t heads, int32_t kv_heads, int32_t d,
                         float *scores, float *out);
 void lut_silu_mul(float *g, const float *u, int32_t n);
+void lut_rotate_rows(float *x, int64_t rows, int32_t a, int32_t n, const float *signs,
+                     const float *mix, float *tmp);
 """
 
 ffibuilder = FFI()

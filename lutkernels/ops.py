@@ -52,6 +52,18 @@ def bind_silu_mul(g: np.ndarray, u: np.ndarray) -> Callable[[], None]:
     return lambda keep=(g, u): fn(*args)
 
 
+def bind_rotate(x: np.ndarray, signs: np.ndarray, mix: np.ndarray) -> Callable[[], None]:
+    """x <- R x (lutkernels/rotation.py) for one token's x [1, F]."""
+    from .rotation import checked
+
+    tmp = np.empty(x.shape[-1], np.float32)
+    a, n = checked(x, signs, mix, tmp)
+    args = (_ptr(x, x.size, "x"), 1, a, n, _ptr(signs, signs.size, "signs"), _ptr(mix, mix.size, "mix"),
+            _ptr(tmp, tmp.size, "tmp"))
+    fn = lib.lut_rotate_rows
+    return lambda keep=(x, signs, mix, tmp): fn(*args)
+
+
 def bind_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, biases, cos: np.ndarray, sin: np.ndarray,
                    k_cache: np.ndarray, v_cache: np.ndarray, heads: int, scores: np.ndarray,
                    out: np.ndarray) -> Callable[[int], None]:

@@ -6,7 +6,8 @@ Layout (readable by the safetensors library):
         <name>.planes  U8   [ceil(M/16), K/32, P, 64]     (lutkernels/layout.py)
         <name>.scales  F16  [ceil(M/16), K/G, S, 16]      (S = 1 for a uniform layer, else P; U8 when scale_bits 8)
         <name>.offsets F16  [ceil(M/16), K/G, 16]         (when the layer has offsets; I8 when scale_bits 8)
-    Norms and biases are F32 and the embedding F16 (or F32), under their own names.
+    Norms and biases are F32 and the embedding F16 (or F32), under their own names; so is a
+    rotated model's MLP rotation (model.mlp_rotation.signs [ffn], .mix [a, a]: lutkernels/rotation.py).
     __metadata__["lutengine"] is a JSON string:
         format_version, config (ModelConfig.to_dict()), tokenizer (tokenizer.json text),
         bos_id, eos_ids, add_bos, chat_template,
@@ -20,9 +21,11 @@ F16, then U8 and I8 tensors, so every array is aligned to its element size.
 
 Version 2 added uniform layers (one scale per row and group, lutkernels/layout.py;
 version 1 stored one per plane for every layer); version 3 added 8-bit scales
-(scale_bits, U8 scales and I8 offsets). Version 2 files read as version 3 files
-with 16-bit scales; a file of another version is refused, an older one with a
-request to quantize again.
+(scale_bits, U8 scales and I8 offsets); version 4 the MLP rotation of a rotated
+model (F32 model.mlp_rotation.signs and .mix, engine/model.py), which an older
+reader would ignore and so compute the wrong function. Version 2 and 3 files
+read as version 4 files with 16-bit scales (version 2) and no MLP rotation; a file of another
+version is refused, an older one with a request to quantize again.
 """
 from __future__ import annotations
 
@@ -41,8 +44,8 @@ import lutkernels as lk
 from .config import ModelConfig, ModelError, check_architecture
 from .source import ModelSource, TokenizerInfo
 
-FORMAT_VERSION = 3
-OLDEST_READ = 2  # version 3 only added a field whose absence means what version 2 stored
+FORMAT_VERSION = 4
+OLDEST_READ = 2  # versions 3 and 4 only added things whose absence means what version 2 stored
 KEY = "lutengine"
 ALIGN = 64
 MAX_HEADER = 100 << 20  # a header is a few hundred KB even for large models; more means a corrupt length

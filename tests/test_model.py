@@ -7,7 +7,7 @@ import pytest
 
 import lutkernels as lk
 from engine import model as em
-from engine.model import Transformer, rope_inv_freq
+from engine.model import MLP_MIX, Transformer, rope_inv_freq
 from engine.quant import DEFAULT, quantize_model, rotate, rtn, settings
 from models.config import ModelConfig, ModelError
 from tiny_models import random_weights
@@ -30,8 +30,9 @@ def cfg(request) -> ModelConfig:
     return CONFIGS[request.param]
 
 
-# Plain multi-head attention, and a head size that leaves tails in the C dot products (20 = 8+8+4)
-ODD = {**CONFIGS, "llama-mha-head20": tiny_config("llama", n_heads=8, n_kv_heads=8, head_dim=20)}
+# Plain multi-head attention, a head size that leaves tails in the C dot products (20 = 8+8+4), and
+# an MLP width whose rotation mixes 3 Hadamard blocks (96 = 3 x 32)
+ODD = {**CONFIGS, "llama-mha-head20": tiny_config("llama", n_heads=8, n_kv_heads=8, head_dim=20, ffn=96)}
 
 
 @pytest.fixture(params=list(ODD))
@@ -202,8 +203,21 @@ def test_rotation_keeps_the_function(any_cfg):
         assert rel(r[name], t[name]) > 0.5
     assert np.all(r["model.layers.1.input_layernorm.weight"] == 1) and np.all(r["model.norm.weight"] == 1)
     assert r[HEAD].shape == (any_cfg.vocab, any_cfg.hidden)  # its own head, tied or not
-    assert rel(Transformer(any_cfg, r).forward(IDS, 0, all_logits=True),
-               Transformer(any_cfg, t).forward(IDS, 0, all_logits=True)) < 1e-5
+    source = Transformer(any_cfg, t).forward(IDS, 0, all_logits=True)
+    m = Transformer(any_cfg, r)
+    assert m.mlp_rotation is not None
+    assert rel(m.forward(IDS, 0, all_logits=True), source) < 1e-5
+    m.reset()
+    steps = np.stack([m.forward([tok], i).copy() for i, tok in enumerate(IDS)])  # the C decode path
+    assert rel(steps, source) < 1e-5
+
+
+def test_mlp_rotation_must_fit_the_model(cfg):
+    r = rotate.rotate(cfg, random_weights(cfg))
+    with pytest.raises(ModelError, match=r"MLP rotation must be signs \[128\] and mix \[1, 1\], got \(128,\) and \(2, 2\)"):
+        Transformer(cfg, {**r, MLP_MIX: np.eye(2, dtype=np.float32)})
+    with pytest.raises(ModelError, match="needs both"):
+        Transformer(cfg, {n: v for n, v in r.items() if n != MLP_MIX})
 
 
 @pytest.mark.parametrize("rot", [False, True])

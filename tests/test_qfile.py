@@ -81,7 +81,7 @@ def _root(a):
 def test_metadata(src, saved):
     q = qfile.load(saved)
     m = q.meta
-    assert m["format_version"] == qfile.FORMAT_VERSION == 3
+    assert m["format_version"] == qfile.FORMAT_VERSION == 4
     assert m["source"] == {"path": str(src.path), "sha256": "ab" * 32}
     assert m["quantizer"] == {**DEFAULT, "bits": 3, "scale_bits": 8, "act_order": False, "rotate": False,
                               "dense_target": 0.0}  # rtn at <= 4 bits: 8-bit scales
@@ -116,8 +116,8 @@ def test_data_section_is_aligned(saved):
 
 
 def test_newer_format_version_is_refused(saved):
-    rewrite_safetensors_header(saved, edit_meta(lambda m: m.update(format_version=4)))
-    with pytest.raises(ModelError, match=r"format version 4 is newer than this lutengine supports \(3\)"):
+    rewrite_safetensors_header(saved, edit_meta(lambda m: m.update(format_version=qfile.FORMAT_VERSION + 1)))
+    with pytest.raises(ModelError, match=r"format version 5 is newer than this lutengine supports \(4\)"):
         qfile.load(saved)
 
 
@@ -284,4 +284,4 @@ def test_cached_default_file_is_named_by_format_version(tmp_path, monkeypatch):
 
     monkeypatch.setenv("LUTENGINE_HOME", str(tmp_path))
     path = cached_qfile("smollm2-135m-instruct")
-    assert path == tmp_path / "models" / "smollm2-135m-instruct.rtn4g32s8.v3.lut.safetensors"
+    assert path == tmp_path / "models" / "smollm2-135m-instruct.rtn4g32s8.v4.lut.safetensors"

@@ -21,9 +21,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from lutkernels import rotation
 from models.config import ModelConfig
 
-from ..model import EMBED, attend, rmsnorm, rope, rope_tables, silu
+from ..model import EMBED, attend, mlp_rotation, rmsnorm, rope, rope_tables, silu
 
 ROWS = 1024  # rows per block of a parallel product: its temporaries stay in the last-level cache
 
@@ -132,6 +133,7 @@ class _Block:
     def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], n: int, L: int, workers: Workers):
         self.c, self.t, self.n, self.L, self.workers = config, tensors, n, L, workers
         self.cos, self.sin = (a[:, None] for a in rope_tables(config, L))
+        self.rotation = mlp_rotation(tensors)
 
     def linear(self, X, W, bias=None, add_to=None):
         """X @ Wᵀ (+ bias) as a new array, or added to add_to in place."""
@@ -152,6 +154,8 @@ class _Block:
         act = np.empty((len(h), len(gate)), np.float32)
         gt, ut = gate.T, up.T
         self.workers.rows(lambda hb, ab: np.multiply(silu(hb @ gt), hb @ ut, out=ab), h, act)
+        if self.rotation is not None:
+            self.workers.rows(lambda ab: rotation.apply(ab, *self.rotation), act)
         return act
 
     def attention(self, q, k, v):

@@ -14,6 +14,12 @@ and, inside attention, the values of every KV head turn by one orthogonal
 Hd of the head dimension (v <- Hdᵀ·v, o's columns of each head <- ·Hd):
 attention mixes value vectors linearly, so o sees the same sums.
 
+The MLP's hidden activations (silu(gate)·up, down_proj's input) pass a
+nonlinearity, so their rotation cannot be fused: the runtime turns them by
+R before down_proj (a Walsh-Hadamard transform with random signs and a small
+orthogonal mix, lutkernels/rotation.py: ~log2(n) adds per value) and
+down_proj takes W·Rᵀ. It is stored with the model (model.mlp_rotation.*).
+
 A rotated matrix mixes each row's weights across all columns, so no column
 keeps an outlier for a group's scale to stretch over, and GPTQ's error
 compensation has a smoother problem: on SmolLM2-135M (wiki.txt, gptq on the
@@ -22,7 +28,10 @@ rtn grid, 3 bits, G = 64, act-order) rotation took perplexity from 40.1 to
 (rtn3g64 117.5 to 557): the source's weights lie on a 4-bit grid (Q4_1) that
 rotation dissolves, and without the Hessian nothing recovers it; for the same
 reason a budget of 4 bits or more keeps it (--bpw 4.5: 14.712 unrotated, 15.887
-rotated). The defaults follow (engine/quant/__init__.py, settings).
+rotated). The defaults follow (engine/quant/__init__.py, settings). Turning
+down_proj's inputs as well took gptq-rtn3g64s8-ao from wiki 19.985 / c4 70.484
+to 19.508 / 67.273 (a prototype with a dense random R, down_proj evaluated in
+float from its quantized weights on both sides).
 
 The head stops being the embedding (e·Q against W_head·diag(g)·Q), which costs
 nothing: a tied head is stored as its own packed copy anyway.
@@ -31,9 +40,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from lutkernels import rotation
 from models.config import ModelConfig
 
-from ..model import EMBED, HEAD, NORM
+from ..model import EMBED, HEAD, MLP_MIX, MLP_SIGNS, NORM
 
 READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
            "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
@@ -53,7 +63,11 @@ def rotate(config: ModelConfig, tensors: dict[str, np.ndarray], seed: int = 0) -
     rng = np.random.default_rng(seed)
     Q = orthogonal(config.hidden, rng)
     Hd = orthogonal(config.head_dim, rng)
+    a, _ = rotation.split(config.ffn)
+    signs = rng.choice(np.array([-1, 1], np.float32), config.ffn)
+    mix = orthogonal(a, rng).astype(np.float32)  # float32 as stored: the folded R is the runtime's
     out = dict(tensors)
+    out[MLP_SIGNS], out[MLP_MIX] = signs, mix
 
     def f64(name):
         return np.asarray(tensors[name], np.float64)
@@ -71,6 +85,7 @@ def rotate(config: ModelConfig, tensors: dict[str, np.ndarray], seed: int = 0) -
             out[p + norm + ".weight"] = np.ones(config.hidden, np.float32)
             w.update({r: (f64(p + r + ".weight") * g) @ Q for r in readers})
         w.update({wr: Q.T @ f64(p + wr + ".weight") for wr in WRITERS})
+        w["mlp.down_proj"] = rotation.reference(w["mlp.down_proj"], signs.astype(np.float64), mix.astype(np.float64))
         v = w["self_attn.v_proj"].reshape(config.n_kv_heads, config.head_dim, config.hidden)
         w["self_attn.v_proj"] = np.einsum("ji,hjk->hik", Hd, v).reshape(-1, config.hidden)
         o = w["self_attn.o_proj"].reshape(config.hidden, config.n_heads, config.head_dim)
