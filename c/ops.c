@@ -189,6 +189,53 @@ OPS_CLONES void lut_silu_mul(float *g, const float *u, int32_t n) {
         g[i] = g[i] / (1.0f + exp_poly(-g[i])) * u[i];
 }
 
+/* An 8-point Walsh-Hadamard transform in registers: the first three stages of n's. */
+INLINE void hadamard8(float *c) {
+    const float a0 = c[0] + c[1], a1 = c[0] - c[1], a2 = c[2] + c[3], a3 = c[2] - c[3];
+    const float a4 = c[4] + c[5], a5 = c[4] - c[5], a6 = c[6] + c[7], a7 = c[6] - c[7];
+    const float b0 = a0 + a2, b1 = a1 + a3, b2 = a0 - a2, b3 = a1 - a3;
+    const float b4 = a4 + a6, b5 = a5 + a7, b6 = a4 - a6, b7 = a5 - a7;
+    c[0] = b0 + b4;
+    c[1] = b1 + b5;
+    c[2] = b2 + b6;
+    c[3] = b3 + b7;
+    c[4] = b0 - b4;
+    c[5] = b1 - b5;
+    c[6] = b2 - b6;
+    c[7] = b3 - b7;
+}
+
+/* The unnormalised Walsh-Hadamard transform of c[0..n) in place (n a power of two): stage h
+ * replaces each pair (c[i], c[i+h]) by (sum, difference). Stages of h >= 8 go 8 lanes at a time. */
+INLINE void hadamard(float *c, int32_t n) {
+    int32_t h = 1;
+    if (n >= 8) {
+        for (int32_t s = 0; s < n; s += 8)
+            hadamard8(c + s);
+        h = 8;
+    }
+    for (; h < n; h *= 2)
+        for (int32_t s = 0; s < n; s += 2 * h) {
+            if (h >= LANES) {
+                for (int32_t i = s; i < s + h; i += LANES) {
+                    v8f p, q, sum, diff;
+                    load8(&p, c + i);
+                    load8(&q, c + i + h);
+                    sum = p + q;
+                    diff = p - q;
+                    memcpy(c + i, &sum, sizeof sum);
+                    memcpy(c + i + h, &diff, sizeof diff);
+                }
+                continue;
+            }
+            for (int32_t i = s; i < s + h; i++) {
+                const float p = c[i], q = c[i + h];
+                c[i] = p + q;
+                c[i + h] = p - q;
+            }
+        }
+}
+
 /* Rows of a*n floats (n a power of two) each become R x: signs, then a
  * Walsh-Hadamard transform of each run of n, then the a runs mixed by the
  * a x a matrix `mix` (scaled by 1/sqrt(n), which makes R orthogonal).
@@ -201,15 +248,13 @@ OPS_CLONES void lut_rotate_rows(float *x, int64_t rows, int32_t a, int32_t n, co
         float *v = x + r * F;
         for (int64_t i = 0; i < F; i++)
             v[i] *= signs[i];
-        for (int32_t j = 0; j < a; j++) {
-            float *c = v + (int64_t)j * n;
-            for (int32_t h = 1; h < n; h *= 2)
-                for (int32_t s = 0; s < n; s += 2 * h)
-                    for (int32_t i = s; i < s + h; i++) {
-                        const float p = c[i], q = c[i + h];
-                        c[i] = p + q;
-                        c[i + h] = p - q;
-                    }
+        for (int32_t j = 0; j < a; j++)
+            hadamard(v + (int64_t)j * n, n);
+        if (a == 1) {
+            const float m = mix[0] * norm;
+            for (int32_t p = 0; p < n; p++)
+                v[p] *= m;
+            continue;
         }
         for (int32_t i = 0; i < a; i++) {
             float *o = tmp + (int64_t)i * n;

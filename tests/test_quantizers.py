@@ -4,7 +4,7 @@ import pytest
 
 import lutkernels as lk
 from engine.model import Transformer, rmsnorm
-from engine.quant import DEFAULT, calib, check_model, gptq, hlq, layer_settings, quantize_model, rtn, settings
+from engine.quant import DEFAULT, calib, check_model, gptq, hlq, layer_settings, quantize_model, rotate, rtn, settings
 from engine.tokenizer import Tokenizer
 from tiny_models import random_weights, tiny_config, tiny_tokenizer
 
@@ -183,8 +183,11 @@ def tiny(request):
     return c, random_weights(c, 3)
 
 
-def test_calibration_forward_is_the_transformer(tiny):
+@pytest.mark.parametrize("rot", [False, True])
+def test_calibration_forward_is_the_transformer(tiny, rot):
+    """Rotated, the MLP rotation too is applied as the runtime applies it."""
     c, t = tiny
+    t = rotate.rotate(c, t) if rot else t
     tokens = np.random.default_rng(8).integers(0, c.vocab, (3, 40))
     workers = calib.Workers(2)
     seen = []
@@ -195,7 +198,7 @@ def test_calibration_forward_is_the_transformer(tiny):
     *_, (last, x) = calib.layers(c, t, tokens, fit, workers)
     workers.close()
     assert last == c.n_layers - 1 and len(seen) == 4 * c.n_layers
-    head = t["model.embed_tokens.weight"] if c.tied_embeddings else t["lm_head.weight"]
+    head = t.get("lm_head.weight", t["model.embed_tokens.weight"])
     logits = rmsnorm(x, t["model.norm.weight"], c.norm_eps) @ head.T
     m = Transformer(c, t)
     for s, seq in enumerate(tokens):
