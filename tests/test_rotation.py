@@ -12,7 +12,7 @@ def random_rotation(F: int, seed: int = 0):
     return rng.choice(np.array([-1, 1], np.float32), F), orthogonal(a, rng).astype(np.float32)
 
 
-@pytest.mark.parametrize("F, a, n", [(32, 1, 32), (96, 3, 32), (1536, 3, 512), (4864, 19, 256), (320, 5, 64)])
+@pytest.mark.parametrize("F, a, n", [(8, 1, 8), (12, 3, 4), (32, 1, 32), (96, 3, 32), (1536, 3, 512), (4864, 19, 256), (320, 5, 64)])
 def test_c_rotation_matches_the_reference_and_is_orthogonal(F, a, n):
     assert rotation.split(F) == (a, n)
     signs, mix = random_rotation(F)
