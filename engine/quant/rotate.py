@@ -29,9 +29,10 @@ rtn grid, 3 bits, G = 64, act-order) rotation took perplexity from 40.1 to
 rotation dissolves, and without the Hessian nothing recovers it; for the same
 reason a budget of 4 bits or more keeps it (--bpw 4.5: 14.712 unrotated, 15.887
 rotated). The defaults follow (engine/quant/__init__.py, settings). Turning
-down_proj's inputs as well took gptq-rtn3g64s8-ao from wiki 19.985 / c4 70.484
-to 19.508 / 67.273 (a prototype with a dense random R, down_proj evaluated in
-float from its quantized weights on both sides).
+down_proj's inputs as well took gptq-rtn3g64s8-ao from wiki 19.983 / c4 70.562
+to 19.060 / 68.784 and --bpw 3.3 from 19.410 / 69.140 to 18.339 / 64.597
+(bench/quality; a prototype with a dense random R had given 19.985 / 70.484 ->
+19.508 / 67.273).
 
 The head stops being the embedding (e·Q against W_head·diag(g)·Q), which costs
 nothing: a tied head is stored as its own packed copy anyway.
