@@ -18,12 +18,9 @@ import numpy as np
 
 import lutkernels as lk
 from lutkernels import ops, rotation
-from models.config import ModelConfig, ModelError
+from models.config import MLP_MIX, MLP_SIGNS, ModelConfig, ModelError, check_mlp_rotation
 
 EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
-# A rotated model (engine/quant/rotate.py) turns every MLP's hidden activations before down_proj
-# by one orthogonal R (lutkernels/rotation.py), folded into down_proj's weights as W·Rᵀ.
-MLP_SIGNS, MLP_MIX = "model.mlp_rotation.signs", "model.mlp_rotation.mix"
 DEFAULT_MAX_CONTEXT = 4096
 ATTN_BLOCK = 256  # queries per attention block of a prompt: scores stay [heads, 256, T]
 
@@ -333,7 +330,8 @@ def _shape(w: Weight) -> tuple[int, ...]:
 
 
 def mlp_rotation(weights: dict[str, Weight]) -> tuple[np.ndarray, np.ndarray] | None:
-    """(signs, mix) float32 of a rotated model's MLP rotation, or None."""
+    """(signs, mix) float32 of a rotated model's MLP rotation (engine/quant/rotate.py: every
+    MLP's hidden activations turn by it before down_proj, which holds W·Rᵀ), or None."""
     if MLP_SIGNS not in weights:
         return None
     return tuple(np.ascontiguousarray(weights[n], np.float32) for n in (MLP_SIGNS, MLP_MIX))
@@ -348,13 +346,7 @@ def _check_weights(config: ModelConfig, weights: dict[str, Weight]) -> None:
             raise ModelError(f"missing tensor {name}")
         if _shape(weights[name]) != shape:
             raise ModelError(f"tensor {name} has shape {_shape(weights[name])}, config says {shape}")
-    if (MLP_SIGNS in weights) != (MLP_MIX in weights):
-        raise ModelError(f"an MLP rotation needs both {MLP_SIGNS} and {MLP_MIX}")
-    if MLP_SIGNS in weights:
-        try:
-            rotation.check(np.asarray(weights[MLP_SIGNS]), np.asarray(weights[MLP_MIX]), config.ffn)
-        except ValueError as e:
-            raise ModelError(str(e)) from None
+    check_mlp_rotation(config, weights)
 
 
 def _context(config: ModelConfig, max_context: int | None) -> int:

@@ -20,14 +20,14 @@ def split(F: int) -> tuple[int, int]:
     return F // n, n
 
 
-def check(signs: np.ndarray, mix: np.ndarray, F: int, where: str = "") -> None:
+def check(signs: np.ndarray, mix: np.ndarray, F: int) -> None:
     """A rotation of length F: signs [F] of +-1 and mix [a, a] for split(F)'s a."""
     a, _ = split(F)
     if np.shape(signs) != (F,) or np.shape(mix) != (a, a):
-        raise ValueError(f"{where}MLP rotation must be signs [{F}] and mix [{a}, {a}], "
+        raise ValueError(f"MLP rotation must be signs [{F}] and mix [{a}, {a}], "
                          f"got {np.shape(signs)} and {np.shape(mix)}")
     if not np.all(np.abs(signs) == 1):
-        raise ValueError(f"{where}MLP rotation signs must all be +1 or -1")
+        raise ValueError("MLP rotation signs must all be +1 or -1")
 
 
 def reference(x: np.ndarray, signs: np.ndarray, mix: np.ndarray) -> np.ndarray:

@@ -14,10 +14,15 @@ Tensor names (i = layer index):
     model.layers.{i}.mlp.{gate,up,down}_proj.weight   [out, in]
     model.norm.weight                                 [hidden]
     lm_head.weight                                    [vocab, hidden]  (absent when tied)
+    model.mlp_rotation.signs, model.mlp_rotation.mix  [ffn], [a, a]    (rotated quantized models only:
+        down_proj's inputs turn by this rotation at run time, lutkernels/rotation.py)
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+
+MLP_SIGNS, MLP_MIX = "model.mlp_rotation.signs", "model.mlp_rotation.mix"
 
 
 class ModelError(ValueError):
@@ -96,6 +101,21 @@ class ModelConfig:
                 shapes[p + "self_attn.k_proj.bias"] = (kv,)
                 shapes[p + "self_attn.v_proj.bias"] = (kv,)
         return shapes
+
+
+def check_mlp_rotation(config: "ModelConfig", tensors: dict, path=None) -> None:
+    """A rotated model's MLP rotation, when it has one: both tensors, fitting config.ffn."""
+    from lutkernels import rotation
+
+    where = f"{path}: " if path is not None else ""
+    present = [n in tensors for n in (MLP_SIGNS, MLP_MIX)]
+    if any(present) and not all(present):
+        raise ModelError(f"{where}an MLP rotation needs both {MLP_SIGNS} and {MLP_MIX}")
+    if all(present):
+        try:
+            rotation.check(tensors[MLP_SIGNS], tensors[MLP_MIX], config.ffn)
+        except ValueError as e:
+            raise ModelError(where + str(e)) from None
 
 
 def check_architecture(arch: str, path) -> Architecture:

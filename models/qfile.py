@@ -41,7 +41,7 @@ import numpy as np
 
 import lutkernels as lk
 
-from .config import ModelConfig, ModelError, check_architecture
+from .config import ModelConfig, ModelError, check_architecture, check_mlp_rotation
 from .source import ModelSource, TokenizerInfo
 
 FORMAT_VERSION = 4
@@ -306,3 +306,4 @@ def _check_complete(qf: QFile) -> None:
             raise ModelError(f"{qf.path}: missing tensor {name}")
         if tuple(got) != shape:
             raise ModelError(f"{qf.path}: tensor {name} has shape {list(got)}, config says {list(shape)}")
+    check_mlp_rotation(c, qf.tensors, qf.path)

@@ -7,9 +7,9 @@ import pytest
 
 import lutkernels as lk
 from engine import model as em
-from engine.model import MLP_MIX, Transformer, rope_inv_freq
+from engine.model import Transformer, rope_inv_freq
 from engine.quant import DEFAULT, quantize_model, rotate, rtn, settings
-from models.config import ModelConfig, ModelError
+from models.config import MLP_MIX, ModelConfig, ModelError
 from tiny_models import random_weights
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"

@@ -12,7 +12,7 @@ import lutkernels as lk
 from engine.model import Transformer
 from engine.quant import DEFAULT, quantize_model, rtn
 from models import qfile
-from models.config import ModelError
+from models.config import MLP_MIX, MLP_SIGNS, ModelError
 from models.source import ModelSource, TokenizerInfo
 from test_model import CONFIGS, IDS
 from tiny_models import random_weights, rewrite_safetensors_header
@@ -113,6 +113,20 @@ def test_readable_by_safetensors(saved):
 def test_data_section_is_aligned(saved):
     raw = saved.read_bytes()
     assert (8 + int.from_bytes(raw[:8], "little")) % 64 == 0
+
+
+def test_rotated_file_round_trips_and_a_bad_rotation_is_refused(src, tmp_path):
+    """A rotated model's file keeps its MLP rotation (same logits after reload); one whose rotation
+    does not fit the model is refused by name, not run as a different function."""
+    weights, info = quantize_model(src.config, src.tensors, {"bits": 8, "rotate": True})
+    path = qfile.write(tmp_path / "rot.lut.safetensors", src.config, weights, src.tok, info=info)
+    q = qfile.load(path)
+    assert np.array_equal(q.tensors[MLP_SIGNS], weights[MLP_SIGNS])
+    np.testing.assert_array_equal(Transformer.from_qfile(q).forward(IDS, 0), Transformer(src.config, weights).forward(IDS, 0))
+    bad = qfile.write(tmp_path / "bad.lut.safetensors", src.config, {**weights, MLP_MIX: np.eye(2, dtype=np.float32)},
+                      src.tok, info=info)
+    with pytest.raises(ModelError, match=rf"{bad}: MLP rotation must be signs \[128\] and mix \[1, 1\]"):
+        qfile.load(bad)
 
 
 def test_newer_format_version_is_refused(saved):

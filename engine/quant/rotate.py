@@ -42,9 +42,9 @@ from __future__ import annotations
 import numpy as np
 
 from lutkernels import rotation
-from models.config import ModelConfig
+from models.config import MLP_MIX, MLP_SIGNS, ModelConfig
 
-from ..model import EMBED, HEAD, MLP_MIX, MLP_SIGNS, NORM
+from ..model import EMBED, HEAD, NORM
 
 READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
            "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
