@@ -11,6 +11,7 @@ import numpy as np
 
 from ._lut import ffi, lib
 from .kernels import KernelError, _layer, _require
+from .rotation import checked
 
 
 def _ptr(a: np.ndarray | None, size: int, name: str):
@@ -54,8 +55,6 @@ def bind_silu_mul(g: np.ndarray, u: np.ndarray) -> Callable[[], None]:
 
 def bind_rotate(x: np.ndarray, signs: np.ndarray, mix: np.ndarray) -> Callable[[], None]:
     """x <- R x (lutkernels/rotation.py) for one token's x [1, F]."""
-    from .rotation import checked
-
     tmp = np.empty(x.shape[-1], np.float32)
     a, n = checked(x, signs, mix, tmp)
     args = (_ptr(x, x.size, "x"), 1, a, n, _ptr(signs, signs.size, "signs"), _ptr(mix, mix.size, "mix"),

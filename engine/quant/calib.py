@@ -153,9 +153,13 @@ class _Block:
     def mlp(self, h, gate, up):
         act = np.empty((len(h), len(gate)), np.float32)
         gt, ut = gate.T, up.T
-        self.workers.rows(lambda hb, ab: np.multiply(silu(hb @ gt), hb @ ut, out=ab), h, act)
-        if self.rotation is not None:
-            self.workers.rows(lambda ab: rotation.apply(ab, *self.rotation), act)
+        rot = self.rotation
+
+        def block(hb, ab):
+            np.multiply(silu(hb @ gt), hb @ ut, out=ab)
+            if rot is not None:
+                rotation.apply(ab, *rot)
+        self.workers.rows(block, h, act)
         return act
 
     def attention(self, q, k, v):
