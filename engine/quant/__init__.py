@@ -29,7 +29,7 @@ Settings are a plain dict (stored verbatim in the quantized model file):
                117.5 -> 557; --bpw 4.5 14.714 -> 15.887, where 4 bits in groups of 32 can
                keep the Q4_1 source's own grid, which rotation dissolves)
     dense_target  gptq aims each layer this fraction (0..1) of the way at the output the dense
-               model gives on its own inputs, rather than at its own weights (gptq.transfer);
+               model gives on its own inputs, rather than at its own weights (gptq.aim);
                None: 0.15 for gptq at up to 3 bits or under a budget below 4 bits, else 0
                (Qwen2.5-Coder gptq-rtn4g128s8-ao, wiki: 20.938 without, 21.261 with it; and
                4 bits in groups of 32 keep a Q4_1 source's own grid, which a moved target leaves)
@@ -70,7 +70,7 @@ PLANES = {"binary": (1, 2), "ternary": (2,)}  # methods that take only some plan
 GRIDS = {"rtn": hlq.rtn_grid, "hlq": lambda Wg, bits, symmetric: hlq.fit_groups(Wg, bits, symmetric)[0],
          "msb": lambda Wg, bits, symmetric: msb.grid(Wg, bits - 1)}
 OVERRIDES = ("bits", "group", "scale_bits")
-DENSE_TARGET = 0.15  # gptq's default mix (gptq.transfer)
+DENSE_TARGET = 0.15  # gptq's default mix (gptq.aim)
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -179,10 +179,10 @@ def quantize_model(config: ModelConfig, tensors: dict[str, np.ndarray], quant: d
     quantized before it. on_layer hears about each block when it is done."""
     s = settings(quant)
     check_model(s, config, tokens)
-    if s["rotate"]:
-        tensors = rotate.rotate(config, tensors)
     workers = calib.Workers(_cores())
     try:
+        if s["rotate"]:
+            tensors = rotate.rotate(config, tensors, workers=workers)
         if s["bpw"] is not None:
             opts, sizes = budget.options(config, tensors, tokens, workers, s["scale_bits"])
             if tokens is not None:
@@ -208,10 +208,10 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
     packed: dict[str, lk.PackedLinear] = {}
     stats: dict[str, tuple[float, float, int]] = {}
 
-    def quantize(name: str, f: gptq.Factor | None = None, T: np.ndarray | None = None) -> None:
+    def quantize(name: str, f: gptq.Factor | None = None, XtY: np.ndarray | None = None) -> None:
         W = np.asarray(tensors[name], np.float32)
-        if T is not None:
-            W = W @ T
+        if XtY is not None:
+            W = gptq.aim(W, f, XtY, s["dense_target"])
         bits, group, scale8 = layer_settings(s, name)
         if f is None and scale8:
             packed[name] = rtn.quantize(W, bits, group, s["symmetric"], scale8=True)
@@ -231,9 +231,10 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
         H = calib.hessian(X, workers)
         if s["method"] == "gptq":
             f = gptq.factor(H, s["act_order"])
-            T = None if Xd is None else gptq.transfer(H, calib.cross(Xd, X, workers), s["dense_target"])
-            for n in names:
-                quantize(n, f, T)
+            aims = [None] * len(names) if Xd is None else \
+                calib.dense_products(Xd, X[:len(Xd)], [np.asarray(tensors[n], np.float32) for n in names], workers)
+            for n, XtY in zip(names, aims):
+                quantize(n, f, XtY)
         else:
             workers.map(quantize, names)
         out = [lk.dense(packed[n]) for n in names]
@@ -250,7 +251,7 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
 
     if tokens is not None:
         for i, _ in calib.layers(config, tensors, tokens, fit, workers,
-                                 dense_inputs=s["dense_target"] > 0):
+                                 dense_inputs=_dense_sequences(s, len(tokens))):
             report(i)
         return packed
     for i in range(config.n_layers):
@@ -262,6 +263,13 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
             stats[n] = (float(err), packed[n].bits_per_weight(), W.size)
         report(i)
     return packed
+
+
+def _dense_sequences(s: dict, n: int) -> int:
+    """Calibration sequences the dense stream runs on: half of them, for gptq with a dense target
+    (its cost is the dense model's forward pass, the quantizer's largest; Qwen2.5-Coder at 2 bits
+    on the hlq grid went from X to Y s a block; SmolLM2 gptq-rtn3g64s8-ao wiki Z)."""
+    return (n + 1) // 2 if s["method"] == "gptq" and s["dense_target"] > 0 else 0
 
 
 def _check_int(v, key: str, lo: int, hi: int | None = None) -> None:

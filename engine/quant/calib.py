@@ -10,8 +10,8 @@ stages before it, so a layer's Hessian sees the error of everything upstream.
 The forward pass is made of engine.model's pieces (rmsnorm, rope, attend, silu;
 the tests hold its result equal to Transformer's logits), run over all
 sequences at once, block by block, instead of one prompt through the whole model. With
-dense_inputs a second stream runs through the dense weights alongside, so that gptq can aim
-at the dense model's output (gptq.transfer). Calibration
+dense_inputs some of the sequences also run through the dense weights, so that gptq can aim
+at the dense model's output (gptq.aim). Calibration
 texts must never be evaluation texts (../shared/PROTOCOL.md).
 """
 from __future__ import annotations
@@ -84,12 +84,28 @@ def hessian(X: np.ndarray, workers: Workers) -> np.ndarray:
     return H / len(X)
 
 
-def cross(Xd: np.ndarray, X: np.ndarray, workers: Workers) -> np.ndarray:
-    """XdᵀX / N, float64 [K, K]: how the dense model's inputs Xd relate to the inputs X."""
-    C = np.zeros((X.shape[1], X.shape[1]), np.float64)
-    for part in workers.map(lambda r: Xd[r].T @ X[r], [slice(a, a + ROWS * 8) for a in range(0, len(X), ROWS * 8)]):
-        C += part
-    return C / len(X)
+def dense_products(Xd: np.ndarray, X: np.ndarray, Ws: list[np.ndarray], workers: Workers) -> list[np.ndarray]:
+    """Xᵀ Xd Wᵀ / N, float32 [K, M], for each W [M, K] reading these inputs: what gptq.aim needs to
+    aim W at the output the dense model gives on its own inputs Xd. Evaluated in the cheaper
+    order: through C = XdᵀX/N (N·K² once, then K²·M per W) where the layers have more rows
+    than K/2 (q, k, v, gate, up), else through the outputs Xd Wᵀ (2·N·K·M: down_proj, whose
+    K is the MLP width)."""
+    N, K = X.shape
+    M = sum(len(W) for W in Ws)
+    if 2 * N * K * M < N * K * K + K * K * M:
+        Wt = np.concatenate(Ws).T
+        XtY = _summed(workers, lambda r: X[r].T @ (Xd[r] @ Wt), N) / N
+        return np.split(XtY.astype(np.float32), np.cumsum([len(W) for W in Ws])[:-1], axis=1)
+    Ct = (_summed(workers, lambda r: Xd[r].T @ X[r], N) / N).T.astype(np.float32)
+    return [Ct @ W.T for W in Ws]
+
+
+def _summed(workers: Workers, product, N: int) -> np.ndarray:
+    """The float32 product(rows) over row blocks of ROWS * 8, summed in float64."""
+    total = None
+    for part in workers.map(product, [slice(a, a + ROWS * 8) for a in range(0, N, ROWS * 8)]):
+        total = part.astype(np.float64) if total is None else total + part
+    return total
 
 
 def output_error(W: np.ndarray, Wq: np.ndarray, H: np.ndarray, workers: Workers) -> float:
@@ -101,18 +117,19 @@ def output_error(W: np.ndarray, Wq: np.ndarray, H: np.ndarray, workers: Workers)
 
 def layers(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndarray, fit: Fit,
            workers: Workers, start: tuple[int, np.ndarray] | None = None,
-           dense_inputs: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+           dense_inputs: int = 0) -> Iterator[tuple[int, np.ndarray]]:
     """Quantize block after block through fit; yields each block's index when it is done,
     with the residual stream after it (float32 [n*L, hidden], sequence after sequence; the
     same array throughout, updated in place). start: (first block, the stream before it),
-    instead of block 0 on the embedded tokens. dense_inputs: a second stream runs through
-    the dense weights, and fit(names, X, Xd) also gets the input the layers would have in
-    the dense model."""
+    instead of block 0 on the embedded tokens. dense_inputs: the first this many sequences
+    also run through the dense weights, in a second stream, and fit(names, X, Xd) also gets
+    the input the layers would have in the dense model for those (Xd pairs with X's first rows)."""
     n, L = tokens.shape
     first, x = (0, np.asarray(tensors[EMBED])[tokens.ravel()].astype(np.float32)) if start is None \
         else (start[0], np.array(start[1], np.float32))
     run = _Block(config, tensors, n, L, workers)
-    xd = x.copy() if dense_inputs else None
+    dense_run = _Block(config, tensors, dense_inputs, L, workers)
+    xd = x[:dense_inputs * L].copy() if dense_inputs else None
     for i in range(first, config.n_layers):
         if xd is None:
             run(i, x, fit)
@@ -122,7 +139,7 @@ def layers(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndarr
             def keep(names: list[str], X: np.ndarray) -> list[np.ndarray]:
                 seen[names[0]] = X
                 return [tensors[name] for name in names]
-            run(i, xd, keep)
+            dense_run(i, xd, keep)
             run(i, x, lambda names, X: fit(names, X, seen.pop(names[0])))
         yield i, x
 

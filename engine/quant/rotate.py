@@ -45,6 +45,7 @@ from lutkernels import rotation
 from models.config import MLP_MIX, MLP_SIGNS, ModelConfig
 
 from ..model import EMBED, HEAD, NORM
+from . import calib
 
 READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
            "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
@@ -57,42 +58,45 @@ def orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
-def rotate(config: ModelConfig, tensors: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
+def rotate(config: ModelConfig, tensors: dict[str, np.ndarray], seed: int = 0,
+           workers: calib.Workers | None = None) -> dict[str, np.ndarray]:
     """A new tensor dict computing the same function in a rotated hidden space (see the module
-    docstring), with the head under lm_head.weight even for a tied model. Float32 in and out;
-    the products are formed in float64."""
+    docstring), with the head under lm_head.weight even for a tied model. Float32 throughout;
+    workers split the products' rows (Qwen2.5-Coder's embedding alone is 151936 x 896)."""
     rng = np.random.default_rng(seed)
-    Q = orthogonal(config.hidden, rng)
-    Hd = orthogonal(config.head_dim, rng)
+    Q = orthogonal(config.hidden, rng).astype(np.float32)
+    Hd = orthogonal(config.head_dim, rng).astype(np.float32)
     a, _ = rotation.split(config.ffn)
     signs = rng.choice(np.array([-1, 1], np.float32), config.ffn)
-    mix = orthogonal(a, rng).astype(np.float32)  # float32 as stored: the folded R is the runtime's
+    mix = orthogonal(a, rng).astype(np.float32)
     out = dict(tensors)
     out[MLP_SIGNS], out[MLP_MIX] = signs, mix
 
-    def f64(name):
-        return np.asarray(tensors[name], np.float64)
+    def f32(name):
+        return np.asarray(tensors[name], np.float32)
 
-    embed = f64(EMBED)
-    head = f64(HEAD) if HEAD in tensors else embed
-    out[HEAD] = ((head * f64(NORM)) @ Q).astype(np.float32)
-    out[EMBED] = (embed @ Q).astype(np.float32)
+    def times(A, B):
+        return A @ B if workers is None else np.concatenate(workers.blocks(lambda rows: rows @ B, A))
+
+    embed = f32(EMBED)
+    out[HEAD] = times((f32(HEAD) if HEAD in tensors else embed) * f32(NORM), Q)
+    out[EMBED] = times(embed, Q)
     out[NORM] = np.ones(config.hidden, np.float32)
     for i in range(config.n_layers):
         p = f"model.layers.{i}."
         w = {}
         for norm, readers in READERS.items():
-            g = f64(p + norm + ".weight")
+            g = f32(p + norm + ".weight")
             out[p + norm + ".weight"] = np.ones(config.hidden, np.float32)
-            w.update({r: (f64(p + r + ".weight") * g) @ Q for r in readers})
-        w.update({wr: Q.T @ f64(p + wr + ".weight") for wr in WRITERS})
-        w["mlp.down_proj"] = rotation.reference(w["mlp.down_proj"], signs.astype(np.float64), mix.astype(np.float64))
+            w.update({r: times(f32(p + r + ".weight") * g, Q) for r in readers})
+        w.update({wr: times(Q.T, f32(p + wr + ".weight")) for wr in WRITERS})
+        rotation.apply(w["mlp.down_proj"], signs, mix)  # the runtime's own transform
         v = w["self_attn.v_proj"].reshape(config.n_kv_heads, config.head_dim, config.hidden)
         w["self_attn.v_proj"] = np.einsum("ji,hjk->hik", Hd, v).reshape(-1, config.hidden)
         o = w["self_attn.o_proj"].reshape(config.hidden, config.n_heads, config.head_dim)
         w["self_attn.o_proj"] = (o @ Hd).reshape(config.hidden, -1)
         if config.qkv_bias:
-            vb = f64(p + "self_attn.v_proj.bias").reshape(config.n_kv_heads, config.head_dim)
-            out[p + "self_attn.v_proj.bias"] = (vb @ Hd).reshape(-1).astype(np.float32)
-        out.update({p + n + ".weight": m.astype(np.float32) for n, m in w.items()})
+            vb = f32(p + "self_attn.v_proj.bias").reshape(config.n_kv_heads, config.head_dim)
+            out[p + "self_attn.v_proj.bias"] = (vb @ Hd).reshape(-1)
+        out.update({p + n + ".weight": np.ascontiguousarray(m, np.float32) for n, m in w.items()})
     return out
