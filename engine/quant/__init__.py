@@ -208,10 +208,10 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
     packed: dict[str, lk.PackedLinear] = {}
     stats: dict[str, tuple[float, float, int]] = {}
 
-    def quantize(name: str, f: gptq.Factor | None = None, XtY: np.ndarray | None = None) -> None:
+    def quantize(name: str, f: gptq.Factor | None = None, D: np.ndarray | None = None) -> None:
         W = np.asarray(tensors[name], np.float32)
-        if XtY is not None:
-            W = gptq.aim(W, f, XtY, s["dense_target"])
+        if D is not None:
+            W = gptq.aim(W, f, D, s["dense_target"])
         bits, group, scale8 = layer_settings(s, name)
         if f is None and scale8:
             packed[name] = rtn.quantize(W, bits, group, s["symmetric"], scale8=True)
@@ -233,8 +233,8 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
             f = gptq.factor(H, s["act_order"])
             aims = [None] * len(names) if Xd is None else \
                 calib.dense_products(Xd, X[:len(Xd)], [np.asarray(tensors[n], np.float32) for n in names], workers)
-            for n, XtY in zip(names, aims):
-                quantize(n, f, XtY)
+            for n, D in zip(names, aims):
+                quantize(n, f, D)
         else:
             workers.map(quantize, names)
         out = [lk.dense(packed[n]) for n in names]

@@ -85,19 +85,19 @@ def hessian(X: np.ndarray, workers: Workers) -> np.ndarray:
 
 
 def dense_products(Xd: np.ndarray, X: np.ndarray, Ws: list[np.ndarray], workers: Workers) -> list[np.ndarray]:
-    """Xᵀ Xd Wᵀ / N, float32 [K, M], for each W [M, K] reading these inputs: what gptq.aim needs to
-    aim W at the output the dense model gives on its own inputs Xd. Evaluated in the cheaper
-    order: through C = XdᵀX/N (N·K² once, then K²·M per W) where the layers have more rows
-    than K/2 (q, k, v, gate, up), else through the outputs Xd Wᵀ (2·N·K·M: down_proj, whose
+    """Xᵀ (Xd - X) Wᵀ / N, float32 [K, M], for each W [M, K] reading these inputs: how far the
+    dense model's inputs Xd would move W's output, as gptq.aim needs it. Evaluated in the cheaper
+    order: through C = Xᵀ(Xd - X)/N (N·K² once, then K²·M per W) where the layers have more rows
+    than K/2 (q, k, v, gate, up), else through the outputs (Xd - X) Wᵀ (2·N·K·M: down_proj, whose
     K is the MLP width)."""
     N, K = X.shape
     M = sum(len(W) for W in Ws)
     if 2 * N * K * M < N * K * K + K * K * M:
         Wt = np.concatenate(Ws).T
-        XtY = _summed(workers, lambda r: X[r].T @ (Xd[r] @ Wt), N) / N
-        return np.split(XtY.astype(np.float32), np.cumsum([len(W) for W in Ws])[:-1], axis=1)
-    Ct = (_summed(workers, lambda r: Xd[r].T @ X[r], N) / N).T.astype(np.float32)
-    return [Ct @ W.T for W in Ws]
+        D = _summed(workers, lambda r: X[r].T @ ((Xd[r] - X[r]) @ Wt), N) / N
+        return np.split(D.astype(np.float32), np.cumsum([len(W) for W in Ws])[:-1], axis=1)
+    C = (_summed(workers, lambda r: X[r].T @ (Xd[r] - X[r]), N) / N).astype(np.float32)
+    return [C @ W.T for W in Ws]
 
 
 def _summed(workers: Workers, product, N: int) -> np.ndarray:

@@ -58,20 +58,23 @@ def factor(H: np.ndarray, act_order: bool = False) -> Factor:
     return Factor(perm, _inv_upper(np.ascontiguousarray(Ut, np.float32)))
 
 
-def aim(W: np.ndarray, f: Factor, XtY: np.ndarray, mix: float) -> np.ndarray:
+def aim(W: np.ndarray, f: Factor, D: np.ndarray, mix: float) -> np.ndarray:
     """The weight GPTQ aims at: `mix` of the way from W [M, K] to the one whose output on the
     inputs X best matches the dense model's W on its own inputs Xd,
-    V = argmin ||X Vᵀ - Xd Wᵀ||² = (H⁻¹ Xᵀ Xd Wᵀ / N)ᵀ, with H damped as factor() damps it and
-    H⁻¹ = UᵀU from f; XtY = Xᵀ Xd Wᵀ / N (calib.dense_products). Since
-    ||X Vᵀ - Xd Wᵀ||² = ||X (V - W')ᵀ||² + const for that best W', GPTQ towards it on H also undoes
-    the error the layer's inputs carry from upstream. All the way it fits the calibration set
-    too closely: SmolLM2 gptq-rtn3g64s8-ao (3.25 bpw) wiki 22.289 at mix 0 and 19.983 at 0.15
-    (bench/quality); a scan in a script whose float sums differ gave 20.408 at 0.15, 20.566 at
-    0.3, 20.697 at 0.5 and 29.353 at 1."""
-    Z = f.U @ np.asarray(XtY, np.float32)[f.perm]
-    Vt = np.empty_like(Z)
-    Vt[f.perm] = f.U.T @ Z
-    return ((1 - mix) * W + mix * Vt.T).astype(np.float32)
+    V = argmin ||X Vᵀ - Xd Wᵀ||² + N·damping·||V - W||² = W + (H⁻¹ D)ᵀ, with H damped as
+    factor() damps it and H⁻¹ = UᵀU from f; D = Xᵀ (Xd - X) Wᵀ / N (calib.dense_products).
+    Since ||X Vᵀ - Xd Wᵀ||² = ||X (V - V*)ᵀ||² + const for the undamped best V*, GPTQ towards it
+    on H also undoes the error the layer's inputs carry from upstream. Where they carry none,
+    V = W. D may come from a subset of X's rows (the dense stream runs on some of the
+    sequences): a noisier estimate of the same correction. All the way it fits the calibration
+    set too closely: SmolLM2 gptq-rtn3g64s8-ao (3.25 bpw) wiki 22.289 at mix 0 and 19.983 at
+    0.15 (bench/quality); a scan in a script whose float sums differ gave 20.408 at 0.15,
+    20.566 at 0.3, 20.697 at 0.5 and 29.353 at 1 (all with the earlier form W·C·H⁻¹, which
+    damping pulled towards 0 rather than towards W)."""
+    Z = f.U @ np.asarray(D, np.float32)[f.perm]
+    step = np.empty_like(Z)
+    step[f.perm] = f.U.T @ Z
+    return (W + mix * step.T).astype(np.float32)
 
 
 def quantize(W: np.ndarray, f: Factor, G: int, fit_grid: GridFit) -> hlq.Planes:
