@@ -36,7 +36,10 @@ then as well, their 4-bit upgrades clipped; -dtA sets gptq's dense target to A, 
 layer to at least its floor's format (now: its floor's bits, in any group), as are all the
 bpw records above whose label does not say otherwise; -nomlprot marks rotated (gptq, bpw below 4)
 records made before rotation also turned down_proj's inputs (engine/quant/rotate.py), as are all
-rotated records above whose label does not say otherwise. Calibration
+rotated records above whose label does not say otherwise; -cdt marks gptq and bpw records with a
+dense target made while it was W·C·H⁻¹ with the dense stream on every calibration sequence (now
+W + (H⁻¹·Xᵀ(Xd − X)·Wᵀ)ᵀ on half of them: engine/quant/gptq.py aim), as are all such records
+above whose label does not say otherwise. Calibration
 (gptq, --bpw) reads ../shared/data/c4-calib.txt only, never an evaluation text.
 """
 from __future__ import annotations

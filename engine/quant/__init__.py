@@ -266,9 +266,10 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
 
 
 def _dense_sequences(s: dict, n: int) -> int:
-    """Calibration sequences the dense stream runs on: half of them, for gptq with a dense target
-    (its cost is the dense model's forward pass, the quantizer's largest; Qwen2.5-Coder at 2 bits
-    on the hlq grid went from X to Y s a block; SmolLM2 gptq-rtn3g64s8-ao wiki Z)."""
+    """Calibration sequences the dense stream runs on, for gptq with a dense target: half of them.
+    It costs a forward pass of the dense model, the quantizer's largest cost (README: quantizing
+    Qwen2.5-Coder in under 10 minutes); SmolLM2 gptq-rtn3g64s8-ao gave wiki 19.270 / c4 69.201
+    with half and 19.379 / 67.338 with all of them."""
     return (n + 1) // 2 if s["method"] == "gptq" and s["dense_target"] > 0 else 0
 
 
