@@ -128,7 +128,8 @@ def layers(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndarr
     first, x = (0, np.asarray(tensors[EMBED])[tokens.ravel()].astype(np.float32)) if start is None \
         else (start[0], np.array(start[1], np.float32))
     run = _Block(config, tensors, n, L, workers)
-    dense_run = _Block(config, tensors, dense_inputs, L, workers)
+    if dense_inputs:
+        dense_run = _Block(config, tensors, dense_inputs, L, workers)
     xd = x[:dense_inputs * L].copy() if dense_inputs else None
     for i in range(first, config.n_layers):
         if xd is None:
