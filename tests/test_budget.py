@@ -56,8 +56,8 @@ def test_plan_never_exceeds_the_budget_and_uses_most_of_it(bpw):
     opts, sizes = {}, {}
     for i in range(40):
         sizes[f"l{i}"] = int(rng.integers(1, 50)) * 1024
-        errs = np.sort(rng.random(len(budget.CANDIDATES)))[::-1]
-        formats = sorted((b + 2 * s / g, b, g, s) for b, g, s in budget.CANDIDATES)
+        errs = np.sort(rng.random(len(budget._fitting(1536, None))))[::-1]
+        formats = sorted((b + 2 * s / g, b, g, s) for b, g, s in budget._fitting(1536, None))
         opts[f"l{i}"] = [(b, g, s, cost, e) for (cost, b, g, s), e in zip(formats, errs)]
     choice = budget.plan(opts, sizes, bpw)
     cost = {n: next(o[3] for o in opts[n] if o[:3] == (c["bits"], c["group"], c["scale_bits"]))

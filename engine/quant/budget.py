@@ -34,7 +34,12 @@ from . import calib, rtn
 # and gptq rotated, 8-bit scales below 4 bits were left out: the free 3.3-bpw plan took 3-bit ones nearly
 # everywhere and gave wiki 142.9 against 59.2 with 16-bit scales; since, gptq with act-order on the rotated
 # model gives 3 bits G 64 with 8-bit scales (3.25 bpw) 27.2, and 22.3 since rtn grids search clipping steps.
-CANDIDATES = [(b, G, s) for b, G in [(1, 128), (1, 64), (2, 128), (2, 64), (2, 32), (3, 128), (3, 64), (3, 32),
+# ROW: one group per row, G = K. Rotated rows are near-Gaussian with one variance along the row, so
+# wide groups lose less than their saved bits buy elsewhere: rotated SmolLM2, relative squared weight
+# error with 8-bit scales, 2 bits 0.110 in groups of 64 (2.25 bpw) and 0.125 per row of 576 (2.03).
+ROW = 0
+CANDIDATES = [(b, G, s) for b, G in [(1, ROW), (1, 256), (1, 128), (1, 64), (2, ROW), (2, 256), (2, 128), (2, 64),
+                                     (2, 32), (3, ROW), (3, 256), (3, 128), (3, 64), (3, 32), (4, ROW), (4, 256),
                                      (4, 128), (4, 64), (4, 32), (5, 32), (6, 32), (8, 32)]
               for s in (16, 8) if s == 16 or b <= 4]
 BISECT = 60
@@ -72,7 +77,8 @@ def options(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndar
 
 
 COST, ERROR = 3, 4  # an option's bits per weight and relative error
-PROBE_BITS = 3  # the format whose end-to-end damage is measured: 3 bits, float16 scales, the largest group
+PROBE_BITS, PROBE_GROUP = 3, 128  # the format whose end-to-end damage is measured: 3 bits, float16 scales, the
+# largest group up to 128 (as before row groups were candidates)
 SENS_SEQS, SENS_LEN = 4, 128  # calibration tokens the damage is measured on: ~2.5 minutes for SmolLM2
 
 
@@ -93,7 +99,8 @@ def sensitivity(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.
 
     def damage(name: str) -> float:
         i = int(name.split(".")[2])
-        probe = max((o for o in opts[name] if o[0] == PROBE_BITS and o[2] == 16), key=lambda o: o[1])
+        probe = max((o for o in opts[name] if o[0] == PROBE_BITS and o[2] == 16 and o[1] <= PROBE_GROUP),
+                    key=lambda o: o[1])
         Wq = lk.dense(rtn.quantize(np.asarray(tensors[name], np.float32), PROBE_BITS, probe[1]))
         one = calib.Workers(1)
         try:
@@ -171,8 +178,9 @@ def floor(opts: Options, sizes: dict[str, int], bpw: float) -> tuple[int, int, i
 
 
 def _fitting(K: int, scale_bits: int | None) -> list[tuple[int, int, int]]:
-    """The candidates whose group divides K (and of the scale width asked for), each format once."""
-    return [(b, G, s) for b, G, s in CANDIDATES if K % G == 0 and scale_bits in (None, s)]
+    """The candidates whose group divides K (ROW: K itself) and of the scale width asked for, each format once."""
+    formats = [(b, K if G == ROW else G, s) for b, G, s in CANDIDATES if scale_bits in (None, s)]
+    return list(dict.fromkeys(f for f in formats if K % f[1] == 0))
 
 
 def _option(W: np.ndarray, bits: int, G: int, scale_bits: int, H: np.ndarray | None,
