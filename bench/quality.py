@@ -39,7 +39,9 @@ records made before rotation also turned down_proj's inputs (engine/quant/rotate
 rotated records above whose label does not say otherwise; -cdt marks gptq and bpw records with a
 dense target made while it was W·C·H⁻¹ with the dense stream on every calibration sequence (now
 W + (H⁻¹·Xᵀ(Xd − X)·Wᵀ)ᵀ on half of them: engine/quant/gptq.py aim), as are all such records
-above whose label does not say otherwise. Calibration
+above whose label does not say otherwise; -narrow marks bpw records made while the plan's groups
+were at most 128 columns (now 256 and one group per row too: engine/quant/budget.py ROW), as are
+all bpw records above whose label does not say otherwise. Calibration
 (gptq, --bpw) reads ../shared/data/c4-calib.txt only, never an evaluation text.
 """
 from __future__ import annotations

@@ -124,3 +124,13 @@ def test_weights_move_bits_to_the_layers_that_matter():
         weights = {"a": 1.0, "b": 1.0, heavy: 10.0}
         plan = budget.plan(budget.weigh(opts, weights), sizes, 4.0)
         assert {n: p["bits"] for n, p in plan.items()} == {n: 4 if n == heavy else 3 for n in "ab"}
+
+
+def test_a_row_may_be_one_group_and_each_format_is_offered_once():
+    # rotated rows have one variance along the row, so a plan may trade small groups for bits
+    for K in (576, 1536, 256):
+        formats = budget._fitting(K, None)
+        assert len(formats) == len(set(formats))
+        assert {(2, K, 8), (3, K, 16)} <= set(formats)
+        assert all(K % G == 0 for _, G, _ in formats)
+    assert (2, 256, 8) in budget._fitting(1536, 8) and (2, 256, 16) not in budget._fitting(1536, 8)

@@ -107,7 +107,7 @@ def test_gptq_lowers_the_calibration_output_error_at_equal_bits(bits, grid, act_
 
 
 @pytest.mark.parametrize("grid", ["rtn", "hlq"])
-@pytest.mark.parametrize("G", [32, 256])
+@pytest.mark.parametrize("G", [32, 256, 512])  # 512: one group per row, as a --bpw plan may choose
 def test_gptq_packed_layer_is_exactly_what_it_chose(grid, G):
     rng = np.random.default_rng(4)
     W, X = heavy_tailed(rng, 24, 512), correlated_inputs(rng, 1024, 512)
