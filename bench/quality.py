@@ -2,10 +2,14 @@
 
 Run from the repository root (models from the catalog, cached under $LUTENGINE_HOME):
 
-    python -m bench.quality run                                  # every recipe below, SmolLM2, wiki + c4
+    python -m bench.quality run                                  # the whole grid (GRID), SmolLM2, three texts
     python -m bench.quality run --model qwen2.5-coder-0.5b-instruct --recipes rtn4g128 gptq-hlq2g128
-    python -m bench.quality run --texts wiki c4 wikitext2
+    python -m bench.quality run --texts wiki c4
     python -m bench.quality report                               # bench/RESULTS.md section + bench/quality.png
+
+The report puts the records of the present code (plain recipe names) in one
+table per model with llama.cpp's types, and records of earlier code or of
+non-default options (labels with a suffix, below) in a second.
 
 Each recipe is one `lutengine quantize` command (so every figure can be redone
 from the command stored next to it), then `lutengine ppl FILE --text T --json`
@@ -64,10 +68,19 @@ PEER = ROOT / "bench" / "llamacpp_quality.json"
 RESULTS = ROOT / "bench" / "RESULTS.md"
 PLOT = ROOT / "bench" / "quality.png"
 SECTION = "## Quality (bench/quality)"
-RECIPES = ["rtn4g32", "rtn4g32s8", "rtn4g64", "rtn3g64", "rtn2g64", "rtn4g128", "hlq4g64", "hlq3g64", "hlq2g64",
-           "gptq-rtn4g64", "gptq-rtn3g64", "gptq-hlq3g64", "gptq-hlq2g64", "gptq-hlq2g128",
-           "msb4g64", "msb3g64", "msb2g64", "binary1g64", "binary2g64", "ternary2g64",
-           "bpw4.5", "bpw3.3", "bpw2.5", "bpw1.6"]
+# The grid the sweep covers (issue 4): each method at each bit width, in groups of 64 or 128 (by the
+# model's row sizes) and in one larger group, a row of the hidden size (lowered on down_proj to the
+# largest group dividing its rows); then the default format and the --bpw recipes.
+GRID = [("rtn", (1, 2, 3, 4)), ("hlq", (2, 3, 4)), ("gptq-hlq", (2, 3, 4)), ("msb", (2, 3, 4)), ("binary", (1, 2)),
+        ("ternary", (2,))]
+GROUPS = {"smollm2-135m-instruct": (64, 576), "qwen2.5-coder-0.5b-instruct": (128, 896)}
+FEATURED = ["rtn4g32s8", "bpw4.5", "bpw3.3", "bpw2.5", "bpw1.6"]
+
+
+def recipes(model: str) -> list[str]:
+    return FEATURED + [f"{m}{b}g{G}" for G in GROUPS.get(model, (64, 128)) for m, bits in GRID for b in bits]
+
+
 RECIPE = re.compile(r"(?:(?:(gptq)-)?(rtn|hlq|msb|binary|ternary)(\d)g(\d+)(s8)?(-ao)?|bpw(\d+(?:\.\d+)?))"
                     r"(?:-dt(\d+(?:\.\d+)?))?$")
 
@@ -134,7 +147,7 @@ def run(args) -> None:
     folder = Path(os.environ.get("LUTENGINE_HOME", Path.home() / ".cache" / "lutengine")) / "sweep"
     folder.mkdir(parents=True, exist_ok=True)
     for model in args.model:
-        for recipe in args.recipes:
+        for recipe in args.recipes or recipes(model):
             todo = [t for t in args.texts if (model, recipe, t) not in done]
             if not todo:
                 continue
@@ -169,21 +182,33 @@ def run(args) -> None:
                         "command": f"lutengine ppl {model} --dense --text ../shared/data/{TEXTS[text]}"})
 
 
-def table(model: str, ours: list[dict], peer: list[dict]) -> list[str]:
+def current(recipe: str) -> bool:
+    """A record of the present code at a recipe's defaults: a plain recipe name. Labels with a
+    suffix (module docstring) and -dt variants go to the table of earlier records."""
+    m = RECIPE.fullmatch(recipe)
+    return recipe == "dense" or (m is not None and m.group(8) is None)
+
+
+def table(model: str, ours: list[dict], peer: list[dict], earlier: bool = False) -> list[str]:
+    """Our records (the current ones, or the earlier ones and variants) and, beside the current
+    ones, llama.cpp's, by falling bits per weight."""
     rows: dict[tuple[str, str], dict] = {}
     for r in ours:
-        if r["model"] == model:
+        if r["model"] == model and current(r["recipe"]) != earlier:
             row = rows.setdefault(("lutengine", r["recipe"]), {"bpw": r["bpw_linear"], "head": r.get("bpw_head"),
                                                                "bytes": r.get("file_bytes")})
             row[r["text"]] = r["ppl"]
-    for r in peer:
+    for r in peer if not earlier else ():
         if r.get("model") == model and r.get("ok", True) and r.get("bpw_linear"):
             row = rows.setdefault(("llama.cpp", r["type"]), {"bpw": r["bpw_linear"], "head": r.get("bpw_output"),
                                                             "bytes": r.get("file_bytes")})
             row.update(peer_ppl(r))
+    if not rows:
+        return []
     texts = [t for t in TEXTS if any(t in row for row in rows.values())]
     head = "| engine | format | bpw linear | bpw head | file MB | " + " | ".join(f"ppl {t}" for t in texts) + " |"
-    out = [f"### {model}", "", head, "|---|---|---:|---:|---:|" + "---:|" * len(texts)]
+    title = f"#### {model}: earlier records and variants" if earlier else f"### {model}"
+    out = [title, "", head, "|---|---|---:|---:|---:|" + "---:|" * len(texts)]
     for (engine, fmt), row in sorted(rows.items(), key=lambda kv: -kv[1]["bpw"]):
         head_bits = (f"{row['head']:.2f}" if isinstance(row["head"], (int, float))
                      else "" if fmt == "dense" else "tied")
@@ -210,7 +235,8 @@ def plot(models: list[str], ours: list[dict], peer: list[dict]) -> str:
     for ax, model in zip(axes[0], models):
         series = {
             "lutengine": [(r["bpw_linear"], r["ppl"], r["recipe"]) for r in ours
-                          if r["model"] == model and r["text"] == "wiki" and r["recipe"] != "dense"],
+                          if r["model"] == model and r["text"] == "wiki" and r["recipe"] != "dense"
+                          and current(r["recipe"])],
             "llama.cpp": [(r["bpw_linear"], peer_ppl(r)["wiki"], r["type"]) for r in peer
                           if r.get("model") == model and r.get("bpw_linear") and "wiki" in peer_ppl(r)]}
         for (name, pts), marker in zip(series.items(), "os"):
@@ -241,7 +267,11 @@ def report(args) -> None:
              "(planes, scales, offsets, padding); the head and the float16 embedding are reported apart.", ""]
     for model in models:
         lines += table(model, ours, peer)
-    lines += [plot(models, ours, peer), ""]
+    lines += [plot(models, ours, peer), "", "### Earlier records and variants", "",
+              "Made by earlier code or with a non-default option; the suffixes of their labels are explained "
+              "in bench/quality.py's docstring, and each record keeps its command.", ""]
+    for model in models:
+        lines += table(model, ours, peer, earlier=True)
     text = RESULTS.read_text() if RESULTS.exists() else "# lutengine benchmark results\n"
     start = text.find(SECTION)
     if start >= 0:
@@ -256,8 +286,8 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--model", nargs="+", default=["smollm2-135m-instruct"])
-    r.add_argument("--recipes", nargs="+", default=RECIPES)
-    r.add_argument("--texts", nargs="+", default=["wiki", "c4"], choices=list(TEXTS))
+    r.add_argument("--recipes", nargs="+", help="default: the grid, the default format and the --bpw recipes")
+    r.add_argument("--texts", nargs="+", default=list(TEXTS), choices=list(TEXTS))
     r.add_argument("--no-dense", dest="dense", action="store_false", help="skip the dense reference rows")
     sub.add_parser("report")
     args = p.parse_args(argv)

@@ -1,0 +1,31 @@
+"""The quality report's tables: records of the present code apart from earlier ones and variants."""
+from bench import quality
+
+
+def record(recipe: str, text: str, ppl: float, bpw: float) -> dict:
+    return {"model": "m", "recipe": recipe, "text": text, "ppl": ppl, "bpw_linear": bpw, "bpw_head": 8.5,
+            "file_bytes": 1e8}
+
+
+OURS = [record("dense", "wiki", 10.0, 32.0), record("rtn4g64", "wiki", 12.5, 4.5),
+        record("rtn4g64", "c4", 40.25, 4.5), record("bpw3.3", "wiki", 15.0, 3.3),
+        record("rtn4g64-span", "wiki", 13.0, 4.5), record("gptq-rtn3g64-dt0.3", "wiki", 16.0, 3.5)]
+PEER = [{"model": "m", "type": "Q4_0", "bpw_linear": 4.5, "ppl": {"wiki.txt": {"ppl": 14.0}}}]
+
+
+def formats(lines: list[str]) -> list[str]:
+    return [cells[2].strip() for cells in (line.split("|") for line in lines[4:]) if len(cells) > 2]
+
+
+def test_present_records_and_llama_cpp_share_one_table_by_falling_bits():
+    lines = quality.table("m", OURS, PEER)
+    assert lines[0] == "### m"
+    assert formats(lines) == ["dense", "rtn4g64", "Q4_0", "bpw3.3"]
+    assert "| lutengine | rtn4g64 | 4.50 | 8.50 | 100 | 12.500 | 40.250 |" in lines
+
+
+def test_suffixed_labels_and_variants_go_to_the_earlier_table():
+    lines = quality.table("m", OURS, PEER, earlier=True)
+    assert "earlier records" in lines[0]
+    assert formats(lines) == ["rtn4g64-span", "gptq-rtn3g64-dt0.3"]
+    assert quality.table("other", OURS, PEER, earlier=True) == []
