@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import lutkernels as lk
-from engine.quant import binary, msb, ternary, wgm
+from engine.quant import binary, msb, rtn, ternary, wgm
 
 # Measured on 80 unit-scale normal inputs (n = 256, 4 or 8 bands, window 4): WGM's cost
 # is at most 1.45x the exact DP's, greedy's 1.56x. At real weight scale (|w| ~ 0.02)
@@ -54,6 +54,17 @@ def test_group_is_lowered_to_a_kernel_size_dividing_k():
     assert binary.fit(matrix(K=96), 1, 128).G == 32
     assert ternary.fit(matrix(K=192), 256).G == 64
     assert msb.fit(matrix(K=192), 1, 192)[0].G == 192
+    assert binary.fit(matrix(K=192), 1, 100).G == 64
+    assert msb.fit(matrix(K=192), 1, 48)[0].G == 32
+
+
+@pytest.mark.parametrize("quantize", [lambda W, G: binary.quantize(W, 1, G), lambda W, G: msb.quantize(W, 1, G),
+                                      ternary.quantize, lambda W, G: rtn.quantize(W, 2, G)],
+                         ids=["binary", "msb", "ternary", "rtn"])
+def test_one_matrixs_row_length_is_lowered_on_another_as_rtn_lowers_it(quantize):
+    """`quantize --group 576` on SmolLM2: whole rows where K is 576, groups of 256 on down_proj (K 1536)."""
+    assert quantize(matrix(K=192), 192).G == 192
+    assert quantize(matrix(K=512), 192).G == 128
 
 
 # ---- WGM ----------------------------------------------------------------------------------------
@@ -186,11 +197,11 @@ def test_ternary_values_are_minus_s_zero_plus_s(group):
     lambda: msb.quantize(matrix(), bits=8),
     lambda: msb.quantize(matrix(), bits=-1),
     lambda: msb.quantize(matrix(), bits=1.5),
-    lambda: msb.quantize(matrix(), bits=1, group=48),
+    lambda: msb.quantize(matrix(), bits=1, group=-64),
     lambda: msb.fit(matrix(), 1, 64, iters=-1),
     lambda: msb.fit(matrix(), 1, 64, init="kmeans"),
     lambda: binary.quantize(matrix(), planes=3),
-    lambda: binary.quantize(matrix(), group=100),
+    lambda: binary.quantize(matrix(), group=16),
     lambda: binary.quantize(matrix(K=200)),
     lambda: ternary.quantize(matrix()[0]),
     lambda: wgm.bands(matrix(), groups=0),
@@ -199,9 +210,9 @@ def test_ternary_values_are_minus_s_zero_plus_s(group):
     lambda: wgm.bands(np.zeros((4, 32))),
     lambda: wgm.bands(matrix(), solver="dp"),
     lambda: wgm.band_index(matrix(), np.array([0, 10])),
-], ids=["msb-bits-9-planes", "msb-bits-negative", "msb-bits-float", "msb-group-48", "msb-iters", "msb-init",
+], ids=["msb-bits-9-planes", "msb-bits-negative", "msb-bits-float", "msb-group-negative", "msb-iters", "msb-init",
         "binary-planes-3",
-        "binary-group-100", "binary-K-200", "ternary-vector", "wgm-groups-0", "wgm-window-0", "wgm-solver",
+        "binary-group-16", "binary-K-200", "ternary-vector", "wgm-groups-0", "wgm-window-0", "wgm-solver",
         "wgm-all-zero", "wgm-dp-too-large", "wgm-boundaries-mismatch"])
 def test_bad_arguments_are_one_line_value_errors(call):
     with pytest.raises(ValueError) as e:

@@ -16,6 +16,8 @@ import numpy as np
 
 import lutkernels as lk
 
+from . import rtn
+
 ROW_GROUP = 0  # `group` value asking for one group per row (G = K)
 BLOCK = 1 << 20  # weights per row block
 
@@ -61,19 +63,18 @@ def _fit_block(W: np.ndarray, planes: int, G: int) -> Fit:
 # ---- shared plumbing --------------------------------------------------------------------------
 
 def resolve_group(W: np.ndarray, group: int) -> int:
-    """G for the matrix W [M, K]: ROW_GROUP (0) or K is the whole row; a kernel group size is
-    lowered to the largest one that divides K, as engine.quant.rtn does."""
+    """G for the matrix W [M, K]: ROW_GROUP (0) is the whole row; any other size is a preferred
+    one, lowered as engine.quant.rtn lowers it (a row length of one matrix to a kernel group size
+    on another)."""
     if np.ndim(W) != 2 or 0 in np.shape(W):
         raise ValueError(f"weights must be a non-empty matrix [M, K], got shape {np.shape(W)}")
     K = W.shape[1]
     if K % lk.layout.CHUNK:
         raise ValueError(f"K must be a multiple of {lk.layout.CHUNK}, got {K}")
-    if group in (ROW_GROUP, K):
-        return K
-    if group not in lk.GROUP_SIZES:
-        raise ValueError(f"group must be one of {', '.join(map(str, lk.GROUP_SIZES))} or {ROW_GROUP} "
-                         f"(whole row), got {group!r}")
-    return max(g for g in lk.GROUP_SIZES if g <= group and K % g == 0)
+    if not isinstance(group, (int, np.integer)) or group < 0:
+        raise ValueError(f"group must be a kernel group size ({', '.join(map(str, lk.GROUP_SIZES))}), a row "
+                         f"length or {ROW_GROUP} (whole row), got {group!r}")
+    return K if group == ROW_GROUP else rtn.group_size(K, group)
 
 
 def row_blocks(M: int, K: int) -> list[slice]:
