@@ -231,27 +231,32 @@ def plot(models: list[str], ours: list[dict], peer: list[dict]) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "(no plot: matplotlib is not installed; `pip install matplotlib`, then rerun the report)"
-    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    # top row: every record on a log scale; bottom row: the same, zoomed on the usable ones
+    fig, axes = plt.subplots(2, len(models), figsize=(7 * len(models), 10), squeeze=False)
+    for col, model in enumerate(models):
         series = {
             "lutengine": [(r["bpw_linear"], r["ppl"], r["recipe"]) for r in ours
                           if r["model"] == model and r["text"] == "wiki" and r["recipe"] != "dense"
                           and current(r["recipe"])],
             "llama.cpp": [(r["bpw_linear"], peer_ppl(r)["wiki"], r["type"]) for r in peer
                           if r.get("model") == model and r.get("bpw_linear") and "wiki" in peer_ppl(r)]}
-        for (name, pts), marker in zip(series.items(), "os"):
-            if pts:
-                ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=name)
-                for x, y, label in pts:
-                    ax.annotate(label, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
         dense = [r["ppl"] for r in ours if r["model"] == model and r["recipe"] == "dense" and r["text"] == "wiki"]
-        if dense:
-            ax.axhline(dense[0], color="gray", linestyle=":", label=f"dense {dense[0]:.2f}")
-        ax.set_yscale("log")
-        ax.set_xlabel("honest bits per weight, linear layers")
-        ax.set_ylabel("perplexity, wiki.txt (log scale)")
-        ax.set_title(model)
-        ax.legend()
+        for ax, zoom in zip(axes[:, col], (False, True)):
+            for (name, pts), marker in zip(series.items(), "os"):
+                if pts:
+                    ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=name)
+                    for x, y, label in pts:
+                        ax.annotate(label, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points",
+                                    annotation_clip=True)
+            if dense:
+                ax.axhline(dense[0], color="gray", linestyle=":", label=f"dense {dense[0]:.2f}")
+                if zoom:
+                    ax.set_ylim(dense[0] * 0.95, dense[0] * 4)
+            ax.set_yscale("log")
+            ax.set_xlabel("honest bits per weight, linear layers")
+            ax.set_ylabel("perplexity, wiki.txt (log scale)" + (", up to 4x dense" if zoom else ""))
+            ax.set_title(model)
+            ax.legend()
     fig.tight_layout()
     fig.savefig(PLOT, dpi=120)
     return f"![perplexity against bits per weight]({PLOT.name})"
