@@ -82,7 +82,7 @@ def recipes(model: str) -> list[str]:
 
 
 RECIPE = re.compile(r"(?:(?:(gptq)-)?(rtn|hlq|msb|binary|ternary)(\d)g(\d+)(s8)?(-ao)?|bpw(\d+(?:\.\d+)?))"
-                    r"(?:-dt(\d+(?:\.\d+)?))?$")
+                    r"(?:-dt(?P<dt>\d+(?:\.\d+)?))?$")
 
 
 def quantize_args(recipe: str) -> list[str]:
@@ -186,7 +186,7 @@ def current(recipe: str) -> bool:
     """A record of the present code at a recipe's defaults: a plain recipe name. Labels with a
     suffix (module docstring) and -dt variants go to the table of earlier records."""
     m = RECIPE.fullmatch(recipe)
-    return recipe == "dense" or (m is not None and m.group(8) is None)
+    return recipe == "dense" or (m is not None and m["dt"] is None)
 
 
 def table(model: str, ours: list[dict], peer: list[dict], earlier: bool = False) -> list[str]:
