@@ -25,7 +25,7 @@ import numpy as np
 from . import hlq
 
 BLOCK = 128
-DAMP = 0.01
+DAMP = 0.01  # SmolLM2 gptq-rtn3g576s8-ao, wiki / c4: 20.617 / 75.169; at 0.1 21.239 / 78.152, at 0.002 20.674 / 75.900
 BASE = 256  # triangular inverses below this size go to LAPACK directly
 
 GridFit = Callable[[np.ndarray], hlq.Grid]  # a group's weights [M, G] -> its grid
