@@ -246,8 +246,7 @@ def plot(models: list[str], ours: list[dict], peer: list[dict]) -> str:
                 if pts:
                     ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=name)
                     for x, y, label in pts:
-                        ax.annotate(label, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points",
-                                    annotation_clip=True)
+                        ax.annotate(label, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
             if dense:
                 ax.axhline(dense[0], color="gray", linestyle=":", label=f"dense {dense[0]:.2f}")
                 if zoom:
