@@ -1,6 +1,14 @@
 """llama.cpp's own quantization types, bits per weight against perplexity, for the quality table.
 
-Run with the llama venv's python (not lutengine's):
+Run with the llama venv's python (not lutengine's). PyPI has llama-cpp-python 0.3.36 as source
+only, and its default build for the native CPU died here with "Illegal instruction" (this
+virtual machine advertises AMX and AVX512-FP16 as well); a build with the instruction sets named
+runs:
+
+    python -m venv /work/llama-venv
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+        -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON" /work/llama-venv/bin/pip install \
+        llama-cpp-python==0.3.36 numpy gguf
 
     /work/llama-venv/bin/python bench/llamacpp_quality.py \
         [--gguf /work/cache/models/smollm2-135m-instruct.gguf ...] \
@@ -142,17 +150,25 @@ def main():
             if not todo:
                 continue
             path = src if qtype == "source" else os.path.join(OUT_DIR, "%s-%s.gguf" % (model, qtype))
+            made = None
+            if qtype != "source" and not (os.path.exists(path) and os.path.getsize(path) > 0):
+                # also for a recorded type whose file is gone: a new text needs the file again
+                print("== quantize %s %s" % (model, qtype), flush=True)
+                made, err = quantize_in_child(src, path, qtype)
+                if err:
+                    print("   failed: " + err, flush=True)
+                    if rec is None:
+                        records.append({"model": model, "type": qtype, "ok": False, "gguf": path, "error": err})
+                        save(records, args.out)
+                    continue
+                if rec is not None and bits(path)["bpw_linear"] != rec["bpw_linear"]:
+                    sys.exit("%s: %.4f bpw, not the recorded %.4f: delete the record to measure it again"
+                             % (path, bits(path)["bpw_linear"], rec["bpw_linear"]))
             if rec is None:
                 rec = {"model": model, "type": qtype, "ok": True, "gguf": path}
+                if made is not None:
+                    rec["quantize"] = made
                 records.append(rec)
-                if qtype != "source" and not (os.path.exists(path) and os.path.getsize(path) > 0):
-                    print("== quantize %s %s" % (model, qtype), flush=True)
-                    rec["quantize"], err = quantize_in_child(src, path, qtype)
-                    if err:
-                        rec.update(ok=False, error=err)
-                        print("   failed: " + err, flush=True)
-                        save(records, args.out)
-                        continue
                 rec.update(bits(path))
                 rec.update(ppl={}, threads=args.threads, window=WINDOW,
                            llama_cpp_python=llama_cpp.__version__, command=command_line())
