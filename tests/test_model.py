@@ -275,6 +275,7 @@ def test_decode_step_allocates_no_arrays(quant):
     t = random_weights(c)
     m = Transformer(c, quantized(c, t) if quant else t)
     logits = m.forward(IDS[:4], 0)
+    grown = []
     tracemalloc.start()
     try:
         for i in range(4, 12):
@@ -283,9 +284,13 @@ def test_decode_step_allocates_no_arrays(quant):
             start = tracemalloc.get_traced_memory()[0]
             logits = m.forward([token], i)
             now, peak = tracemalloc.get_traced_memory()
-            assert peak - start < 1024 and now - start < 1024
+            grown.append(max(peak, now) - start)
     finally:
         tracemalloc.stop()
+    # tracemalloc counts every thread, and threads that earlier tests leave behind allocate now and
+    # then (one step of a full run on a loaded machine went over); a per-token temporary shows in
+    # every step, so one step of the eight may go over.
+    assert sorted(grown)[-2] < 1024, grown
 
 
 def test_bound_calls_check_their_arrays():
