@@ -161,9 +161,10 @@ def main():
                         records.append({"model": model, "type": qtype, "ok": False, "gguf": path, "error": err})
                         save(records, args.out)
                     continue
-                if rec is not None and bits(path)["bpw_linear"] != rec["bpw_linear"]:
+                got = bits(path)["bpw_linear"]
+                if rec is not None and got != rec["bpw_linear"]:
                     sys.exit("%s: %.4f bpw, not the recorded %.4f: delete the record to measure it again"
-                             % (path, bits(path)["bpw_linear"], rec["bpw_linear"]))
+                             % (path, got, rec["bpw_linear"]))
             if rec is None:
                 rec = {"model": model, "type": qtype, "ok": True, "gguf": path}
                 if made is not None:
