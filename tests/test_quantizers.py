@@ -215,12 +215,12 @@ def test_calibration_forward_is_the_transformer(tiny, rot):
     workers = calib.Workers(2)
     seen = []
 
-    def fit(names, X):
+    def fit(names, X, attention):
         seen.append(names)
         return [t[n] for n in names]
     *_, (last, x) = calib.layers(c, t, tokens, fit, workers)
     workers.close()
-    assert last == c.n_layers - 1 and len(seen) == 4 * c.n_layers
+    assert last == c.n_layers - 1 and len(seen) == 5 * c.n_layers
     head = t.get("lm_head.weight", t["model.embed_tokens.weight"])
     logits = rmsnorm(x, t["model.norm.weight"], c.norm_eps) @ head.T
     m = Transformer(c, t)
@@ -238,20 +238,20 @@ def test_dense_inputs_are_what_the_dense_model_feeds_each_layer(tiny):
     workers = calib.Workers(2)
     dense = {}
 
-    def record(names, X):
+    def record(names, X, attention):
         dense[names[0]] = X.copy()
         return [t[n] for n in names]
     for _ in calib.layers(c, t, tokens, record, workers):
         pass
     got, own = {}, {}
 
-    def fit(names, X, Xd):
+    def fit(names, X, attention, Xd):
         got[names[0]], own[names[0]] = Xd.copy(), X.copy()
         return [t[n] * 0.9 for n in names]
     for _ in calib.layers(c, t, tokens, fit, workers, dense_inputs=1):
         pass
     workers.close()
-    assert got.keys() == dense.keys() and len(got) == 4 * c.n_layers
+    assert got.keys() == dense.keys() and len(got) == 5 * c.n_layers
     for n in dense:
         # the first sequence's rows (fewer rows block the products differently: last-bit differences)
         np.testing.assert_allclose(got[n], dense[n][:24], rtol=1e-5, atol=1e-5)
