@@ -45,7 +45,10 @@ dense target made while it was W·C·H⁻¹ with the dense stream on every calib
 W + (H⁻¹·Xᵀ(Xd − X)·Wᵀ)ᵀ on half of them: engine/quant/gptq.py aim), as are all such records
 above whose label does not say otherwise; -narrow marks bpw records made while the plan's groups
 were at most 128 columns (now 256 and one group per row too: engine/quant/budget.py ROW), as are
-all bpw records above whose label does not say otherwise. Calibration
+all bpw records above whose label does not say otherwise; -plainv marks gptq and bpw records made
+while gptq weighed v_proj's error by XᵀX rather than through the attention probabilities
+(engine/quant/calib.py Attention), as are all gptq and bpw records above whose label does not say
+otherwise. Calibration
 (gptq, --bpw) reads ../shared/data/c4-calib.txt only, never an evaluation text.
 """
 from __future__ import annotations
