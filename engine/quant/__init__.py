@@ -231,9 +231,12 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
             rows += workers.blocks(lambda Wr: gptq.quantize(Wr, f, G, fit_grid), Wp)
         packed[name] = hlq.stack_rows(rows).packed(scale8)
 
+    last: dict[str, np.ndarray] = {}  # v_proj reads the input q and k read: their Hessian serves its summary
+
     def fit(names: list[str], X: np.ndarray, attention: calib.Attention | None,
             Xd: np.ndarray | None = None) -> list[np.ndarray]:
-        H = calib.hessian(X, workers)
+        H = last["H"] if last.get("X") is X else calib.hessian(X, workers)
+        last.update(X=X, H=H)
         if s["method"] == "gptq" and attention is not None:  # v_proj: a factor per kv head
             [name] = names
             Hs, Cs = attention.hessians(X, Xd)
