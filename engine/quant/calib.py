@@ -165,8 +165,7 @@ class Attention:
         the dense inputs Xd of the first len(Xd) rows, C_g = Σ Xᵀ M (Xd - X) / (rep·len(Xd)),
         what calib.dense_products' Xᵀ(Xd - X)/N is to XᵀX/N (gptq.aim). Through M rather than
         each A_h X: rep·L³ + L²K + LK² multiply-adds per kv head and sequence instead of
-        rep·(L²K + LK²), and M by bands of query rows, each with only the keys it sees
-        (CAUSAL_STEPS bands: 0.47 of rep·L³)."""
+        rep·(L²K + LK²)."""
         c, L = self.b.c, self.b.L
         rep = c.n_heads // c.n_kv_heads
         nd = 0 if Xd is None else len(Xd) // L
