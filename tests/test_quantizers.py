@@ -258,10 +258,14 @@ def test_dense_inputs_are_what_the_dense_model_feeds_each_layer(tiny):
     assert not np.allclose(own["model.layers.1.mlp.down_proj.weight"], dense["model.layers.1.mlp.down_proj.weight"])
 
 
-def test_attention_hessians_weigh_v_as_o_proj_reads_it():
+@pytest.mark.parametrize("used", [3, 1])
+def test_attention_hessians_weigh_v_as_o_proj_reads_it(used, monkeypatch):
     """Σ_g tr(W_g H_g W_gᵀ) is the squared attention output the model computes from v = X Wᵀ,
-    and Σ_g tr(W_g C_g W_gᵀ) its product with the output from Xd - X (per query head and row)."""
+    and Σ_g tr(W_g C_g W_gᵀ) its product with the output from Xd - X (per query head and row),
+    over the first ATTENTION_SEQUENCES sequences."""
     from engine.model import attend, rope
+
+    monkeypatch.setattr(calib, "ATTENTION_SEQUENCES", used)
 
     c = tiny_config("llama", hidden=32, n_heads=6, n_kv_heads=2, head_dim=8)
     n, L, nd = 3, 16, 2
@@ -280,7 +284,8 @@ def test_attention_hessians_weigh_v_as_o_proj_reads_it():
         r = slice(s * L, (s + 1) * L)
         return attend(rope(q[r], block.cos, block.sin), rope(k[r], block.cos, block.sin),
                       (V @ W.T).reshape(L, 2, 8), 0).astype(np.float64)
-    sq = sum((out(s, X[s * L:(s + 1) * L]) ** 2).sum() for s in range(n)) / (3 * n * L)
+    nd = min(nd, used)
+    sq = sum((out(s, X[s * L:(s + 1) * L]) ** 2).sum() for s in range(used)) / (3 * used * L)
     cross = sum((out(s, X[s * L:(s + 1) * L]) * out(s, Xd[s * L:(s + 1) * L] - X[s * L:(s + 1) * L])).sum()
                 for s in range(nd)) / (3 * nd * L)
     Wg = np.split(W.astype(np.float64), 2)
