@@ -48,7 +48,8 @@ were at most 128 columns (now 256 and one group per row too: engine/quant/budget
 all bpw records above whose label does not say otherwise; -plainv marks gptq and bpw records made
 while gptq weighed v_proj's error by XᵀX rather than through the attention probabilities
 (engine/quant/calib.py Attention), as are all gptq and bpw records above whose label does not say
-otherwise. Calibration
+otherwise; -v64 marks a record made while that Hessian was taken over all 64 calibration sequences
+(now the first 16, ATTENTION_SEQUENCES). Calibration
 (gptq, --bpw) reads ../shared/data/c4-calib.txt only, never an evaluation text.
 """
 from __future__ import annotations
