@@ -45,11 +45,10 @@ dense target made while it was W·C·H⁻¹ with the dense stream on every calib
 W + (H⁻¹·Xᵀ(Xd − X)·Wᵀ)ᵀ on half of them: engine/quant/gptq.py aim), as are all such records
 above whose label does not say otherwise; -narrow marks bpw records made while the plan's groups
 were at most 128 columns (now 256 and one group per row too: engine/quant/budget.py ROW), as are
-all bpw records above whose label does not say otherwise; -plainv marks gptq and bpw records made
-while gptq weighed v_proj's error by XᵀX rather than through the attention probabilities
-(engine/quant/calib.py Attention), as are all gptq and bpw records above whose label does not say
-otherwise; -v64 marks a record made while that Hessian was taken over all 64 calibration sequences
-(now the first 16, ATTENTION_SEQUENCES). Calibration
+all bpw records above whose label does not say otherwise; -attnv marks gptq and bpw records made
+with v_proj's Hessian taken through the attention probabilities over the first 16 calibration
+sequences, -attnv64 over all 64 (a change not kept: bench/RESULTS.md, "v_proj through the
+attention probabilities"). Calibration
 (gptq, --bpw) reads ../shared/data/c4-calib.txt only, never an evaluation text.
 """
 from __future__ import annotations

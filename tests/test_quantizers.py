@@ -215,12 +215,12 @@ def test_calibration_forward_is_the_transformer(tiny, rot):
     workers = calib.Workers(2)
     seen = []
 
-    def fit(names, X, attention):
+    def fit(names, X):
         seen.append(names)
         return [t[n] for n in names]
     *_, (last, x) = calib.layers(c, t, tokens, fit, workers)
     workers.close()
-    assert last == c.n_layers - 1 and len(seen) == 5 * c.n_layers
+    assert last == c.n_layers - 1 and len(seen) == 4 * c.n_layers
     head = t.get("lm_head.weight", t["model.embed_tokens.weight"])
     logits = rmsnorm(x, t["model.norm.weight"], c.norm_eps) @ head.T
     m = Transformer(c, t)
@@ -238,88 +238,24 @@ def test_dense_inputs_are_what_the_dense_model_feeds_each_layer(tiny):
     workers = calib.Workers(2)
     dense = {}
 
-    def record(names, X, attention):
+    def record(names, X):
         dense[names[0]] = X.copy()
         return [t[n] for n in names]
     for _ in calib.layers(c, t, tokens, record, workers):
         pass
     got, own = {}, {}
 
-    def fit(names, X, attention, Xd):
+    def fit(names, X, Xd):
         got[names[0]], own[names[0]] = Xd.copy(), X.copy()
         return [t[n] * 0.9 for n in names]
     for _ in calib.layers(c, t, tokens, fit, workers, dense_inputs=1):
         pass
     workers.close()
-    assert got.keys() == dense.keys() and len(got) == 5 * c.n_layers
+    assert got.keys() == dense.keys() and len(got) == 4 * c.n_layers
     for n in dense:
         # the first sequence's rows (fewer rows block the products differently: last-bit differences)
         np.testing.assert_allclose(got[n], dense[n][:24], rtol=1e-5, atol=1e-5)
     assert not np.allclose(own["model.layers.1.mlp.down_proj.weight"], dense["model.layers.1.mlp.down_proj.weight"])
-
-
-@pytest.mark.parametrize("used", [3, 1])
-def test_attention_hessians_weigh_v_as_o_proj_reads_it(used, monkeypatch):
-    """Σ_g tr(W_g H_g W_gᵀ) is the squared attention output the model computes from v = X Wᵀ,
-    and Σ_g tr(W_g C_g W_gᵀ) its product with the output from Xd - X (per query head and row),
-    over the first ATTENTION_SEQUENCES sequences."""
-    from engine.model import attend, rope
-
-    monkeypatch.setattr(calib, "ATTENTION_SEQUENCES", used)
-
-    c = tiny_config("llama", hidden=32, n_heads=6, n_kv_heads=2, head_dim=8)
-    n, L, nd = 3, 16, 2
-    workers = calib.Workers(2)
-    block = calib._Block(c, {}, n, L, workers)
-    rng = np.random.default_rng(21)
-    q = rng.standard_normal((n * L, 6, 8)).astype(np.float32) * 2
-    k = rng.standard_normal((n * L, 2, 8)).astype(np.float32)
-    X = rng.standard_normal((n * L, 32)).astype(np.float32)
-    Xd = X[:nd * L] + 0.3 * rng.standard_normal((nd * L, 32)).astype(np.float32)
-    W = rng.standard_normal((16, 32)).astype(np.float32)
-    H, C = calib.Attention(block, q, k).hessians(X, Xd)
-    workers.close()
-
-    def out(s, V):
-        r = slice(s * L, (s + 1) * L)
-        return attend(rope(q[r], block.cos, block.sin), rope(k[r], block.cos, block.sin),
-                      (V @ W.T).reshape(L, 2, 8), 0).astype(np.float64)
-    nd = min(nd, used)
-    sq = sum((out(s, X[s * L:(s + 1) * L]) ** 2).sum() for s in range(used)) / (3 * used * L)
-    cross = sum((out(s, X[s * L:(s + 1) * L]) * out(s, Xd[s * L:(s + 1) * L] - X[s * L:(s + 1) * L])).sum()
-                for s in range(nd)) / (3 * nd * L)
-    Wg = np.split(W.astype(np.float64), 2)
-    np.testing.assert_allclose(sum(np.trace(w @ h @ w.T) for w, h in zip(Wg, H)), sq, rtol=1e-5)
-    np.testing.assert_allclose(sum(np.trace(w @ h @ w.T) for w, h in zip(Wg, C)), cross, rtol=1e-4)
-
-
-def test_gptq_fits_v_to_the_attention_output():
-    """v_proj's error after gptq is smaller through the block's attention probabilities than
-    GPTQ on XᵀX leaves it (and larger on XᵀX itself, the objective it no longer takes)."""
-    c, t = tiny_config("llama", n_layers=1), None
-    t = random_weights(c, 9)
-    t["model.layers.0.self_attn.q_proj.weight"] *= 4  # peaked attention, as in trained models
-    tokens = np.random.default_rng(10).integers(0, c.vocab, (4, 48))
-    quant = {"method": "gptq", "bits": 2, "group": 32, "calib": "x", "rotate": False, "dense_target": 0.0}
-    weights, _ = quantize_model(c, t, quant, tokens)
-    name = "model.layers.0.self_attn.v_proj.weight"
-    x = t["model.embed_tokens.weight"][tokens.ravel()]
-    X = rmsnorm(x, t["model.layers.0.input_layernorm.weight"], c.norm_eps)
-    workers = calib.Workers(2)
-    block = calib._Block(c, t, *tokens.shape, workers)
-    q, k = (X @ lk.dense(weights[f"model.layers.0.self_attn.{m}_proj.weight"]).T for m in "qk")
-    Hs, _ = calib.Attention(block, q.reshape(len(X), 4, -1), k.reshape(len(X), 2, -1)).hessians(X)
-    H = calib.hessian(X, workers)
-    workers.close()
-    W = t[name]
-    fit_grid = lambda Wg: hlq.rtn_grid(Wg, 2, False)  # noqa: E731
-    plain = hlq.stack_rows([gptq.quantize(W, gptq.factor(H), 32, fit_grid)]).packed(False)
-
-    def errors(p):
-        D = np.split((lk.dense(p) - W).astype(np.float64), 2)
-        return sum(np.trace(d @ h @ d.T) for d, h in zip(D, Hs)), sum(np.trace(d @ H @ d.T) for d in D)
-    (att, xx), (att0, xx0) = errors(weights[name]), errors(plain)
-    assert att < 0.9 * att0 and xx > xx0
 
 
 def test_loops_round_to_float16_as_numpy_does():

@@ -208,49 +208,33 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
     packed: dict[str, lk.PackedLinear] = {}
     stats: dict[str, tuple[float, float, int]] = {}
 
-    def quantize(name: str) -> None:
+    def quantize(name: str, f: gptq.Factor | None = None, D: np.ndarray | None = None) -> None:
         W = np.asarray(tensors[name], np.float32)
+        if D is not None:
+            W = gptq.aim(W, f, D, s["dense_target"])
         bits, group, scale8 = layer_settings(s, name)
-        if scale8:
+        if f is None and scale8:
             packed[name] = rtn.quantize(W, bits, group, s["symmetric"], scale8=True)
-        else:
+            return
+        if f is None:
             packed[name] = METHODS[s["method"]](W, bits, group, s["symmetric"])
-
-    def quantize_gptq(name: str, parts: list[tuple[gptq.Factor, np.ndarray | None]]) -> None:
-        """GPTQ on row blocks of equal size, each with its factor and its dense aim's D (or None)."""
-        W = np.asarray(tensors[name], np.float32)
-        bits, group, scale8 = layer_settings(s, name)
+            return
         G = rtn.group_size(W.shape[1], group)
         if scale8:
             fit_grid = lambda Wg: hlq.rtn_grid(Wg, bits, s["symmetric"], scale8=True)  # noqa: E731
         else:
             fit_grid = lambda Wg: GRIDS[s["grid"]](Wg, bits, s["symmetric"])  # noqa: E731
-        rows = []
-        for Wp, (f, D) in zip(np.split(W, len(parts)), parts):
-            Wp = Wp if D is None else gptq.aim(Wp, f, D, s["dense_target"])
-            rows += workers.blocks(lambda Wr: gptq.quantize(Wr, f, G, fit_grid), Wp)
+        rows = workers.blocks(lambda Wr: gptq.quantize(Wr, f, G, fit_grid), W)
         packed[name] = hlq.stack_rows(rows).packed(scale8)
 
-    last: dict[str, np.ndarray] = {}  # v_proj reads the input q and k read: their Hessian serves its summary
-
-    def fit(names: list[str], X: np.ndarray, attention: calib.Attention | None,
-            Xd: np.ndarray | None = None) -> list[np.ndarray]:
-        H = last["H"] if last.get("X") is X else calib.hessian(X, workers)
-        last.update(X=X, H=H)
-        if s["method"] == "gptq" and attention is not None:  # v_proj: a factor per kv head
-            [name] = names
-            Hs, Cs = attention.hessians(X, Xd)
-            W = np.asarray(tensors[name], np.float32)
-            fs = [gptq.factor(Hg, s["act_order"]) for Hg in Hs]
-            Ds = [None] * len(fs) if Cs is None else \
-                [(Cg @ Wg.T).astype(np.float32) for Cg, Wg in zip(Cs, np.split(W, len(fs)))]
-            quantize_gptq(name, list(zip(fs, Ds)))
-        elif s["method"] == "gptq":
+    def fit(names: list[str], X: np.ndarray, Xd: np.ndarray | None = None) -> list[np.ndarray]:
+        H = calib.hessian(X, workers)
+        if s["method"] == "gptq":
             f = gptq.factor(H, s["act_order"])
             aims = [None] * len(names) if Xd is None else \
                 calib.dense_products(Xd, X[:len(Xd)], [np.asarray(tensors[n], np.float32) for n in names], workers)
             for n, D in zip(names, aims):
-                quantize_gptq(n, [(f, D)])
+                quantize(n, f, D)
         else:
             workers.map(quantize, names)
         out = [lk.dense(packed[n]) for n in names]

@@ -68,7 +68,7 @@ def options(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndar
         return out
 
     if tokens is not None:
-        def fit(names: list[str], X: np.ndarray, attention: calib.Attention | None) -> list[np.ndarray]:
+        def fit(names: list[str], X: np.ndarray) -> list[np.ndarray]:
             return measure(names, calib.hessian(X, workers).astype(np.float32))
         for _ in calib.layers(config, tensors, tokens, fit, workers):
             pass
@@ -94,7 +94,7 @@ def sensitivity(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.
     sel = tokens[np.linspace(0, len(tokens) - 1, min(SENS_SEQS, len(tokens))).astype(int), :SENS_LEN]
     start = {}  # block -> the dense residual stream before it
     x = None
-    for i, x in calib.layers(config, tensors, sel, lambda names, X, _: [tensors[n] for n in names], workers):
+    for i, x in calib.layers(config, tensors, sel, lambda names, X: [tensors[n] for n in names], workers):
         start[i + 1] = x.copy()
     start[0] = np.asarray(tensors[EMBED])[sel.ravel()].astype(np.float32)
     ref = _log_probs(config, tensors, x)
@@ -107,7 +107,7 @@ def sensitivity(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.
         Wq = lk.dense(rtn.quantize(np.asarray(tensors[name], np.float32), PROBE_BITS, probe[1]))
         one = calib.Workers(1)
         try:
-            *_, (_, y) = calib.layers(config, tensors, sel, lambda names, X, _: [Wq if n == name else tensors[n] for n in names],
+            *_, (_, y) = calib.layers(config, tensors, sel, lambda names, X: [Wq if n == name else tensors[n] for n in names],
                                       one, (i, start[i]))
         finally:
             one.close()

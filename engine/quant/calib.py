@@ -2,13 +2,11 @@
 input Hessian taken on the outputs of the layers already quantized.
 
     ids = tokens(read_text(path), tok, n=64, length=512)   # evenly spaced windows of the text
-    for i, x in layers(config, tensors, ids, fit, workers): ...   # fit(names, X, attention): H = hessian(X, workers)
+    for i, x in layers(config, tensors, ids, fit, workers): ...   # fit(names, X): H = hessian(X, workers)
 
-Inside a block the layers go in the order they read their inputs (q/k, v, o,
+Inside a block the layers go in the order they read their inputs (q/k/v, o,
 gate/up, down), and each stage runs with the weights fit returned for the
 stages before it, so a layer's Hessian sees the error of everything upstream.
-v_proj comes after q and k because its output reaches the model only through
-the attention probabilities they make (Attention).
 The forward pass is made of engine.model's pieces (rmsnorm, rope, attend, silu;
 the tests hold its result equal to Transformer's logits), run over all
 sequences at once, block by block, instead of one prompt through the whole model. With
@@ -30,9 +28,8 @@ from ..model import EMBED, attend, mlp_rotation, rmsnorm, rope, rope_tables, sil
 
 ROWS = 1024  # rows per block of a parallel product: its temporaries stay in the last-level cache
 
-# names of the layers reading one input, that input X [n*L, K], and for v_proj the block's
-# Attention (else None) -> the float32 weights to run them with
-Fit = Callable[[list[str], np.ndarray, "Attention | None"], list[np.ndarray]]
+# names of the layers reading one input, and that input X [n*L, K] -> the float32 weights to run them with
+Fit = Callable[[list[str], np.ndarray], list[np.ndarray]]
 
 
 class Workers:
@@ -125,7 +122,7 @@ def layers(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndarr
     with the residual stream after it (float32 [n*L, hidden], sequence after sequence; the
     same array throughout, updated in place). start: (first block, the stream before it),
     instead of block 0 on the embedded tokens. dense_inputs: the first this many sequences
-    also run through the dense weights, in a second stream, and fit(names, X, attention, Xd) also gets
+    also run through the dense weights, in a second stream, and fit(names, X, Xd) also gets
     the input the layers would have in the dense model for those (Xd pairs with X's first rows)."""
     n, L = tokens.shape
     first, x = (0, np.asarray(tensors[EMBED])[tokens.ravel()].astype(np.float32)) if start is None \
@@ -140,69 +137,12 @@ def layers(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndarr
         else:
             seen: dict[str, np.ndarray] = {}
 
-            def keep(names: list[str], X: np.ndarray, attention) -> list[np.ndarray]:
+            def keep(names: list[str], X: np.ndarray) -> list[np.ndarray]:
                 seen[names[0]] = X
                 return [tensors[name] for name in names]
             dense_run(i, xd, keep)
-            run(i, x, lambda names, X, attention: fit(names, X, attention, seen.pop(names[0])))
+            run(i, x, lambda names, X: fit(names, X, seen.pop(names[0])))
         yield i, x
-
-
-# sequences v_proj's Hessian is taken over: L³ work per sequence and head, where XᵀX costs L·K²/2;
-# 64 of them would add ~2.5 minutes to quantizing Qwen2.5-Coder (README: under 10 minutes)
-ATTENTION_SEQUENCES = 16
-
-
-class Attention:
-    """A block's attention probabilities on the calibration sequences, as the weights of
-    v_proj's error: o_proj reads head h's output A_h X ΔWᵀ, not the X ΔWᵀ that XᵀX weighs,
-    so a value on which many queries concentrate (the first token, an attention sink) counts
-    for all of them. SmolLM2 gptq-rtn3g64s8-ao, wiki / c4: 18.614 / 65.737 against 19.270 /
-    69.201 on XᵀX. q [n*L, H, d] and k [n*L, Hkv, d] before rope, from the weights fit
-    returned for them."""
-
-    def __init__(self, block: "_Block", q: np.ndarray, k: np.ndarray):
-        self.b, self.q, self.k = block, q, k
-
-    def hessians(self, X: np.ndarray, Xd: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """For each kv head g, with M = Σ_h A_hᵀ A_h over its query heads in each sequence:
-        H_g = Σ Xᵀ M X / (rep·N), float64 [Hkv, K, K], v's Hessian in place of XᵀX/N; and with
-        the dense inputs Xd of the first len(Xd) rows, C_g = Σ Xᵀ M (Xd - X) / (rep·len(Xd)),
-        what calib.dense_products' Xᵀ(Xd - X)/N is to XᵀX/N (gptq.aim). Over the first
-        ATTENTION_SEQUENCES sequences only. Through M rather than each A_h X: rep·L³ + L²K + LK²
-        multiply-adds per kv head and sequence instead of rep·(L²K + LK²)."""
-        c, L = self.b.c, self.b.L
-        rep = c.n_heads // c.n_kv_heads
-        nd = 0 if Xd is None else len(Xd) // L
-        future = np.triu(np.full((L, L), -np.inf, np.float32), 1)
-
-        def one(sq: int) -> tuple[np.ndarray, np.ndarray | None]:
-            r = slice(sq * L, (sq + 1) * L)
-            qs, ks = (rope(a[r], self.b.cos, self.b.sin) for a in (self.q, self.k))
-            H = np.zeros((c.n_kv_heads, X.shape[1], X.shape[1]))
-            C = np.zeros_like(H) if sq < nd else None
-            for g in range(c.n_kv_heads):
-                qg = np.ascontiguousarray(qs[:, g * rep:(g + 1) * rep].transpose(1, 0, 2)).reshape(rep * L, -1)
-                A = (qg @ np.ascontiguousarray(ks[:, g].T)).reshape(rep, L, L)  # as engine.model attends
-                A *= np.float32(1 / np.sqrt(c.head_dim))
-                A -= (A + future).max(-1, keepdims=True)
-                np.maximum(A, -80, out=A)
-                A += future
-                np.exp(A, out=A)
-                A /= A.sum(-1, keepdims=True)
-                A = A.reshape(rep * L, L)
-                M = A.T @ A
-                H[g] = X[r].T @ (M @ X[r])
-                if C is not None:
-                    C[g] = X[r].T @ (M @ (Xd[r] - X[r]))
-            return H, C
-
-        n = min(self.b.n, ATTENTION_SEQUENCES)
-        nd = min(nd, n)
-        parts = self.b.workers.map(one, range(n))
-        H = sum(h for h, _ in parts) / (rep * n * L)
-        C = None if Xd is None else sum(c_ for _, c_ in parts if c_ is not None) / (rep * nd * L)
-        return H, C
 
 
 class _Block:
@@ -256,16 +196,12 @@ class _Block:
         h = rmsnorm(x, t[p + "input_layernorm.weight"], c.norm_eps)
         names = [f"{p}self_attn.{m}_proj.weight" for m in "qkv"]
         heads = (c.n_heads, c.n_kv_heads, c.n_kv_heads)
-
-        def project(name: str, W: np.ndarray, nh: int) -> np.ndarray:
-            y = self.linear(h, W, t[name[:-len("weight")] + "bias"] if c.qkv_bias else None)
-            return y.reshape(len(y), nh, c.head_dim)
-        q, k = (project(n, W, nh) for n, W, nh in zip(names, fit(names[:2], h, None), heads))
-        [v] = fit(names[2:], h, Attention(self, q, k))
-        att = self.attention(q, k, project(names[2], v, c.n_kv_heads))
-        [o] = fit([p + "self_attn.o_proj.weight"], att, None)
+        qkv = [self.linear(h, W, t[name[:-len("weight")] + "bias"] if c.qkv_bias else None)
+               for name, W in zip(names, fit(names, h))]
+        att = self.attention(*(y.reshape(len(y), nh, c.head_dim) for y, nh in zip(qkv, heads)))
+        [o] = fit([p + "self_attn.o_proj.weight"], att)
         self.linear(att, o, add_to=x)
         h = rmsnorm(x, t[p + "post_attention_layernorm.weight"], c.norm_eps)
-        act = self.mlp(h, *fit([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], h, None))
-        [down] = fit([p + "mlp.down_proj.weight"], act, None)
+        act = self.mlp(h, *fit([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], h))
+        [down] = fit([p + "mlp.down_proj.weight"], act)
         self.linear(act, down, add_to=x)
