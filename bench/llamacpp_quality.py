@@ -150,7 +150,7 @@ def main():
             if not todo:
                 continue
             path = src if qtype == "source" else os.path.join(OUT_DIR, "%s-%s.gguf" % (model, qtype))
-            made = None
+            made = info = None
             if qtype != "source" and not (os.path.exists(path) and os.path.getsize(path) > 0):
                 # also for a recorded type whose file is gone: a new text needs the file again
                 print("== quantize %s %s" % (model, qtype), flush=True)
@@ -161,16 +161,16 @@ def main():
                         records.append({"model": model, "type": qtype, "ok": False, "gguf": path, "error": err})
                         save(records, args.out)
                     continue
-                got = bits(path)["bpw_linear"]
-                if rec is not None and got != rec["bpw_linear"]:
+                info = bits(path)
+                if rec is not None and info["bpw_linear"] != rec["bpw_linear"]:
                     sys.exit("%s: %.4f bpw, not the recorded %.4f: delete the record to measure it again"
-                             % (path, got, rec["bpw_linear"]))
+                             % (path, info["bpw_linear"], rec["bpw_linear"]))
             if rec is None:
                 rec = {"model": model, "type": qtype, "ok": True, "gguf": path}
                 if made is not None:
                     rec["quantize"] = made
                 records.append(rec)
-                rec.update(bits(path))
+                rec.update(info or bits(path))
                 rec.update(ppl={}, threads=args.threads, window=WINDOW,
                            llama_cpp_python=llama_cpp.__version__, command=command_line())
                 save(records, args.out)
