@@ -136,9 +136,9 @@ class Transformer:
         """quant None: the dense float32 reference; else every linear layer quantized (engine.quant settings)."""
         if quant is None:
             return cls(src.config, src.tensors, max_context, src.tok)
-        from .quant import quantize_model
+        from .quant import calibration, quantize_model, settings
 
-        weights, _ = quantize_model(src.config, src.tensors, quant)
+        weights, _ = quantize_model(src.config, src.tensors, quant, calibration(settings(quant), src))
         return cls(src.config, weights, max_context, src.tok)
 
     @classmethod

@@ -26,7 +26,7 @@ def add_arguments(p) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the file to write (*.safetensors)")
     p.add_argument("--bpw", type=float, metavar="B",
                    help="the best recipe for a budget of B bits per weight on the linear layers: each layer's bits "
-                        "and group where its output error is largest; gptq with --calib, else rtn")
+                        "and group where its output error is largest (gptq; --method rtn: no calibration)")
     p.add_argument("--method", help=f"rtn, hlq, gptq, msb, binary or ternary (default: {DEFAULT['method']})")
     p.add_argument("--grid", default=DEFAULT["grid"], help="grid gptq rounds to: rtn, hlq or msb (default: %(default)s)")
     p.add_argument("--bits", type=int, default=DEFAULT["bits"], help="planes per weight, 1..8 (msb: a sign plane + bits-1 magnitude planes; binary 1 or 2; "
@@ -50,7 +50,7 @@ def add_arguments(p) -> None:
                         "rather than at its own weights, undoing upstream error (default: 0.15 for gptq at up to 3 "
                         "bits or with --bpw below 4; else 0)")
     p.add_argument("--calib", metavar="FILE", help="calibration text, never an evaluation text "
-                   "(e.g. ../shared/data/c4-calib.txt); gptq needs one")
+                   "(e.g. ../shared/data/c4-calib.txt); without one gptq samples its calibration text from the model")
     p.add_argument("--n-calib", type=int, default=DEFAULT["n_calib"], metavar="N",
                    help="calibration sequences (default: %(default)s)")
     p.add_argument("--calib-len", type=int, default=DEFAULT["calib_len"], metavar="L",
@@ -63,7 +63,7 @@ def add_arguments(p) -> None:
 def quant_settings(args) -> dict:
     from .quant import DEFAULT
 
-    method = args.method or ("gptq" if args.bpw is not None and args.calib else DEFAULT["method"])
+    method = args.method or ("gptq" if args.bpw is not None else DEFAULT["method"])
     return {"method": method, "bpw": args.bpw, "bits": args.bits, "group": args.group, "symmetric": args.symmetric,
             "scale_bits": args.scale_bits, "head_bits": args.head_bits, "grid": args.grid, "act_order": args.act_order,
             "rotate": args.rotate, "dense_target": args.dense_target, "calib": args.calib,
@@ -106,14 +106,18 @@ def run(args) -> int:
     s = settings(quant_settings(args))
     out = Path(args.output).expanduser()
     check_output(out)
-    text = calib.read_text(s["calib"]) if s["calib"] is not None else None
+    if s["calib"] is not None:
+        calib.read_text(s["calib"])
     src = open_source(args.source, progress=True)
-    tokens = None if text is None else calib.tokens(text, src.tok, s["n_calib"], s["calib_len"], s["calib"])
-    check_model(s, src.config, tokens)
+    sampled = s["calib"] is None and s["method"] == "gptq"
+    calibrated = sampled or s["calib"] is not None
+    check_model(s, src.config, s["calib_len"] if calibrated else None)
     label = (f"{method_label(s)} {s['bpw']} bpw" if s["bpw"] is not None
              else f"{method_label(s)} {s['bits']}-bit g{s['group']}")
-    print(f"{args.source}: {label}" + (f", calibration {s['n_calib']} x {s['calib_len']} tokens of {s['calib']}"
-                                        if tokens is not None else ""), flush=True)
+    where = f"of {s['calib']}" if s["calib"] is not None else "sampled from the model itself (no --calib)"
+    print(f"{args.source}: {label}" + (f", calibration {s['n_calib']} x {s['calib_len']} tokens {where}"
+                                        if calibrated else ""), flush=True)
+    tokens = _calibration(s, src, sampled)
     if s["bpw"] is not None:
         print("planning the budget first: every layer at every format" +
               (", then each layer's end-to-end sensitivity" if tokens is not None else "") +
@@ -123,6 +127,18 @@ def run(args) -> int:
                 quantizer=s)
     print(summary(out, weights, time.perf_counter() - start))
     return 0
+
+
+def _calibration(s, src, sampled: bool):
+    from tqdm import tqdm
+
+    from .quant import calibration
+
+    if not sampled:
+        return calibration(s, src)
+    with tqdm(total=s["calib_len"], desc="sampling calibration text", unit="token", file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        return calibration(s, src, lambda: bar.update(1))
 
 
 def _quantize(config, tensors, s, tokens, label):

@@ -508,8 +508,8 @@ def test_quant_settings():
         settings({"bits": 9})
     with pytest.raises(ValueError, match="unknown quantization method"):
         settings({"method": "wgm2"})
-    with pytest.raises(ValueError, match="gptq needs a calibration text"):
-        settings({"method": "gptq"})
+    with pytest.raises(ValueError, match="gptq needs calibration tokens"):
+        quantize_model(CONFIGS["llama-tied"], random_weights(CONFIGS["llama-tied"]), {"method": "gptq"})
     with pytest.raises(ValueError, match="ternary takes bits 2, got 3"):
         settings({"method": "ternary", "bits": 3})
     with pytest.raises(ValueError, match=r"binary takes bits 1 or 2, got 4 \(layer override"):

@@ -53,12 +53,15 @@ def leftovers(folder):
 def test_quantize_writes_a_runnable_file_with_a_layer_summary(gguf, text, tmp_path, method):
     out = tmp_path / "m.lut.safetensors"
     calib_args = ["--calib", text, *CALIB] if "gptq" in method else []
+    if "--no-rotate" in method:  # gptq calibrating on text the model samples itself
+        calib_args = CALIB
     proc = quantize(gguf, out, *method, *calib_args)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     layer_lines = [ln for ln in lines if ln.startswith("layer")]
     assert len(layer_lines) == 2  # the tiny model's layers
     assert all(("output err" if calib_args else "weight err") in ln and "bpw" in ln for ln in layer_lines)
+    assert ("sampling calibration text" in proc.stderr) is ("--calib" not in calib_args and "gptq" in method)
     assert lines[-1].startswith(f"wrote {out}: {out.stat().st_size:,} bytes")
     assert "layer" in proc.stderr  # the progress bar
     assert leftovers(tmp_path) == [out.name]
@@ -113,7 +116,7 @@ def test_scale_bits_flag_and_default(gguf, tmp_path, args, scale_bits):
     (["--bits", "9"], ["bits must be an integer 1..8"]),
     (["--group", "96"], ["group size 96 fits no matrix"]),
     (["--group", "16"], ["group must be an integer of at least 32"]),
-    (["--method", "gptq"], ["gptq needs a calibration text"]),
+    (["--method", "gptq", "--calib-len", "1024"], ["exceed the model's context"]),
     (["--method", "gptq", "--calib", "MISSING"], ["cannot read the calibration text"]),
     (["--method", "gptq", "--calib", "DIR"], ["cannot read the calibration text"]),
     (["--method", "gptq", "--calib", "TEXT", "--n-calib", "1000"], ["calibration sequences of 64 need"]),
@@ -150,14 +153,16 @@ def test_help_lists_the_quantize_options():
         assert opt in proc.stdout
 
 
-@pytest.mark.parametrize("with_calib", [True, False])
-def test_bpw_budget_is_never_exceeded(gguf, text, tmp_path, with_calib):
+@pytest.mark.parametrize("calib", ["text", "sampled", "none"])
+def test_bpw_budget_is_never_exceeded(gguf, text, tmp_path, calib):
+    """gptq on a text or on text the model samples itself; --method rtn plans without calibration."""
     out = tmp_path / "m.lut.safetensors"
-    calib_args = ["--calib", text, *CALIB] if with_calib else []
+    calib_args = {"text": ["--calib", text, *CALIB], "sampled": CALIB, "none": ["--method", "rtn"]}[calib]
     proc = quantize(gguf, out, "--bpw", "2.6", *calib_args)
     assert proc.returncode == 0, proc.stderr
+    assert ("sampled from the model itself" in proc.stdout) is (calib == "sampled")
     info = json.loads(cli("info", out, "--json").stdout)
     assert info["bpw_linear"] <= 2.6
     assert info["quantization"]["bpw"] == 2.6
-    assert info["quantization"]["method"] == ("gptq" if with_calib else "rtn")
-    assert info["quantization"]["act_order"] is with_calib  # gptq's default under a budget
+    assert info["quantization"]["method"] == ("rtn" if calib == "none" else "gptq")
+    assert info["quantization"]["act_order"] is (calib != "none")  # gptq's default under a budget

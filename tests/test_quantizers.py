@@ -399,7 +399,6 @@ def test_rotate_defaults_on_for_gptq_below_4_bits_per_weight():
     ({"bits": 9}, "bits must be an integer 1..8"),
     ({"bits": True}, "bits must be an integer"),
     ({"group": 16}, "group must be an integer of at least 32"),
-    ({"method": "gptq"}, "gptq needs a calibration text"),
     ({"n_calib": 0}, "n_calib must be"),
     ({"act_order": "yes"}, "act_order must be true or false"),
     ({"layers": {"*down*": {"bits": 9}}}, r"bits \(layer override '\*down\*'\) must be"),

@@ -33,14 +33,15 @@ Settings are a plain dict (stored verbatim in the quantized model file):
                None: 0.15 for gptq at up to 3 bits or under a budget below 4 bits, else 0
                (Qwen2.5-Coder gptq-rtn4g128s8-ao, wiki: 20.938 without, 21.261 with it; and
                4 bits in groups of 32 keep a Q4_1 source's own grid, which a moved target leaves)
-    calib      calibration text (gptq needs one; with rtn/hlq it only measures output errors)
+    calib      calibration text; None: gptq calibrates on sequences sampled from the model
+               itself (sample.py); with rtn/hlq a text only measures output errors
     n_calib    calibration sequences ...
-    calib_len  ... of this many tokens (calib.py)
+    calib_len  ... of this many tokens (calib.py, sample.py)
     layers     per-layer overrides {glob: {"bits": b, "group": g, "scale_bits": s}} on full tensor names
                (fnmatch, e.g. "*.mlp.down_proj.weight"); later globs win
     bpw        a budget of bits per weight over the linear layers: layers gets the plan
-               (budget.py) that spends it where the error costs the model most; method rtn,
-               or gptq on the rtn grid when there is calibration text
+               (budget.py) that spends it where the error costs the model most; method rtn
+               (weight errors, no calibration) or gptq on the rtn grid
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ import numpy as np
 import lutkernels as lk
 from models.config import ModelConfig
 
-from . import binary, budget, calib, gptq, hlq, msb, rotate, rtn, ternary
+from . import binary, budget, calib, gptq, hlq, msb, rotate, rtn, sample, ternary
 
 DEFAULT = {"method": "rtn", "bits": 4, "group": 32, "symmetric": False, "scale_bits": None, "head_bits": 8,
            "grid": "rtn", "act_order": None, "rotate": None, "calib": None, "n_calib": 64, "calib_len": 512, "layers": {}, "bpw": None,
@@ -108,8 +109,6 @@ def settings(quant: dict | None = None) -> dict:
         _check_int(s[key], key, 1)
     if s["calib"] is not None and not isinstance(s["calib"], str):
         raise ValueError(f"calib must be a file path, got {s['calib']!r}")
-    if s["method"] == "gptq" and s["calib"] is None:
-        raise ValueError("gptq needs a calibration text (calib, --calib FILE); never an evaluation text")
     if s["bpw"] is not None:
         _check_number(s["bpw"], "bpw", 1, 9, " of bits per weight")
         if s["method"] not in ("rtn", "gptq") or s["grid"] != "rtn":
@@ -140,9 +139,9 @@ def layer_settings(s: dict, name: str) -> tuple[int, int, bool]:
     return out["bits"], out["group"], out["scale_bits"] == 8
 
 
-def check_model(s: dict, config: ModelConfig, tokens: np.ndarray | None = None) -> None:
+def check_model(s: dict, config: ModelConfig, calib_len: int | None = None) -> None:
     """What settings() cannot see without the model: every group and override fits some
-    matrix, calibration sequences fit the context, gptq has some."""
+    matrix, calibration sequences (of calib_len tokens, None: none) fit the context, gptq has some."""
     shapes = {f"model.layers.{i}.{n}": shape for i in range(config.n_layers)
               for n, shape in config.linear_shapes().items()}
     widths = sorted({K for _, K in shapes.values()})
@@ -156,11 +155,28 @@ def check_model(s: dict, config: ModelConfig, tokens: np.ndarray | None = None) 
             raise ValueError(f"group size {group} fits no matrix of this model: use one of "
                              f"{', '.join(map(str, lk.GROUP_SIZES))} or a row length ({', '.join(map(str, widths))})")
         rtn.group_size(K, group)
-    if s["method"] == "gptq" and tokens is None:
-        raise ValueError("gptq needs calibration tokens")
-    if tokens is not None and tokens.shape[1] > config.max_context:
-        raise ValueError(f"calibration sequences of {tokens.shape[1]} tokens exceed the model's "
+    if s["method"] == "gptq" and calib_len is None:
+        raise ValueError("gptq needs calibration tokens (engine.quant.calibration)")
+    if calib_len is not None and calib_len > config.max_context:
+        raise ValueError(f"calibration sequences of {calib_len} tokens exceed the model's "
                          f"context of {config.max_context}")
+
+
+def calibration(s: dict, src, on_step: Callable[[], None] | None = None) -> np.ndarray | None:
+    """The calibration tokens [n_calib, calib_len] settings s (checked) ask of a model source
+    (models.source.ModelSource): windows of the calib text; for gptq without one, sequences
+    the model samples itself (sample.py; on_step after each of its calib_len steps); else None."""
+    n, length = s["n_calib"], s["calib_len"]
+    if s["calib"] is not None:
+        return calib.tokens(calib.read_text(s["calib"]), src.tok, n, length, s["calib"])
+    if s["method"] != "gptq":
+        return None
+    workers = calib.Workers(_cores())
+    try:
+        return sample.sequences(src.config, src.tensors, sample.start_token(src.tok), n, length, workers,
+                                on_step=on_step)
+    finally:
+        workers.close()
 
 
 def method_label(s: dict) -> str:
@@ -174,11 +190,11 @@ def quantize_model(config: ModelConfig, tensors: dict[str, np.ndarray], quant: d
     weights: every linear layer and the head as PackedLinear, the embedding as
     float16 (only rows are looked up), norms and biases float32. A tied head
     becomes a packed copy under lm_head.weight. info: {name: {"method", "bits"}}
-    for every packed layer. tokens: calibration sequences [n, L] (calib.tokens), which
+    for every packed layer. tokens: calibration sequences [n, L] (calibration()), which
     gptq needs; with them every layer is quantized on the outputs of the layers
     quantized before it. on_layer hears about each block when it is done."""
     s = settings(quant)
-    check_model(s, config, tokens)
+    check_model(s, config, None if tokens is None else tokens.shape[1])
     workers = calib.Workers(_cores())
     try:
         if s["rotate"]:
