@@ -136,9 +136,10 @@ def _calibration(s, src, sampled: bool):
 
     if not sampled:
         return calibration(s, src)
-    with tqdm(total=s["calib_len"], desc="sampling calibration text", unit="token", file=sys.stderr,
+    n = s["n_calib"]
+    with tqdm(total=n * s["calib_len"], desc="sampling calibration text", unit="token", file=sys.stderr,
               dynamic_ncols=True) as bar:
-        return calibration(s, src, lambda: bar.update(1))
+        return calibration(s, src, lambda: bar.update(n))
 
 
 def _quantize(config, tensors, s, tokens, label):
