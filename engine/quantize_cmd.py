@@ -107,7 +107,7 @@ def run(args) -> int:
     out = Path(args.output).expanduser()
     check_output(out)
     if s["calib"] is not None:
-        calib.read_text(s["calib"])
+        calib.read_text(s["calib"])  # an unreadable text fails before the model loads
     src = open_source(args.source, progress=True)
     sampled = s["calib"] is None and s["method"] == "gptq"
     calibrated = sampled or s["calib"] is not None
