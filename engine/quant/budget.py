@@ -6,9 +6,9 @@ format's uniform mode, padding included). The hlq grid (a scale per plane) is no
 gptq it did worse at more bits (SmolLM2, 3 bits, act-order, one group per row: wiki 20.725 / c4
 78.345 at 3.15 bpw against the rtn grid's 20.617 / 75.169 at 3.04). A layer's error at a format is
 the relative output error e = ||X ΔWᵀ||² / ||X Wᵀ||² on the calibration inputs X of the dense model
-(from H = XᵀX/N: tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)); without calibration text, on the weights (H = I).
+(from H = XᵀX/N: tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)); without calibration (method rtn), on the weights (H = I).
 Relative errors of one layer's formats compare directly; across layers they are worth different
-amounts to the model, so with calibration text each layer's errors are weighted by its sensitivity:
+amounts to the model, so with calibration each layer's errors are weighted by its sensitivity:
 the KL divergence of the model's next-token distributions when that layer alone is rounded to a
 3-bit probe format, per unit of its e under the probe (sensitivity(); KL grows with the noise power
 the error stands for).
