@@ -114,7 +114,8 @@ def run(args) -> int:
     check_model(s, src.config, s["calib_len"] if calibrated else None)
     label = (f"{method_label(s)} {s['bpw']} bpw" if s["bpw"] is not None
              else f"{method_label(s)} {s['bits']}-bit g{s['group']}")
-    where = f"of {s['calib']}" if s["calib"] is not None else "sampled from the model itself (no --calib)"
+    where = (f"of {s['calib']}" if s["calib"] is not None else
+             "sampled from the model itself (no --calib; a text like the model will read does better)")
     print(f"{args.source}: {label}" + (f", calibration {s['n_calib']} x {s['calib_len']} tokens {where}"
                                         if calibrated else ""), flush=True)
     tokens = _calibration(s, src, sampled)
