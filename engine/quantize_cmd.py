@@ -100,7 +100,7 @@ def run(args) -> int:
     from models import qfile
     from models.load import open_source
 
-    from .quant import calib, check_model, method_label, settings
+    from .quant import calib, check_model, method_label, sampled, settings
 
     start = time.perf_counter()
     s = settings(quant_settings(args))
@@ -109,8 +109,7 @@ def run(args) -> int:
     if s["calib"] is not None:
         calib.read_text(s["calib"])  # an unreadable text fails before the model loads
     src = open_source(args.source, progress=True)
-    sampled = s["calib"] is None and s["method"] == "gptq"
-    calibrated = sampled or s["calib"] is not None
+    calibrated = sampled(s) or s["calib"] is not None
     check_model(s, src.config, s["calib_len"] if calibrated else None)
     label = (f"{method_label(s)} {s['bpw']} bpw" if s["bpw"] is not None
              else f"{method_label(s)} {s['bits']}-bit g{s['group']}")
@@ -118,7 +117,7 @@ def run(args) -> int:
              "sampled from the model itself (no --calib; a text like the model will read does better)")
     print(f"{args.source}: {label}" + (f", calibration {s['n_calib']} x {s['calib_len']} tokens {where}"
                                         if calibrated else ""), flush=True)
-    tokens = _calibration(s, src, sampled)
+    tokens = _calibration(s, src)
     if s["bpw"] is not None:
         print("planning the budget first: every layer at every format" +
               (", then each layer's end-to-end sensitivity" if tokens is not None else "") +
@@ -130,12 +129,12 @@ def run(args) -> int:
     return 0
 
 
-def _calibration(s, src, sampled: bool):
+def _calibration(s, src):
     from tqdm import tqdm
 
-    from .quant import calibration
+    from .quant import calibration, sampled
 
-    if not sampled:
+    if not sampled(s):
         return calibration(s, src)
     n = s["n_calib"]
     with tqdm(total=n * s["calib_len"], desc="sampling calibration text", unit="token", file=sys.stderr,

@@ -162,14 +162,19 @@ def check_model(s: dict, config: ModelConfig, calib_len: int | None = None) -> N
                          f"context of {config.max_context}")
 
 
+def sampled(s: dict) -> bool:
+    """Whether settings s calibrate on sequences the model samples itself: gptq given no text."""
+    return s["calib"] is None and s["method"] == "gptq"
+
+
 def calibration(s: dict, src, on_step: Callable[[], None] | None = None) -> np.ndarray | None:
     """The calibration tokens [n_calib, calib_len] settings s (checked) ask of a model source
-    (models.source.ModelSource): windows of the calib text; for gptq without one, sequences
-    the model samples itself (sample.py; on_step after each of its calib_len steps); else None."""
+    (models.source.ModelSource): windows of the calib text; when sampled(s), sequences the
+    model samples itself (sample.py; on_step after each of its calib_len steps); else None."""
     n, length = s["n_calib"], s["calib_len"]
     if s["calib"] is not None:
         return calib.tokens(calib.read_text(s["calib"]), src.tok, n, length, s["calib"])
-    if s["method"] != "gptq":
+    if not sampled(s):
         return None
     workers = calib.Workers(_cores())
     try:
