@@ -51,7 +51,8 @@ sequences, -attnv64 over all 64 (a change not kept: bench/RESULTS.md, "v_proj th
 attention probabilities"). Calibration
 (gptq, --bpw) reads ../shared/data/c4-calib.txt only, never an evaluation text; -sampled recipes
 (gptq-rtn3g64s8-ao-sampled, bpw3.3-sampled) give no --calib, so gptq calibrates on text the model
-samples itself (engine/quant/sample.py).
+samples itself (engine/quant/sample.py); -tN recipes tune each block's scales, offsets and norm
+gains for N epochs after gptq (`--tune N`, engine/quant/tune.py).
 """
 from __future__ import annotations
 
@@ -87,15 +88,18 @@ def recipes(model: str) -> list[str]:
 
 
 RECIPE = re.compile(r"(?:(?:(gptq)-)?(rtn|hlq|msb|binary|ternary)(\d)g(\d+)(s8)?(-ao)?|bpw(\d+(?:\.\d+)?))"
-                    r"(?:-dt(?P<dt>\d+(?:\.\d+)?))?(?P<sampled>-sampled)?$")
+                    r"(?:-dt(?P<dt>\d+(?:\.\d+)?))?(?:-t(?P<tune>\d+))?(?P<sampled>-sampled)?$")
 
 
 def quantize_args(recipe: str) -> list[str]:
     m = RECIPE.match(recipe)
     if not m:
         raise SystemExit(f"unknown recipe {recipe!r}: expected e.g. rtn4g64, gptq-hlq2g64, msb3g64 or bpw2.5")
-    gptq, method, bits, group, s8, ao, bpw, dt, sampled = m.groups()
-    calib = ([] if sampled else ["--calib", str(CALIB)]) + (["--dense-target", dt] if dt is not None else [])
+    gptq, method, bits, group, s8, ao, bpw, dt, tune, sampled = m.groups()
+    calib = ([] if sampled else ["--calib", str(CALIB)]) + (["--dense-target", dt] if dt is not None else []) \
+        + (["--tune", tune] if tune is not None else [])
+    if tune is not None and not (gptq or bpw):
+        raise SystemExit(f"recipe {recipe!r}: block tuning (-t) is a gptq option")
     if dt is not None and not (gptq or bpw):
         raise SystemExit(f"recipe {recipe!r}: the dense target (-dt) is a gptq option")
     if sampled and not (gptq or bpw):
@@ -191,9 +195,9 @@ def run(args) -> None:
 
 def current(recipe: str) -> bool:
     """A record of the present code at a recipe's defaults: a plain recipe name. Labels with a
-    suffix (module docstring), -dt and -sampled variants go to the table of earlier records."""
+    suffix (module docstring), -dt, -t and -sampled variants go to the table of earlier records."""
     m = RECIPE.fullmatch(recipe)
-    return recipe == "dense" or (m is not None and m["dt"] is None and m["sampled"] is None)
+    return recipe == "dense" or (m is not None and m["dt"] is None and m["tune"] is None and m["sampled"] is None)
 
 
 def table(model: str, ours: list[dict], peer: list[dict], earlier: bool = False) -> list[str]:

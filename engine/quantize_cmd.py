@@ -49,6 +49,9 @@ def add_arguments(p) -> None:
                    help="gptq: aim each layer this fraction (0..1) of the way at the dense model's output "
                         "rather than at its own weights, undoing upstream error (default: 0.15 for gptq at up to 3 "
                         "bits or with --bpw below 4; else 0)")
+    p.add_argument("--tune", type=int, default=DEFAULT["tune"], metavar="EPOCHS",
+                   help="gptq: after each block, fit its scales, offsets and norm gains to the dense block's output "
+                        "for this many passes over the calibration tokens (bits unchanged; 0: off) (default: %(default)s)")
     p.add_argument("--calib", metavar="FILE", help="calibration text, never an evaluation text "
                    "(e.g. ../shared/data/c4-calib.txt); without one gptq samples its calibration text from the model")
     p.add_argument("--n-calib", type=int, default=DEFAULT["n_calib"], metavar="N",
@@ -67,7 +70,7 @@ def quant_settings(args) -> dict:
     return {"method": method, "bpw": args.bpw, "bits": args.bits, "group": args.group, "symmetric": args.symmetric,
             "scale_bits": args.scale_bits, "head_bits": args.head_bits, "grid": args.grid, "act_order": args.act_order,
             "rotate": args.rotate, "dense_target": args.dense_target, "calib": args.calib,
-            "n_calib": args.n_calib, "calib_len": args.calib_len, "layers": parse_layers(args.layer)}
+            "n_calib": args.n_calib, "calib_len": args.calib_len, "layers": parse_layers(args.layer), "tune": args.tune}
 
 
 def parse_layers(specs: list[str]) -> dict:
@@ -149,17 +152,19 @@ def _quantize(config, tensors, s, tokens, label):
 
     kind = "output" if tokens is not None else "weight"
     with tqdm(total=config.n_layers, desc=label, unit="layer", file=sys.stderr, dynamic_ncols=True) as bar:
-        def on_layer(i, stats):
-            bar.write(layer_line(i, stats, kind), file=sys.stdout)
+        def on_layer(i, stats, tuned):
+            bar.write(layer_line(i, stats, kind, tuned), file=sys.stdout)
             bar.update(1)
         return quantize_model(config, tensors, s, tokens, on_layer)
 
 
-def layer_line(i: int, stats: dict, kind: str) -> str:
-    """One block: relative error per linear layer, and the block's stored bits per weight."""
+def layer_line(i: int, stats: dict, kind: str, tuned: tuple[float, float] | None = None) -> str:
+    """One block: relative error per linear layer, the block's stored bits per weight, and
+    with tuning the block's relative output error before and after it."""
     errs = " ".join(f"{SHORT.get(_suffix(n), _suffix(n))} {e:.4f}" for n, (e, _, _) in stats.items())
     bits = sum(b * w for _, b, w in stats.values()) / sum(w for _, _, w in stats.values())
-    return f"layer {i:3d}  {kind} err  {errs}  | {bits:.3f} bpw"
+    line = f"layer {i:3d}  {kind} err  {errs}  | {bits:.3f} bpw"
+    return line if tuned is None else f"{line}  | tuned block err {tuned[0]:.4f} -> {tuned[1]:.4f}"
 
 
 def summary(path: Path, weights: dict, seconds: float) -> str:

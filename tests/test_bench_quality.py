@@ -12,7 +12,7 @@ def record(recipe: str, text: str, ppl: float, bpw: float) -> dict:
 OURS = [record("dense", "wiki", 10.0, 32.0), record("rtn4g64", "wiki", 12.5, 4.5),
         record("rtn4g64", "c4", 40.25, 4.5), record("bpw3.3", "wiki", 15.0, 3.3),
         record("rtn4g64-span", "wiki", 13.0, 4.5), record("gptq-rtn3g64-dt0.3", "wiki", 16.0, 3.5),
-        record("bpw3.3-sampled", "wiki", 15.5, 3.3)]
+        record("bpw3.3-sampled", "wiki", 15.5, 3.3), record("bpw3.3-t2", "wiki", 14.5, 3.3)]
 PEER = [{"model": "m", "type": "Q4_0", "bpw_linear": 4.5, "ppl": {"wiki.txt": {"ppl": 14.0}}}]
 
 
@@ -30,7 +30,7 @@ def test_present_records_and_llama_cpp_share_one_table_by_falling_bits():
 def test_suffixed_labels_and_variants_go_to_the_earlier_table():
     lines = quality.table("m", OURS, PEER, earlier=True)
     assert "earlier records" in lines[0]
-    assert formats(lines) == ["rtn4g64-span", "gptq-rtn3g64-dt0.3", "bpw3.3-sampled"]
+    assert formats(lines) == ["rtn4g64-span", "gptq-rtn3g64-dt0.3", "bpw3.3-sampled", "bpw3.3-t2"]
     assert quality.table("other", OURS, PEER, earlier=True) == []
 
 
@@ -40,3 +40,12 @@ def test_sampled_recipes_quantize_without_a_calibration_text():
     assert "--calib" not in quality.quantize_args("gptq-rtn3g64s8-ao-sampled")
     with pytest.raises(SystemExit, match="-sampled"):
         quality.quantize_args("rtn4g64-sampled")
+
+
+def test_tuned_recipes_pass_tune_to_gptq_only():
+    args = quality.quantize_args("gptq-rtn3g64s8-ao-t2")
+    assert args[args.index("--tune") + 1] == "2" and "--act-order" in args
+    assert quality.quantize_args("bpw3.3-t2-sampled") == ["--bpw", "3.3", "--tune", "2"]
+    assert "--tune" not in quality.quantize_args("bpw3.3")
+    with pytest.raises(SystemExit, match="-t"):
+        quality.quantize_args("rtn4g64-t2")

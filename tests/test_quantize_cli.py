@@ -45,6 +45,7 @@ def leftovers(folder):
 @pytest.mark.parametrize("method", [["--method", "rtn"], ["--method", "hlq", "--bits", "3"],
                                     ["--method", "gptq", "--grid", "hlq", "--bits", "2", "--act-order"],
                                     ["--method", "gptq", "--grid", "rtn", "--bits", "3", "--group", "64"],
+                                    ["--method", "gptq", "--grid", "rtn", "--bits", "2", "--tune", "2"],
                                     ["--method", "gptq", "--grid", "rtn", "--bits", "3", "--no-rotate"],
                                     ["--method", "rtn", "--bits", "3", "--rotate"],
                                     ["--method", "gptq", "--grid", "msb", "--bits", "3"],
@@ -61,6 +62,7 @@ def test_quantize_writes_a_runnable_file_with_a_layer_summary(gguf, text, tmp_pa
     layer_lines = [ln for ln in lines if ln.startswith("layer")]
     assert len(layer_lines) == 2  # the tiny model's layers
     assert all(("output err" if calib_args else "weight err") in ln and "bpw" in ln for ln in layer_lines)
+    assert all(("tuned block err" in ln) is ("--tune" in method) for ln in layer_lines)
     assert ("sampling calibration text" in proc.stderr) is ("--calib" not in calib_args and "gptq" in method)
     assert lines[-1].startswith(f"wrote {out}: {out.stat().st_size:,} bytes")
     assert "layer" in proc.stderr  # the progress bar
@@ -122,6 +124,8 @@ def test_scale_bits_flag_and_default(gguf, tmp_path, args, scale_bits):
     (["--method", "gptq", "--calib", "TEXT", "--n-calib", "1000"], ["calibration sequences of 64 need"]),
     (["--method", "gptq", "--calib", "TEXT", "--calib-len", "1024"], ["exceed the model's context"]),
     (["--layer", "*.mlp.dwn_proj.weight=3"], ["matches no linear layer"]),
+    (["--method", "rtn", "--tune", "2"], ["tune is a gptq setting"]),
+    (["--method", "gptq", "--tune", "-1"], ["tune must be an integer of at least 0"]),
     (["--layer", "*.mlp.down_proj.weight"], ["expected GLOB=BITS"]),
     (["-o", "NOFOLDER"], ["cannot write", "no folder"]),
     (["-o", "UNDERFILE"], ["cannot write", "no folder"]),
@@ -149,7 +153,7 @@ def test_help_lists_the_quantize_options():
     proc = cli("quantize", "--help")
     assert proc.returncode == 0
     for opt in ("--method", "--grid", "--bits", "--group", "--calib", "--n-calib", "--calib-len", "--act-order",
-                "--rotate", "--layer", "--head-bits", "--symmetric"):
+                "--rotate", "--layer", "--head-bits", "--symmetric", "--tune"):
         assert opt in proc.stdout
 
 

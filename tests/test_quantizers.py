@@ -320,7 +320,7 @@ def test_gptq_model_beats_its_grid_on_calibration_output_error(tiny, grid):
     for method in ("gptq", grid):
         stats = {}
         quantize_model(c, t, {"method": method, "grid": grid, "bits": 2, "calib": "c4"}, tokens,
-                       lambda i, s: stats.update(s))
+                       lambda i, s, tuned: stats.update(s))
         assert len(stats) == 7 * c.n_layers
         errors[method] = stats
     g, base = errors["gptq"], errors[grid]
@@ -347,7 +347,7 @@ def test_rtn_and_hlq_need_no_calibration(tiny):
     c, t = tiny
     for method in ("rtn", "hlq"):
         stats = {}
-        weights, info = quantize_model(c, t, {"method": method, "bits": 3}, None, lambda i, s: stats.update(s))
+        weights, info = quantize_model(c, t, {"method": method, "bits": 3}, None, lambda i, s, tuned: stats.update(s))
         assert {v["method"] for n, v in info.items() if n != "lm_head.weight"} == {method}
         assert all(0 < e < 0.3 for e, _, _ in stats.values())
 
@@ -357,7 +357,7 @@ def test_rtn_and_hlq_need_no_calibration(tiny):
 def test_settings_defaults_and_keys():
     assert settings(None) == {**DEFAULT, "scale_bits": 8, "act_order": False, "rotate": False, "dense_target": 0.0}
     assert set(DEFAULT) == {"method", "bits", "group", "symmetric", "scale_bits", "head_bits", "grid", "act_order",
-                            "rotate", "calib", "n_calib", "calib_len", "layers", "bpw", "dense_target"}
+                            "rotate", "calib", "n_calib", "calib_len", "layers", "bpw", "dense_target", "tune"}
     s = settings({"method": "gptq", "grid": "hlq", "calib": "c4.txt", "layers": {"*down*": {"bits": 4}}})
     assert s["method"] == "gptq" and s["layers"] == {"*down*": {"bits": 4}}
 

@@ -33,6 +33,8 @@ Settings are a plain dict (stored verbatim in the quantized model file):
                None: 0.15 for gptq at up to 3 bits or under a budget below 4 bits, else 0
                (Qwen2.5-Coder gptq-rtn4g128s8-ao, wiki: 20.938 without, 21.261 with it; and
                4 bits in groups of 32 keep a Q4_1 source's own grid, which a moved target leaves)
+    tune       epochs of block tuning after gptq (tune.py: scales, offsets and norm gains fitted to
+               the dense block's output, codes and bits unchanged); 0: none
     calib      calibration text; None: gptq calibrates on sequences sampled from the model
                itself (sample.py); with rtn/hlq a text only measures output errors
     n_calib    calibration sequences ...
@@ -54,11 +56,11 @@ import numpy as np
 import lutkernels as lk
 from models.config import ModelConfig
 
-from . import binary, budget, calib, gptq, hlq, msb, rotate, rtn, sample, ternary
+from . import binary, budget, calib, gptq, hlq, msb, rotate, rtn, sample, ternary, tune
 
 DEFAULT = {"method": "rtn", "bits": 4, "group": 32, "symmetric": False, "scale_bits": None, "head_bits": 8,
            "grid": "rtn", "act_order": None, "rotate": None, "calib": None, "n_calib": 64, "calib_len": 512, "layers": {}, "bpw": None,
-           "dense_target": None}
+           "dense_target": None, "tune": 0}
 
 # calibration-free methods: (W, bits, group, symmetric) -> PackedLinear; gptq needs the Hessian of W's inputs
 METHODS: dict[str, Callable | None] = {
@@ -75,9 +77,10 @@ DENSE_TARGET = 0.15  # gptq's default mix (gptq.aim)
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
-# block index, {tensor name: (relative error, bits per weight as stored, weights)}; the error is on
-# the layer's output over the calibration tokens when there are some, else on its weights
-LayerReport = Callable[[int, dict[str, tuple[float, float, int]]], None]
+# block index, {tensor name: (relative error, bits per weight as stored, weights)}, and with tuning the
+# block's relative output error before and after it (tune.py), else None; the layer errors are on
+# the layer's output over the calibration tokens (as gptq left it) when there are some, else on its weights
+LayerReport = Callable[[int, dict[str, tuple[float, float, int]], tuple[float, float] | None], None]
 
 
 def settings(quant: dict | None = None) -> dict:
@@ -107,6 +110,9 @@ def settings(quant: dict | None = None) -> dict:
             raise ValueError(f"{key} must be true or false, got {s[key]!r}")
     for key in ("n_calib", "calib_len"):
         _check_int(s[key], key, 1)
+    _check_int(s["tune"], "tune", 0)
+    if s["tune"] and s["method"] != "gptq":
+        raise ValueError(f"tune is a gptq setting (it tunes the scales of gptq's codes), not one of {s['method']}")
     if s["calib"] is not None and not isinstance(s["calib"], str):
         raise ValueError(f"calib must be a file path, got {s['calib']!r}")
     if s["bpw"] is not None:
@@ -200,6 +206,7 @@ def quantize_model(config: ModelConfig, tensors: dict[str, np.ndarray], quant: d
     quantized before it. on_layer hears about each block when it is done."""
     s = settings(quant)
     check_model(s, config, None if tokens is None else tokens.shape[1])
+    tensors = dict(tensors)  # block tuning replaces norm gains
     workers = calib.Workers(_cores())
     try:
         if s["rotate"]:
@@ -228,6 +235,7 @@ def quantize_model(config: ModelConfig, tensors: dict[str, np.ndarray], quant: d
 def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, lk.PackedLinear]:
     packed: dict[str, lk.PackedLinear] = {}
     stats: dict[str, tuple[float, float, int]] = {}
+    block_errors: dict[int, tuple[float, float]] = {}
 
     def quantize(name: str, f: gptq.Factor | None = None, D: np.ndarray | None = None) -> None:
         W = np.asarray(tensors[name], np.float32)
@@ -268,11 +276,19 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
     def report(i: int) -> None:
         if on_layer is not None:
             prefix = f"model.layers.{i}."
-            on_layer(i, {n: v for n, v in stats.items() if n.startswith(prefix)})
+            on_layer(i, {n: v for n, v in stats.items() if n.startswith(prefix)}, block_errors.get(i))
+
+    dense_stream: list[np.ndarray] = []  # the dense model's stream beside the quantized one, for tuning
+
+    def tuned(i: int, x_in: np.ndarray, x: np.ndarray) -> None:
+        if not dense_stream:
+            dense_stream.append(x_in.copy())
+        block_errors[i] = tune.tune_block(config, tensors, packed, i, x_in, x, dense_stream[0], tokens.shape[1],
+                                          s["tune"], workers)
 
     if tokens is not None:
         for i, _ in calib.layers(config, tensors, tokens, fit, workers,
-                                 dense_inputs=_dense_sequences(s, len(tokens))):
+                                 dense_inputs=_dense_sequences(s, len(tokens)), after=tuned if s["tune"] else None):
             report(i)
         return packed
     for i in range(config.n_layers):

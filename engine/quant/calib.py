@@ -117,13 +117,16 @@ def output_error(W: np.ndarray, Wq: np.ndarray, H: np.ndarray, workers: Workers)
 
 def layers(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndarray, fit: Fit,
            workers: Workers, start: tuple[int, np.ndarray] | None = None,
-           dense_inputs: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+           dense_inputs: int = 0,
+           after: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Quantize block after block through fit; yields each block's index when it is done,
     with the residual stream after it (float32 [n*L, hidden], sequence after sequence; the
     same array throughout, updated in place). start: (first block, the stream before it),
     instead of block 0 on the embedded tokens. dense_inputs: the first this many sequences
     also run through the dense weights, in a second stream, and fit(names, X, Xd) also gets
-    the input the layers would have in the dense model for those (Xd pairs with X's first rows)."""
+    the input the layers would have in the dense model for those (Xd pairs with X's first rows).
+    after(i, x_in, x), once block i is quantized, gets a copy of the stream before the block and
+    the stream after it, which it may change (tune.py)."""
     n, L = tokens.shape
     first, x = (0, np.asarray(tensors[EMBED])[tokens.ravel()].astype(np.float32)) if start is None \
         else (start[0], np.array(start[1], np.float32))
@@ -132,6 +135,7 @@ def layers(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndarr
         dense_run = _Block(config, tensors, dense_inputs, L, workers)
     xd = x[:dense_inputs * L].copy() if dense_inputs else None
     for i in range(first, config.n_layers):
+        x_in = x.copy() if after is not None else None
         if xd is None:
             run(i, x, fit)
         else:
@@ -142,6 +146,8 @@ def layers(config: ModelConfig, tensors: dict[str, np.ndarray], tokens: np.ndarr
                 return [tensors[name] for name in names]
             dense_run(i, xd, keep)
             run(i, x, lambda names, X: fit(names, X, seen.pop(names[0])))
+        if after is not None:
+            after(i, x_in, x)
         yield i, x
 
 
