@@ -1,22 +1,23 @@
 """Block tuning: once gptq has fixed a block's codes, fit the block's scales, offsets and RMSNorm
 gains by gradient descent so that the block's output on the calibration tokens comes closer to
-the dense block's (block-wise reconstruction, as OmniQuant and EfficientQAT do, with the codes
+the dense model's (block-wise reconstruction, as OmniQuant and EfficientQAT do, with the codes
 kept: the file's bits do not change).
 
 A packed layer is W = sum_s h_s ⊙ C_s + z, with C_s the code planes one stored scale multiplies
 (uniform grids: sum_p 2^p B_p under plane 0's scale h; otherwise plane s alone), h_s and z per row
 and group. Tuning moves a = log(h/h0) and b = (z - z0)/h0, so every step is relative to the
-group's starting scale, and a zero scale stays zero. The loss is the squared difference of the
-block's outputs, on the quantized model's stream, from the dense model's stream after the same
-block, each token's weighted by 1 / its mean square there (what the next RMSNorm divides by: the
-few tokens whose stream is huge would otherwise decide everything), relative to the same weighted
-||y - x||² of the dense block's own contribution. Aiming at the dense stream rather than at the
-dense block on the quantized stream lets a block undo part of the error upstream; SmolLM2,
-`--method gptq --bits 3 --group 64 --scale-bits 8 --act-order` on c4-calib.txt (wiki / c4):
-19.270 / 69.201 untuned; 2 epochs, unweighted, aiming at the dense block on the quantized stream
-19.155 / 66.977, at the dense stream 18.682 / 67.315 (a prototype); weighted, the dense block on
-the quantized stream, 19.070 / 66.569. Each step takes BATCH sequences, split
-over the workers; Adam; EPOCHS passes over all of them. Stored scales are rounded (float16, or
+group's starting scale, and a zero scale stays zero. The loss is the mean squared difference of
+the block's outputs, on the quantized model's stream, from the dense model's stream after the same
+block, relative to ||y - x||² of the dense block's own contribution there. Aiming at the dense
+stream rather than at the dense block on the quantized stream lets a block undo part of the error
+upstream. SmolLM2, `--method gptq --bits 3 --group 64 --scale-bits 8 --act-order` on
+c4-calib.txt, wiki / c4: untuned 19.270 / 69.201; `--tune 2` aiming at the dense block on the
+quantized stream 19.155 / 66.977, at the dense stream 18.682 / 67.315 (a prototype of this
+module); weighing each token's error by 1 / its mean square (what the next RMSNorm divides by)
+gave 19.070 / 66.569 and 18.866 / 68.150 (bench/RESULTS.md, "Block tuning").
+
+Each step takes BATCH sequences, split over the workers; Adam; `epochs` passes over all of them
+(the `tune` setting). Stored scales are rounded (float16, or
 8-bit ones) only at the end, and the block keeps its gptq scales if the rounded tuned ones do
 worse on the calibration tokens.
 
@@ -247,10 +248,9 @@ def tune_block(config: ModelConfig, tensors: dict, packed: dict, i: int, x_in: n
 
     target = np.empty_like(xd)
     run(unrotated({k: np.asarray(tensors[nm], np.float32) for k, nm in names.items()}), gains, xd, target)
-    weight = 1 / np.maximum(np.mean(target * target, axis=-1, keepdims=True), np.float32(1e-12))
-    base = float(np.mean(weight * (target - xd) ** 2)) or 1.0
+    base = float(np.mean((target - xd) ** 2)) or 1.0
     xd[:] = target
-    before = float(np.mean(weight * (x - target) ** 2)) / base
+    before = float(np.mean((x - target) ** 2)) / base
     layers = {k: Layer(packed[nm]) for k, nm in names.items()}
     tuned_gains = [g.copy() for g in gains]
     params = [q for layer in layers.values() for q in layer.params()]
@@ -267,7 +267,7 @@ def tune_block(config: ModelConfig, tensors: dict, packed: dict, i: int, x_in: n
             def part(j):
                 rows = (seqs[j][:, None] * L + np.arange(L)).ravel()
                 diff = blocks[j].forward(W, *tuned_gains, x_in[rows], cache=True) - target[rows]
-                return blocks[j].backward(W, tuned_gains[1], diff * weight[rows] * scale)
+                return blocks[j].backward(W, tuned_gains[1], diff * scale)
             results = workers.map(part, range(len(seqs)))
             dW = {k: sum(r[0][k] for r in results) for k in names}
             if Rt is not None:
@@ -276,7 +276,7 @@ def tune_block(config: ModelConfig, tensors: dict, packed: dict, i: int, x_in: n
             opt.step(grads + [sum(r[1] for r in results), sum(r[2] for r in results)])
     y = np.empty_like(x)
     run(unrotated({k: layer.dense(stored=True) for k, layer in layers.items()}), tuned_gains, x_in, y)
-    after = float(np.mean(weight * (y - target) ** 2)) / base
+    after = float(np.mean((y - target) ** 2)) / base
     if after >= before:
         return before, before
     for k, nm in names.items():
