@@ -50,7 +50,7 @@ def add_arguments(p) -> None:
                         "rather than at its own weights, undoing upstream error (default: 0.15 for gptq at up to 3 "
                         "bits or with --bpw below 4; else 0)")
     p.add_argument("--tune", type=int, default=DEFAULT["tune"], metavar="EPOCHS",
-                   help="gptq: after each block, fit its scales, offsets and norm gains to the dense block's output "
+                   help="gptq: after each block, fit its scales, offsets and norm gains to the dense model's output "
                         "for this many passes over the calibration tokens (bits unchanged; 0: off) (default: %(default)s)")
     p.add_argument("--calib", metavar="FILE", help="calibration text, never an evaluation text "
                    "(e.g. ../shared/data/c4-calib.txt); without one gptq samples its calibration text from the model")

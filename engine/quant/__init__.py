@@ -34,7 +34,7 @@ Settings are a plain dict (stored verbatim in the quantized model file):
                (Qwen2.5-Coder gptq-rtn4g128s8-ao, wiki: 20.938 without, 21.261 with it; and
                4 bits in groups of 32 keep a Q4_1 source's own grid, which a moved target leaves)
     tune       epochs of block tuning after gptq (tune.py: scales, offsets and norm gains fitted to
-               the dense block's output, codes and bits unchanged); 0: none
+               the dense model's stream after each block, codes and bits unchanged); 0: none
     calib      calibration text; None: gptq calibrates on sequences sampled from the model
                itself (sample.py); with rtn/hlq a text only measures output errors
     n_calib    calibration sequences ...
