@@ -83,7 +83,7 @@ def test_layer_starts_at_the_packed_layer_and_differentiates_its_scales(kind):
     W = rng.standard_normal((32, 128)).astype(np.float32)
     w = hlq.quantize(W, 3, 64) if kind == "hlq" else rtn.quantize(W, 3, 64, scale8=kind == "rtn8")
     layer = tune.Layer(w)
-    np.testing.assert_array_equal(layer.dense(stored=True), lk.dense(w))
+    np.testing.assert_array_equal(lk.dense(layer.packed()), lk.dense(w))
     np.testing.assert_allclose(layer.dense(), lk.dense(w), rtol=1e-6, atol=1e-6)
     G = rng.standard_normal(W.shape)
     grads = layer.grads(G.astype(np.float32))

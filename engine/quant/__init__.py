@@ -278,12 +278,13 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
             prefix = f"model.layers.{i}."
             on_layer(i, {n: v for n, v in stats.items() if n.startswith(prefix)}, block_errors.get(i))
 
-    dense_stream: list[np.ndarray] = []  # the dense model's stream beside the quantized one, for tuning
+    dense_stream = None  # the dense model's stream beside the quantized one, for tuning
 
     def tuned(i: int, x_in: np.ndarray, x: np.ndarray) -> None:
-        if not dense_stream:
-            dense_stream.append(x_in.copy())
-        block_errors[i] = tune.tune_block(config, tensors, packed, i, x_in, x, dense_stream[0], tokens.shape[1],
+        nonlocal dense_stream
+        if dense_stream is None:  # block 0's input: the embedded tokens, the same in both
+            dense_stream = x_in.copy()
+        block_errors[i] = tune.tune_block(config, tensors, packed, i, x_in, x, dense_stream, tokens.shape[1],
                                           s["tune"], workers)
 
     if tokens is not None:

@@ -64,7 +64,8 @@ class Layer:
         self.a = np.zeros_like(self.h0)
         self.b = None if offsets is None else np.zeros_like(offsets)
 
-    def scales(self, stored: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def scales(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The float32 scales and offsets the parameters stand for, within what the format stores."""
         h = self.h0 * np.exp(self.a)
         z = None if self.z0 is None else self.z0 + self.h0[0] * self.b
         if self.w.scale8:
@@ -72,14 +73,10 @@ class Layer:
             if z is not None:  # the int8 counts of an eighth of the first scale
                 lim = h[0] * np.float32(0.125)
                 z = np.clip(z, -128 * lim, 127 * lim)
-        if not stored:
-            return h, z
-        packed = self.packed(h, z)
-        _, hs, zs = lk.unpack(packed)
-        return (hs[:1] if self.w.uniform else hs), zs
+        return h, z
 
-    def dense(self, stored: bool = False) -> np.ndarray:
-        h, z = self.scales(stored)
+    def dense(self) -> np.ndarray:
+        h, z = self.scales()
         W = np.einsum("smgk,smg->mgk", self.C, h)
         if z is not None:
             W += z[:, :, None]
@@ -97,9 +94,9 @@ class Layer:
     def params(self) -> list[np.ndarray]:
         return [self.a] if self.b is None else [self.a, self.b]
 
-    def packed(self, h=None, z=None) -> lk.PackedLinear:
-        if h is None:
-            h, z = self.scales()
+    def packed(self) -> lk.PackedLinear:
+        """The layer with its scales rounded to what is stored."""
+        h, z = self.scales()
         return lk.pack(self.planes, h, z, uniform=self.w.uniform, scale8=self.w.scale8)
 
 
@@ -274,13 +271,14 @@ def tune_block(config: ModelConfig, tensors: dict, packed: dict, i: int, x_in: n
                 dW["down"] = dW["down"] @ Rt
             grads = [g for k, layer in layers.items() for g in layer.grads(dW[k])]
             opt.step(grads + [sum(r[1] for r in results), sum(r[2] for r in results)])
+    tuned = {k: layer.packed() for k, layer in layers.items()}
     y = np.empty_like(x)
-    run(unrotated({k: layer.dense(stored=True) for k, layer in layers.items()}), tuned_gains, x_in, y)
+    run(unrotated({k: lk.dense(w) for k, w in tuned.items()}), tuned_gains, x_in, y)
     after = float(np.mean((y - target) ** 2)) / base
     if after >= before:
         return before, before
     for k, nm in names.items():
-        packed[nm] = layers[k].packed()
+        packed[nm] = tuned[k]
     for nm, g in zip(NORMS, tuned_gains):
         tensors[p + nm] = g
     x[:] = y
