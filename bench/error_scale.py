@@ -6,9 +6,10 @@ a better format would have to reach at the same bits. Run from the repository ro
 
     python -m bench.error_scale FILE SRC [--text T] [--alpha 1 0.8 0.7 0.6] [--ctx 512 --windows 16]
 
-SRC is the model FILE was quantized from (the SHA-256 or, for files outside the catalog, the path
-the file records must match); files whose
-block tuning changed the norm gains are refused, since their start is no longer the dense model.
+SRC is the model FILE was quantized from (the SHA-256 or, for files outside the catalog, the
+path the file records must match). Files whose block tuning changed the norm gains are refused:
+moving their layers back no longer leads to the dense model. The head and the embedding stay as
+the file stores them.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""bench/error_scale: moving a quantized file's layers back (a = 0) gives the source model itself,
-a = 1 the file's own weights, and files it cannot move back are refused."""
+"""bench/error_scale: moving a quantized file's layers back (a = 0) gives the source model (up to
+the file's head and embedding), a = 1 the file's own weights; files it cannot move back are refused."""
 import subprocess
 import sys
 
