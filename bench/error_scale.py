@@ -20,14 +20,13 @@ import numpy as np
 
 import engine  # noqa: F401 (OpenBLAS thread setting)
 import lutkernels as lk
+from engine.quant import rotate
 from models import qfile
 from models.load import ModelError, open_source
 
 
 def start_weights(qf: qfile.QFile, src) -> dict[str, np.ndarray]:
     """The dense tensors the quantizer of qf started from: src's, rotated where qf's settings rotate."""
-    from engine.quant import rotate
-
     s = qf.meta.get("quantizer", {})
     made = qf.meta.get("source", {})
     same = made.get("sha256") == src.sha256 if made.get("sha256") or src.sha256 \

@@ -32,7 +32,7 @@ import lutkernels as lk
 from lutkernels import layout, rotation
 from models.config import ModelConfig
 
-from ..model import mlp_rotation, rope_tables
+from ..model import mlp_rotation, rope, rope_tables
 from .calib import Workers
 
 BATCH = 8
@@ -122,11 +122,6 @@ def _sigmoid(x):
     return 0.5 + 0.5 * np.tanh(0.5 * x)
 
 
-def _rope(x, cos, sin):
-    x1, x2 = np.split(x, 2, axis=-1)
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
 def _rope_back(dy, cos, sin):
     d1, d2 = np.split(dy, 2, axis=-1)
     return np.concatenate([d1 * cos + d2 * sin, d2 * cos - d1 * sin], axis=-1)
@@ -157,8 +152,8 @@ class Block:
             q += self.bias["q"]
             k += self.bias["k"]
             v += self.bias["v"]
-        q = _rope(q.reshape(B, L, H, d), self.cos, self.sin)
-        k = _rope(k.reshape(B, L, KV, d), self.cos, self.sin)
+        q = rope(q.reshape(B, L, H, d), self.cos, self.sin)
+        k = rope(k.reshape(B, L, KV, d), self.cos, self.sin)
         # heads sharing a kv head side by side: [B, KV, H/KV, L, d]
         qg = np.ascontiguousarray(q.reshape(B, L, KV, H // KV, d).transpose(0, 2, 3, 1, 4))
         kg = np.ascontiguousarray(k.transpose(0, 2, 1, 3))[:, :, None]
