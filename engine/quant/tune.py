@@ -122,11 +122,6 @@ def _sigmoid(x):
     return 0.5 + 0.5 * np.tanh(0.5 * x)
 
 
-def _rope_back(dy, cos, sin):
-    d1, d2 = np.split(dy, 2, axis=-1)
-    return np.concatenate([d1 * cos + d2 * sin, d2 * cos - d1 * sin], axis=-1)
-
-
 class Block:
     """A block over whole sequences of L tokens, forward and backward. Weights W: {key: [M, K]}
     with down_proj acting on the unrotated MLP activations (its W·R, see rotate.py); g1, g2: the
@@ -201,8 +196,9 @@ class Block:
         dS *= self.dtype(1 / np.sqrt(d))
         dq = (dS @ s["kg"]).transpose(0, 3, 1, 2, 4).reshape(B, L, H, d)
         dk = (dS.swapaxes(-1, -2) @ s["qg"]).sum(2).transpose(0, 2, 1, 3)
-        dq = _rope_back(dq, self.cos, self.sin).reshape(N, H * d)
-        dk = _rope_back(dk, self.cos, self.sin).reshape(N, KV * d)
+        back = -self.sin  # rope is a rotation: its gradient turns by the opposite angle
+        dq = rope(dq, self.cos, back).reshape(N, H * d)
+        dk = rope(dk, self.cos, back).reshape(N, KV * d)
         dv = np.ascontiguousarray(dv.transpose(0, 2, 1, 3)).reshape(N, KV * d)
         dh1 = 0
         for m, dm in zip("qkv", (dq, dk, dv)):
