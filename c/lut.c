@@ -40,7 +40,7 @@ int32_t lut_isa_supported(void) {
     return mask;
 }
 
-static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER;
+pthread_mutex_t lut_call_mu = PTHREAD_MUTEX_INITIALIZER;
 static int32_t cur_isa = -1;
 
 static int32_t best_isa(void) {
@@ -54,9 +54,9 @@ static int32_t best_isa(void) {
 int lut_set_isa(int32_t isa) {
     if (isa < 0 || isa >= LUT_ISA_COUNT || !(lut_isa_supported() & (1 << isa)))
         return LUT_EISA;
-    pthread_mutex_lock(&call_mu);
+    pthread_mutex_lock(&lut_call_mu);
     cur_isa = isa;
-    pthread_mutex_unlock(&call_mu);
+    pthread_mutex_unlock(&lut_call_mu);
     return LUT_OK;
 }
 
@@ -75,9 +75,9 @@ int32_t lut_isa(void) {
 }
 
 int lut_set_threads(int32_t n) {
-    pthread_mutex_lock(&call_mu);
+    pthread_mutex_lock(&lut_call_mu);
     int rc = lut_pool_resize(n);
-    pthread_mutex_unlock(&call_mu);
+    pthread_mutex_unlock(&lut_call_mu);
     return rc;
 }
 
@@ -226,13 +226,13 @@ int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t ex
     size_t tab_bytes = (size_t)n * ntab * K * 4, ts_bytes = (size_t)n * (K / Kb) * sizeof(float);
     size_t xs_bytes = (size_t)n * (K / w->G) * sizeof(float);
     size_t need = tab_bytes + ts_bytes + xs_bytes + 64;
-    pthread_mutex_lock(&call_mu);
+    pthread_mutex_lock(&lut_call_mu);
     if (need > ws_size) {
         free(ws);
         ws = malloc(need);
         ws_size = ws ? need : 0;
         if (!ws) {
-            pthread_mutex_unlock(&call_mu);
+            pthread_mutex_unlock(&lut_call_mu);
             return LUT_ENOMEM;
         }
     }
@@ -244,6 +244,6 @@ int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t ex
     c.job.xsum = (const float *)((char *)ws + tab_bytes + ts_bytes);
     lut_pool_run(build_tables, &c);
     lut_pool_run(run_tiles, &c);
-    pthread_mutex_unlock(&call_mu);
+    pthread_mutex_unlock(&lut_call_mu);
     return LUT_OK;
 }

@@ -42,6 +42,19 @@ enum {
  * int32 [n][ceil(M/16)*16][P][K/Kb] (Kb = lut_act_block(K,G)) for testing. */
 int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t exact, int32_t *acc);
 
+/* A trellis-coded layer (lutkernels/trellis.py is the spec): k bits per weight,
+ * 1..6; streams uint8 [K][2*k*ceil(M/16) + 1] then 16 zero bytes; scales
+ * float32 [ceil(M/16)*16]. */
+typedef struct lut_trellis {
+    int32_t M, K, k;
+    const uint8_t *streams;
+    const float *scales;
+} lut_trellis;
+
+/* y[n][M] = W x[n][K]; activations quantized to int8 per block of 32. acc, if
+ * not NULL, receives the integer block sums int32 [n][ceil(M/16)*16][K/32]. */
+int lut_trellis_gemm(const lut_trellis *w, const float *x, int32_t n, float *y, int32_t *acc);
+
 /* Activations that share one table scale (and one integer accumulator). */
 int32_t lut_act_block(int32_t K, int32_t G);
 

@@ -1,6 +1,7 @@
 /* Shared between the dispatcher (lut.c) and the per-ISA tile kernels. */
 #ifndef LUT_INTERNAL_H
 #define LUT_INTERNAL_H
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #include "lut.h"
@@ -127,6 +128,9 @@ static inline float lut_h2f(uint16_t h) {
     memcpy(&f, &bits, sizeof f);
     return f;
 }
+
+/* Held by every call that uses the shared workspaces or resizes the pool. */
+extern pthread_mutex_t lut_call_mu;
 
 /* Thread pool: fn(ctx, ith, nth) runs once on each of nth threads (the caller is ith 0). */
 /* fn(ctx, chunk, nchunks) runs once for every chunk in [0, nchunks), on any thread,

@@ -24,7 +24,7 @@ EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.w
 DEFAULT_MAX_CONTEXT = 4096
 ATTN_BLOCK = 256  # queries per attention block of a prompt: scores stay [heads, 256, T]
 
-Weight = np.ndarray | lk.PackedLinear
+Weight = np.ndarray | lk.PackedLinear | lk.TrellisLinear
 
 
 class Dense:
@@ -42,10 +42,10 @@ class Dense:
 
 
 class Packed:
-    """y = x @ W.T through the LUT kernels, descriptor built once."""
+    """y = x @ W.T through the C kernels (LUT or trellis), descriptor built once."""
 
-    def __init__(self, w: lk.PackedLinear):
-        self.layer = lk.Layer(w)
+    def __init__(self, w: lk.PackedLinear | lk.TrellisLinear):
+        self.layer = lk.layer(w)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return lk.gemm(self.layer, np.ascontiguousarray(x))
@@ -55,7 +55,7 @@ class Packed:
 
 
 def linear(w: Weight) -> Dense | Packed:
-    return Packed(w) if isinstance(w, lk.PackedLinear) else Dense(w)
+    return Packed(w) if isinstance(w, lk.QUANTIZED) else Dense(w)
 
 
 @dataclass
@@ -121,7 +121,7 @@ class Transformer:
         self.embed = weights[EMBED]
         self.norm = np.asarray(weights[NORM], np.float32)
         head = weights.get(HEAD, self.embed)
-        self.head = linear(head if isinstance(head, lk.PackedLinear) else np.asarray(head, np.float32))
+        self.head = linear(head if isinstance(head, lk.QUANTIZED) else np.asarray(head, np.float32))
         self.blocks = [_block(config, weights, i) for i in range(config.n_layers)]
         self.mlp_rotation = mlp_rotation(weights)
         self.cos, self.sin = rope_tables(config, self.max_context)
@@ -326,7 +326,7 @@ def _block(c: ModelConfig, w: dict[str, Weight], i: int) -> Block:
 
 
 def _shape(w: Weight) -> tuple[int, ...]:
-    return (w.M, w.K) if isinstance(w, lk.PackedLinear) else tuple(w.shape)
+    return (w.M, w.K) if isinstance(w, lk.QUANTIZED) else tuple(w.shape)
 
 
 def mlp_rotation(weights: dict[str, Weight]) -> tuple[np.ndarray, np.ndarray] | None:

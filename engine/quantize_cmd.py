@@ -28,7 +28,8 @@ def add_arguments(p) -> None:
                    help="the best recipe for a budget of B bits per weight on the linear layers: each layer's bits "
                         "and group where its output error is largest (gptq; --method rtn: no calibration)")
     p.add_argument("--method", help=f"rtn, hlq, gptq, msb, binary or ternary (default: {DEFAULT['method']})")
-    p.add_argument("--grid", default=DEFAULT["grid"], help="grid gptq rounds to: rtn, hlq or msb (default: %(default)s)")
+    p.add_argument("--grid", help="grid gptq rounds to: rtn, hlq, msb, or trellis (each column's bits chosen by the "
+                   "Viterbi algorithm, 1..6 bits) (default: trellis with --bpw below 4, else rtn)")
     p.add_argument("--bits", type=int, default=DEFAULT["bits"], help="planes per weight, 1..8 (msb: a sign plane + bits-1 magnitude planes; binary 1 or 2; "
                         "ternary 2) (default: %(default)s)")
     p.add_argument("--group", type=int, default=DEFAULT["group"],
@@ -172,7 +173,7 @@ def summary(path: Path, weights: dict, seconds: float) -> str:
 
     from .quant import EMBED, HEAD
 
-    linear = [w for n, w in weights.items() if isinstance(w, lk.PackedLinear) and n != HEAD]
+    linear = [w for n, w in weights.items() if isinstance(w, lk.QUANTIZED) and n != HEAD]
     bits = sum(w.bits_per_weight() * w.M * w.K for w in linear) / sum(w.M * w.K for w in linear)
     size = path.stat().st_size
     return (f"wrote {path}: {size:,} bytes ({size / 2**20:.1f} MiB); linear layers {bits:.3f} bpw, "

@@ -8,7 +8,7 @@ from cffi import FFI
 
 # setuptools wants paths relative to the project root, where setup.py runs.
 C_DIR = "c"
-SOURCES = ["lut.c", "pool.c", "kernel_scalar.c", "roofline.c", "ops.c"]
+SOURCES = ["lut.c", "pool.c", "kernel_scalar.c", "roofline.c", "ops.c", "trellis.c"]
 if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386"):
     SOURCES += ["kernel_avx2.c", "kernel_avx512.c"]
 elif platform.machine().lower() in ("aarch64", "arm64"):
@@ -24,6 +24,12 @@ typedef struct lut_layer {
     const void *offsets;
 } lut_layer;
 int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t exact, int32_t *acc);
+typedef struct lut_trellis {
+    int32_t M, K, k;
+    const uint8_t *streams;
+    const float *scales;
+} lut_trellis;
+int lut_trellis_gemm(const lut_trellis *w, const float *x, int32_t n, float *y, int32_t *acc);
 int32_t lut_act_block(int32_t K, int32_t G);
 int32_t lut_isa_supported(void);
 int32_t lut_isa(void);

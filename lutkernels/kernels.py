@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from ._lut import ffi, lib
+from . import trellis
 from .layout import PackedLinear, check_shape
 
 ISAS = tuple(ffi.string(lib.lut_isa_name(i)).decode() for i in range(4))
@@ -58,6 +59,7 @@ def _apply_env_isa() -> None:
 
 class Layer:
     """A PackedLinear with its C descriptor built once (the arrays must stay alive)."""
+    C_NAME = "lut_gemm"
 
     def __init__(self, w: PackedLinear):
         check_shape(w.M, w.K, w.P, w.G)
@@ -75,6 +77,28 @@ class Layer:
         self.c.scales = ffi.from_buffer(w.scales)
         self.c.offsets = ffi.NULL if w.offsets is None else ffi.from_buffer(w.offsets)
 
+    def call(self, x, n: int, y, acc, exact: int = 0):
+        return lib.lut_gemm(self.c, x, n, y, exact, acc)
+
+
+class TrellisLayer:
+    """A TrellisLinear with its C descriptor built once."""
+    C_NAME = "lut_trellis_gemm"
+
+    def __init__(self, w: trellis.TrellisLinear):
+        trellis.check_shape(w.M, w.K, w.k)
+        _require(w.streams, np.uint8, (w.K * w.stride + trellis.SLACK,), "streams")
+        _require(w.scales, np.float32, (w.tiles * 16,), "scales")
+        self.w = w
+        self.c = ffi.new("lut_trellis *")
+        self.c.M, self.c.K, self.c.k = w.M, w.K, w.k
+        self.c.streams = ffi.from_buffer("uint8_t[]", w.streams)
+        self.c.scales = ffi.cast("const float *", ffi.from_buffer(w.scales))
+
+    def call(self, x, n: int, y, acc, exact: int = 0):
+        """exact: trellis layers always quantize activations to int8 (there are no tables to keep exactly)."""
+        return lib.lut_trellis_gemm(self.c, x, n, y, acc)
+
 
 def _require(a, dtype, shape, name):
     if not isinstance(a, np.ndarray):
@@ -87,19 +111,22 @@ def _require(a, dtype, shape, name):
         raise ValueError(f"{name} must be C-contiguous")
 
 
-def _layer(w) -> Layer:
-    if isinstance(w, Layer):
+def layer(w) -> Layer | TrellisLayer:
+    """The C descriptor of a quantized layer (built once; pass it to gemm/gemv in loops)."""
+    if isinstance(w, (Layer, TrellisLayer)):
         return w
     if isinstance(w, PackedLinear):
         return Layer(w)
-    raise TypeError(f"expected a PackedLinear or Layer, got {type(w).__name__}")
+    if isinstance(w, trellis.TrellisLinear):
+        return TrellisLayer(w)
+    raise TypeError(f"expected a PackedLinear, TrellisLinear or their Layer, got {type(w).__name__}")
 
 
 def gemm(w, x: np.ndarray, out: np.ndarray | None = None, exact: bool = False, acc: np.ndarray | None = None):
     """Y[N, M] = X[N, K] @ W.T through the LUT kernels. x must be float32 and C-contiguous.
     acc, if given, receives the integer block sums int32 [N, ceil(M/16)*16, P, K/Kb], per
-    plane in both scale modes."""
-    L = _layer(w)
+    plane in both scale modes ([N, ceil(M/16)*16, K/32] for a trellis layer)."""
+    L = layer(w)
     M, K = L.w.M, L.w.K
     if not isinstance(x, np.ndarray) or x.ndim != 2:
         raise ValueError(f"x must be a 2-D numpy array [N, K={K}], got {getattr(x, 'shape', type(x).__name__)}")
@@ -112,13 +139,14 @@ def gemm(w, x: np.ndarray, out: np.ndarray | None = None, exact: bool = False, a
     _require(out, np.float32, (N, M), "out")
     acc_ptr = ffi.NULL
     if acc is not None:
-        nb = K // lib.lut_act_block(K, L.w.G)
-        _require(acc, np.int32, (N, L.w.tiles * 16, L.w.P, nb), "acc")
+        shape = (N, L.w.tiles * 16, K // trellis.BLOCK) if isinstance(L, TrellisLayer) else \
+            (N, L.w.tiles * 16, L.w.P, K // lib.lut_act_block(K, L.w.G))
+        _require(acc, np.int32, shape, "acc")
         acc_ptr = ffi.cast("int32_t *", ffi.from_buffer(acc))
-    rc = lib.lut_gemm(L.c, ffi.cast("const float *", ffi.from_buffer(x)), N,
-                      ffi.cast("float *", ffi.from_buffer(out)), int(bool(exact)), acc_ptr)
+    xp, yp = ffi.cast("const float *", ffi.from_buffer(x)), ffi.cast("float *", ffi.from_buffer(out))
+    rc = L.call(xp, N, yp, acc_ptr, int(bool(exact)))
     if rc != 0:
-        raise KernelError(f"lut_gemm failed with code {rc}")
+        raise KernelError(f"{L.C_NAME} failed with code {rc}")
     return out
 
 

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from ._lut import ffi, lib
-from .kernels import KernelError, _layer, _require
+from .kernels import KernelError, TrellisLayer, _require, layer
 from .rotation import checked
 
 
@@ -25,9 +25,18 @@ def _ptr(a: np.ndarray | None, size: int, name: str):
 
 def bind_gemv(w, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
     """y = W x for one token (fast mode); x holds K floats, y M floats."""
-    L = _layer(w)
+    L = layer(w)
     xp, yp = _ptr(x, L.w.K, "x"), _ptr(y, L.w.M, "y")
-    c, gemm, null = L.c, lib.lut_gemm, ffi.NULL
+    c, null = L.c, ffi.NULL
+    if isinstance(L, TrellisLayer):
+        gemm = lib.lut_trellis_gemm
+
+        def call(keep=(L, x, y)):
+            rc = gemm(c, xp, 1, yp, null)
+            if rc:
+                raise KernelError(f"lut_trellis_gemm failed with code {rc}")
+        return call
+    gemm = lib.lut_gemm
 
     def call(keep=(L, x, y)):
         rc = gemm(c, xp, 1, yp, 0, null)

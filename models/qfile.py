@@ -6,12 +6,16 @@ Layout (readable by the safetensors library):
         <name>.planes  U8   [ceil(M/16), K/32, P, 64]     (lutkernels/layout.py)
         <name>.scales  F16  [ceil(M/16), K/G, S, 16]      (S = 1 for a uniform layer, else P; U8 when scale_bits 8)
         <name>.offsets F16  [ceil(M/16), K/G, 16]         (when the layer has offsets; I8 when scale_bits 8)
+    A trellis-coded layer (lutkernels/trellis.py) is two:
+        <name>.streams U8  [K * (2*k*ceil(M/16) + 1) + 16]
+        <name>.scales  F32 [ceil(M/16) * 16]
     Norms and biases are F32 and the embedding F16 (or F32), under their own names; so is a
     rotated model's MLP rotation (model.mlp_rotation.signs [ffn], .mix [a, a]: lutkernels/rotation.py).
     __metadata__["lutengine"] is a JSON string:
         format_version, config (ModelConfig.to_dict()), tokenizer (tokenizer.json text),
         bos_id, eos_ids, add_bos, chat_template,
-        tensors: {name: {method, bits, planes, group, M, K, offsets, uniform, scale_bits, bpw}},
+        tensors: {name: {method, bits, planes, group, M, K, offsets, uniform, scale_bits, bpw}}, or for a
+            trellis layer {format: "trellis", method, bits, M, K, bpw},
         source: {path, sha256}, quantizer (the settings that made the file).
 
 Loading memory-maps the file: the packed arrays are views of the mapping, so a
@@ -23,8 +27,9 @@ Version 2 added uniform layers (one scale per row and group, lutkernels/layout.p
 version 1 stored one per plane for every layer); version 3 added 8-bit scales
 (scale_bits, U8 scales and I8 offsets); version 4 the MLP rotation of a rotated
 model (F32 model.mlp_rotation.signs and .mix, engine/model.py), which an older
-reader would ignore and so compute the wrong function. Version 2 and 3 files
-read as version 4 files with 16-bit scales (version 2) and no MLP rotation; a file of another
+reader would ignore and so compute the wrong function; version 5 trellis-coded layers. Version 2
+to 4 files read as version 5 files with 16-bit scales (version 2), no MLP rotation (2 and 3) and
+no trellis layers; a file of another
 version is refused, an older one with a request to quantize again.
 """
 from __future__ import annotations
@@ -44,7 +49,7 @@ import lutkernels as lk
 from .config import ModelConfig, ModelError, check_architecture, check_mlp_rotation
 from .source import ModelSource, TokenizerInfo
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 OLDEST_READ = 2  # versions 3 and 4 only added things whose absence means what version 2 stored
 KEY = "lutengine"
 ALIGN = 64
@@ -126,7 +131,12 @@ def write(path, config: ModelConfig, weights: dict, tok: TokenizerInfo, *, info:
 def _flatten(weights: dict, info: dict) -> tuple[dict[str, np.ndarray], dict]:
     arrays, tensor_meta = {}, {}
     for name, w in weights.items():
-        if isinstance(w, lk.PackedLinear):
+        if isinstance(w, lk.TrellisLinear):
+            arrays[f"{name}.streams"], arrays[f"{name}.scales"] = w.streams, w.scales
+            i = info.get(name, {})
+            tensor_meta[name] = {"format": "trellis", "method": i.get("method", "unknown"), "bits": w.k,
+                                 "M": w.M, "K": w.K, "bpw": w.bits_per_weight()}
+        elif isinstance(w, lk.PackedLinear):
             for part in PARTS:
                 a = getattr(w, part)
                 if a is not None:
@@ -255,7 +265,9 @@ def _array(buf, base: int, size: int, entry, path: Path, name: str) -> np.ndarra
     return a.copy() if (base + start) % dtype.itemsize else a  # a misaligned view would be UB for the C kernels
 
 
-def _packed(arrays: dict[str, np.ndarray], name: str, info, path: Path) -> lk.PackedLinear:
+def _packed(arrays: dict[str, np.ndarray], name: str, info, path: Path) -> lk.PackedLinear | lk.TrellisLinear:
+    if isinstance(info, dict) and info.get("format") == "trellis":
+        return _trellis(arrays, name, info, path)
     try:
         M, K, P, G, has_off, uniform = (info[k] for k in ("M", "K", "planes", "group", "offsets", "uniform"))
         scale_bits = info.get("scale_bits", 16)
@@ -288,6 +300,27 @@ def _packed(arrays: dict[str, np.ndarray], name: str, info, path: Path) -> lk.Pa
                              f"needs {dtype} {list(shape)}")
         parts[part] = a
     return lk.PackedLinear(M, K, P, G, parts["planes"], parts["scales"], parts["offsets"], uniform, scale_bits == 8)
+
+
+def _trellis(arrays: dict[str, np.ndarray], name: str, info: dict, path: Path) -> lk.TrellisLinear:
+    try:
+        M, K, k = (info[key] for key in ("M", "K", "bits"))
+        lk.trellis.check_shape(M, K, k)
+    except (KeyError, TypeError, lk.trellis.TrellisError) as e:
+        raise ModelError(f"{path}: tensor {name}: bad trellis-layer metadata ({e})") from None
+    Mt = -(-M // lk.layout.TILE)
+    parts = {}
+    for part, dtype, shape in (("streams", "U8", (K * (2 * k * Mt + 1) + lk.trellis.SLACK,)),
+                               ("scales", "F32", (Mt * lk.layout.TILE,))):
+        key = f"{name}.{part}"
+        if key not in arrays:
+            raise ModelError(f"{path}: tensor {name}: {key} is missing")
+        a = arrays.pop(key)
+        if a.dtype != DTYPES[dtype] or a.shape != shape:
+            raise ModelError(f"{path}: tensor {key} is {a.dtype} {list(a.shape)}; metadata (trellis, M={M}, K={K}, "
+                             f"bits={k}) needs {dtype} {list(shape)}")
+        parts[part] = a
+    return lk.TrellisLinear(M, K, k, parts["streams"], parts["scales"])
 
 
 def _check_complete(qf: QFile) -> None:

@@ -500,8 +500,8 @@ def test_group_size_choice():
 
 
 def test_quant_settings():
-    assert settings(None) == {**DEFAULT, "scale_bits": 8, "act_order": False, "rotate": False, "dense_target": 0.0}
-    assert settings({"bits": 2}) == {**DEFAULT, "bits": 2, "scale_bits": 8, "act_order": False, "rotate": False, "dense_target": 0.0}
+    assert settings(None) == {**DEFAULT, "scale_bits": 8, "grid": "rtn", "act_order": False, "rotate": False, "dense_target": 0.0}
+    assert settings({"bits": 2}) == {**DEFAULT, "bits": 2, "scale_bits": 8, "grid": "rtn", "act_order": False, "rotate": False, "dense_target": 0.0}
     with pytest.raises(ValueError, match="unknown quantizer settings: colour"):
         settings({"colour": 1})
     with pytest.raises(ValueError, match="bits must be"):

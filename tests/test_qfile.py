@@ -81,9 +81,9 @@ def _root(a):
 def test_metadata(src, saved):
     q = qfile.load(saved)
     m = q.meta
-    assert m["format_version"] == qfile.FORMAT_VERSION == 4
+    assert m["format_version"] == qfile.FORMAT_VERSION == 5
     assert m["source"] == {"path": str(src.path), "sha256": "ab" * 32}
-    assert m["quantizer"] == {**DEFAULT, "bits": 3, "scale_bits": 8, "act_order": False, "rotate": False,
+    assert m["quantizer"] == {**DEFAULT, "bits": 3, "scale_bits": 8, "grid": "rtn", "act_order": False, "rotate": False,
                               "dense_target": 0.0}  # rtn at <= 4 bits: 8-bit scales
     t = m["tensors"][Q_PROJ]
     w = q.packed[Q_PROJ]
@@ -131,7 +131,8 @@ def test_rotated_file_round_trips_and_a_bad_rotation_is_refused(src, tmp_path):
 
 def test_newer_format_version_is_refused(saved):
     rewrite_safetensors_header(saved, edit_meta(lambda m: m.update(format_version=qfile.FORMAT_VERSION + 1)))
-    with pytest.raises(ModelError, match=r"format version 5 is newer than this lutengine supports \(4\)"):
+    v = qfile.FORMAT_VERSION
+    with pytest.raises(ModelError, match=rf"format version {v + 1} is newer than this lutengine supports \({v}\)"):
         qfile.load(saved)
 
 
@@ -298,4 +299,4 @@ def test_cached_default_file_is_named_by_format_version(tmp_path, monkeypatch):
 
     monkeypatch.setenv("LUTENGINE_HOME", str(tmp_path))
     path = cached_qfile("smollm2-135m-instruct")
-    assert path == tmp_path / "models" / "smollm2-135m-instruct.rtn4g32s8.v4.lut.safetensors"
+    assert path == tmp_path / "models" / f"smollm2-135m-instruct.rtn4g32s8.v{qfile.FORMAT_VERSION}.lut.safetensors"

@@ -355,7 +355,7 @@ def test_rtn_and_hlq_need_no_calibration(tiny):
 # ---- settings -------------------------------------------------------------------------------------
 
 def test_settings_defaults_and_keys():
-    assert settings(None) == {**DEFAULT, "scale_bits": 8, "act_order": False, "rotate": False, "dense_target": 0.0}
+    assert settings(None) == {**DEFAULT, "scale_bits": 8, "grid": "rtn", "act_order": False, "rotate": False, "dense_target": 0.0}
     assert set(DEFAULT) == {"method", "bits", "group", "symmetric", "scale_bits", "head_bits", "grid", "act_order",
                             "rotate", "calib", "n_calib", "calib_len", "layers", "bpw", "dense_target", "tune"}
     s = settings({"method": "gptq", "grid": "hlq", "calib": "c4.txt", "layers": {"*down*": {"bits": 4}}})

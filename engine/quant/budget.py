@@ -40,6 +40,7 @@ from . import calib, rtn
 # wide groups lose less than their saved bits buy elsewhere: rotated SmolLM2, relative squared weight
 # error with 8-bit scales, 2 bits 0.110 in groups of 64 (2.25 bpw) and 0.125 per row of 576 (2.03).
 ROW = 0
+TRELLIS = -1  # the group of a trellis format in a plan: it has none (on_trellis)
 CANDIDATES = [(b, G, s) for b, G in [(1, ROW), (1, 256), (1, 128), (1, 64), (2, ROW), (2, 256), (2, 128), (2, 64),
                                      (2, 32), (3, ROW), (3, 256), (3, 128), (3, 64), (3, 32), (4, ROW), (4, 256),
                                      (4, 128), (4, 64), (4, 32), (5, 32), (6, 32), (8, 32)]
@@ -128,6 +129,27 @@ def _log_probs(config: ModelConfig, tensors: dict[str, np.ndarray], x: np.ndarra
     z -= z.max(1, keepdims=True)
     z -= np.log(np.exp(z).sum(1, keepdims=True))
     return z
+
+
+def on_trellis(opts: Options, config: ModelConfig) -> Options:
+    """The options of a plan for the trellis grid (engine/quant/trellis.py): at up to its 6 bits a
+    layer's format is its bits alone, priced at what the trellis layer stores and weighed by the
+    rtn grid's error at those bits in one group per row (the nearest rounding grid to a scale per
+    row; at bits with no such candidate, the best group measured); the trellis layer's own error is
+    lower, about in proportion at every bits. Above 6 bits the rtn formats as measured. Trellis
+    formats have group TRELLIS, the same for every layer, so the floor (floor()) can hold every
+    layer to the same bits."""
+    out: Options = {}
+    for name, v in opts.items():
+        M, K = config.linear_shapes()[name.split(".", 3)[3]]
+        trellis = []
+        for b in sorted({o[0] for o in v if o[0] <= lk.trellis.MAX_BITS}):
+            at = [o for o in v if o[0] == b]
+            proxy = min((o for o in at if o[1] == K), default=None, key=lambda o: o[ERROR]) or \
+                min(at, key=lambda o: o[ERROR])
+            trellis.append((b, TRELLIS, 16, lk.trellis.bits_per_weight(M, K, b), proxy[ERROR]))
+        out[name] = trellis + [o for o in v if o[0] > lk.trellis.MAX_BITS]
+    return out
 
 
 def plan(opts: Options, sizes: dict[str, int], bpw: float) -> dict[str, dict[str, int]]:

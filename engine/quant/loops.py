@@ -197,3 +197,47 @@ def hlq_refine(Wg, a, ridge, iters, tol, scales, offset, codes, err):
             if not gain > tol * (e + gain):
                 break
             cur[:] = new
+
+
+@njit(**JIT)
+def viterbi(z, w, C, k, m):
+    """The trellis path (lutkernels/trellis.py) whose values C[u_i] fit z best:
+    windows u_i (int64 [n]) minimising sum_i w_i (z_i - C[u_i])^2 over paths where u_{i+1}'s low m
+    bits are u_i >> k. A state is a window's top m bits; the 2^k windows that end in state s
+    come from the states their low m bits name, so each row costs one pass over all 2^(k+m)
+    windows. The first window's state bits are free (the stream stores them)."""
+    n = z.shape[0]
+    S = 1 << m
+    R = 1 << k
+    cost = np.zeros(S)
+    new = np.empty(S)
+    e = np.empty(S * R)
+    back = np.empty((n, S), np.uint8)
+    for i in range(n):
+        zi = z[i]
+        wi = w[i]
+        for u in range(S * R):
+            d = zi - C[u]
+            e[u] = wi * d * d
+        for s in range(S):
+            best = np.inf
+            br = 0
+            for r in range(R):
+                u = (s << k) | r
+                c = cost[u & (S - 1)] + e[u]
+                if c < best:
+                    best = c
+                    br = r
+            new[s] = best
+            back[i, s] = br
+        cost[:] = new
+    s = 0
+    for t in range(1, S):
+        if cost[t] < cost[s]:
+            s = t
+    out = np.empty(n, np.int64)
+    for i in range(n - 1, -1, -1):
+        u = (s << k) | back[i, s]
+        out[i] = u
+        s = u & (S - 1)
+    return out
