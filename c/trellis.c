@@ -3,7 +3,10 @@
  * hash of the window. A tile of 16 rows decodes one block of 32 columns into
  * int32 values once, then every token's int8 activations multiply them: block
  * sums are exact integers, identical on every path, and the float combination
- * is the same sequence of fused multiply-adds per row on every path. */
+ * is one shared loop (a multiply and an add per row and block, no contraction).
+ * The SIMD paths (AVX-512, AVX2, NEON) only decode and multiply: each row's window
+ * from the tile's 16 bytes, picked by a byte shuffle and shifted, then value()'s
+ * multiply-add and byte sum. */
 #define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
 #include <stdlib.h>
@@ -48,6 +51,7 @@ static void dot_scalar(const int32_t *v, const int8_t *q, int32_t *s) {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #include <immintrin.h>
 #define TR_AVX512 __attribute__((target("avx512f,avx512bw")))
+#define TR_AVX2 __attribute__((target("avx2")))
 
 /* The 16 windows of a column: lane r takes bytes bit/8 .. bit/8 + 3 of the tile's 16
  * bytes (broadcast to every 128-bit lane, so vpshufb can pick them), then shifts. */
@@ -79,6 +83,82 @@ TR_AVX512 static void dot_avx512(const int32_t *v, const int8_t *q, int32_t *s) 
     for (int32_t j = 0; j < TR_BLOCK; j++)
         acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(_mm512_loadu_si512(v + j * LUT_TILE), _mm512_set1_epi32(q[j])));
     _mm512_storeu_si512(s, acc);
+}
+
+/* As decode_avx512, 8 rows per 256-bit vector: rows 0..7, then 8..15. */
+TR_AVX2 static void decode_avx2(const lut_trellis *w, int32_t tile, int32_t col0, int32_t *v) {
+    int32_t k = w->k, stride = 2 * k * ((w->M + LUT_TILE - 1) / LUT_TILE) + 1;
+    int8_t idx[64];
+    int32_t sh[16];
+    for (int32_t r = 0; r < LUT_TILE; r++) {
+        for (int32_t b = 0; b < 4; b++)
+            idx[4 * r + b] = (int8_t)(k * r / 8 + b);
+        sh[r] = k * r % 8;
+    }
+    const __m256i idx0 = _mm256_loadu_si256((const __m256i *)idx), idx1 = _mm256_loadu_si256((const __m256i *)(idx + 32));
+    const __m256i sh0 = _mm256_loadu_si256((const __m256i *)sh), sh1 = _mm256_loadu_si256((const __m256i *)(sh + 8));
+    const __m256i mask = _mm256_set1_epi32((1 << (k + 8)) - 1), mul = _mm256_set1_epi32((int32_t)TR_MUL);
+    const __m256i add = _mm256_set1_epi32((int32_t)TR_ADD), ones8 = _mm256_set1_epi8(1);
+    const __m256i ones16 = _mm256_set1_epi16(1), bias = _mm256_set1_epi32(510);
+    for (int32_t j = 0; j < TR_BLOCK; j++) {
+        const uint8_t *p = w->streams + (int64_t)(col0 + j) * stride + 2 * k * tile;
+        __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+        for (int h = 0; h < 2; h++) {
+            __m256i u = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(bytes, h ? idx1 : idx0), h ? sh1 : sh0),
+                                         mask);
+            __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(u, mul), add);
+            __m256i sum = _mm256_madd_epi16(_mm256_maddubs_epi16(x, ones8), ones16);
+            _mm256_storeu_si256((__m256i *)(v + j * LUT_TILE + 8 * h), _mm256_sub_epi32(sum, bias));
+        }
+    }
+}
+
+TR_AVX2 static void dot_avx2(const int32_t *v, const int8_t *q, int32_t *s) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+    for (int32_t j = 0; j < TR_BLOCK; j++) {
+        __m256i qj = _mm256_set1_epi32(q[j]);
+        a0 = _mm256_add_epi32(a0, _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(v + j * LUT_TILE)), qj));
+        a1 = _mm256_add_epi32(a1, _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(v + j * LUT_TILE + 8)), qj));
+    }
+    _mm256_storeu_si256((__m256i *)s, a0);
+    _mm256_storeu_si256((__m256i *)(s + 8), a1);
+}
+#endif
+
+#if defined(__aarch64__)
+#include <arm_neon.h>
+
+/* As decode_avx512, 4 rows per vector: vqtbl1q picks each row's 4 bytes, vshlq by a negative
+ * count shifts right, pairwise adds sum a row's bytes. */
+static void decode_neon(const lut_trellis *w, int32_t tile, int32_t col0, int32_t *v) {
+    int32_t k = w->k, stride = 2 * k * ((w->M + LUT_TILE - 1) / LUT_TILE) + 1;
+    uint8_t idx[64];
+    int32_t sh[16];
+    for (int32_t r = 0; r < LUT_TILE; r++) {
+        for (int32_t b = 0; b < 4; b++)
+            idx[4 * r + b] = (uint8_t)(k * r / 8 + b);
+        sh[r] = -(k * r % 8);
+    }
+    const uint32x4_t mask = vdupq_n_u32((1u << (k + 8)) - 1), mul = vdupq_n_u32(TR_MUL), add = vdupq_n_u32(TR_ADD);
+    const int32x4_t bias = vdupq_n_s32(510);
+    for (int32_t j = 0; j < TR_BLOCK; j++) {
+        uint8x16_t bytes = vld1q_u8(w->streams + (int64_t)(col0 + j) * stride + 2 * k * tile);
+        for (int32_t g = 0; g < 4; g++) {
+            uint32x4_t u = vreinterpretq_u32_u8(vqtbl1q_u8(bytes, vld1q_u8(idx + 16 * g)));
+            u = vandq_u32(vshlq_u32(u, vld1q_s32(sh + 4 * g)), mask);
+            uint32x4_t sum = vpaddlq_u16(vpaddlq_u8(vreinterpretq_u8_u32(vmlaq_u32(add, u, mul))));
+            vst1q_s32(v + j * LUT_TILE + 4 * g, vsubq_s32(vreinterpretq_s32_u32(sum), bias));
+        }
+    }
+}
+
+static void dot_neon(const int32_t *v, const int8_t *q, int32_t *s) {
+    int32x4_t a[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+    for (int32_t j = 0; j < TR_BLOCK; j++)
+        for (int32_t g = 0; g < 4; g++)
+            a[g] = vmlaq_n_s32(a[g], vld1q_s32(v + j * LUT_TILE + 4 * g), q[j]);
+    for (int32_t g = 0; g < 4; g++)
+        vst1q_s32(s + 4 * g, a[g]);
 }
 #endif
 
@@ -178,6 +258,15 @@ int lut_trellis_gemm(const lut_trellis *w, const float *x, int32_t n, float *y, 
     if (lut_isa() == LUT_ISA_AVX512) {
         c.decode = decode_avx512;
         c.dot = dot_avx512;
+    } else if (lut_isa() == LUT_ISA_AVX2) {
+        c.decode = decode_avx2;
+        c.dot = dot_avx2;
+    }
+#endif
+#if defined(__aarch64__)
+    if (lut_isa() == LUT_ISA_NEON) {
+        c.decode = decode_neon;
+        c.dot = dot_neon;
     }
 #endif
     lut_pool_run(quantize_acts, &c);

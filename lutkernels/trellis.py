@@ -28,7 +28,7 @@ Bits per weight: (K*(16*k*Mt + 8) + 128 + 32*16*Mt) / (M*K), about k + 8/M + 32/
 The kernels quantize each token's activations to int8 per block of 32 (scale
 max|x|/127, rounding half to even), sum q[j] * value(u[i, j]) over a block in
 int32 (exact: |sum| <= 32 * 127 * 510), and combine the blocks in float32 as
-acc = fma(a_b, S_b, acc), then y[i] = s[i] * acc.
+acc = acc + a_b * S_b (the product rounded, then the sum), then y[i] = s[i] * acc.
 """
 from dataclasses import dataclass
 
