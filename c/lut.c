@@ -217,6 +217,15 @@ static void run_tiles(void *arg, int32_t ith, int32_t nth) {
 static void *ws;
 static size_t ws_size;
 
+void *lut_workspace(size_t need) {
+    if (need > ws_size) {
+        free(ws);
+        ws = malloc(need);
+        ws_size = ws ? need : 0;
+    }
+    return ws;
+}
+
 int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t exact, int32_t *acc) {
     if (!w || !x || !y || !w->planes || !w->scales || n < 1 || w->M < 1 || w->K < 32 || w->K % 32 || w->P < 1 ||
         w->P > 8 || w->G < 32 || w->K % w->G || (w->G != w->K && w->G > 256) ||
@@ -227,14 +236,9 @@ int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t ex
     size_t xs_bytes = (size_t)n * (K / w->G) * sizeof(float);
     size_t need = tab_bytes + ts_bytes + xs_bytes + 64;
     pthread_mutex_lock(&lut_call_mu);
-    if (need > ws_size) {
-        free(ws);
-        ws = malloc(need);
-        ws_size = ws ? need : 0;
-        if (!ws) {
-            pthread_mutex_unlock(&lut_call_mu);
-            return LUT_ENOMEM;
-        }
+    if (!lut_workspace(need)) {
+        pthread_mutex_unlock(&lut_call_mu);
+        return LUT_ENOMEM;
     }
     call_ctx c = {
         .job = {.w = w, .Kb = Kb, .ntab = ntab, .tab = ws, .y = y, .acc = acc},

@@ -129,8 +129,10 @@ static inline float lut_h2f(uint16_t h) {
     return f;
 }
 
-/* Held by every call that uses the shared workspaces or resizes the pool. */
+/* Held by every call that uses the shared workspace or resizes the pool. */
 extern pthread_mutex_t lut_call_mu;
+/* The shared workspace, grown to at least `need` bytes (NULL if that fails); hold lut_call_mu. */
+void *lut_workspace(size_t need);
 
 /* Thread pool: fn(ctx, ith, nth) runs once on each of nth threads (the caller is ith 0). */
 /* fn(ctx, chunk, nchunks) runs once for every chunk in [0, nchunks), on any thread,

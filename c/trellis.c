@@ -8,8 +8,6 @@
  * from the tile's 16 bytes, picked by a byte shuffle and shifted, then value()'s
  * multiply-add and byte sum. */
 #define _POSIX_C_SOURCE 200809L
-#include <pthread.h>
-#include <stdlib.h>
 #include "lut_internal.h"
 
 #define TR_BLOCK 32
@@ -48,22 +46,30 @@ static void dot_scalar(const int32_t *v, const int8_t *q, int32_t *s) {
             s[r] += q[j] * v[j * LUT_TILE + r];
 }
 
+#if ((defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)) || defined(__aarch64__)
+/* What the SIMD paths shuffle: row r's window starts at bit k*r of the tile's 16 bytes, so the
+ * 4 bytes from k*r/8 (idx[4r..4r+3], a byte-shuffle index) shifted right by k*r % 8 (sh[r]). */
+static void window_shuffle(int32_t k, uint8_t idx[64], int32_t sh[16]) {
+    for (int32_t r = 0; r < LUT_TILE; r++) {
+        for (int32_t b = 0; b < 4; b++)
+            idx[4 * r + b] = (uint8_t)(k * r / 8 + b);
+        sh[r] = k * r % 8;
+    }
+}
+#endif
+
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #include <immintrin.h>
 #define TR_AVX512 __attribute__((target("avx512f,avx512bw")))
 #define TR_AVX2 __attribute__((target("avx2")))
 
-/* The 16 windows of a column: lane r takes bytes bit/8 .. bit/8 + 3 of the tile's 16
- * bytes (broadcast to every 128-bit lane, so vpshufb can pick them), then shifts. */
+/* The 16 windows of a column: the tile's 16 bytes go to every 128-bit lane, where vpshufb
+ * can pick each row's 4 (window_shuffle). */
 TR_AVX512 static void decode_avx512(const lut_trellis *w, int32_t tile, int32_t col0, int32_t *v) {
     int32_t k = w->k, stride = 2 * k * ((w->M + LUT_TILE - 1) / LUT_TILE) + 1;
-    int8_t idx[64];
+    uint8_t idx[64];
     int32_t sh[16];
-    for (int32_t r = 0; r < LUT_TILE; r++) {
-        for (int32_t b = 0; b < 4; b++)
-            idx[4 * r + b] = (int8_t)(k * r / 8 + b);
-        sh[r] = k * r % 8;
-    }
+    window_shuffle(k, idx, sh);
     const __m512i vidx = _mm512_loadu_si512(idx), vsh = _mm512_loadu_si512(sh);
     const __m512i mask = _mm512_set1_epi32((1 << (k + 8)) - 1), mul = _mm512_set1_epi32((int32_t)TR_MUL);
     const __m512i add = _mm512_set1_epi32((int32_t)TR_ADD), ones8 = _mm512_set1_epi8(1);
@@ -88,13 +94,9 @@ TR_AVX512 static void dot_avx512(const int32_t *v, const int8_t *q, int32_t *s) 
 /* As decode_avx512, 8 rows per 256-bit vector: rows 0..7, then 8..15. */
 TR_AVX2 static void decode_avx2(const lut_trellis *w, int32_t tile, int32_t col0, int32_t *v) {
     int32_t k = w->k, stride = 2 * k * ((w->M + LUT_TILE - 1) / LUT_TILE) + 1;
-    int8_t idx[64];
+    uint8_t idx[64];
     int32_t sh[16];
-    for (int32_t r = 0; r < LUT_TILE; r++) {
-        for (int32_t b = 0; b < 4; b++)
-            idx[4 * r + b] = (int8_t)(k * r / 8 + b);
-        sh[r] = k * r % 8;
-    }
+    window_shuffle(k, idx, sh);
     const __m256i idx0 = _mm256_loadu_si256((const __m256i *)idx), idx1 = _mm256_loadu_si256((const __m256i *)(idx + 32));
     const __m256i sh0 = _mm256_loadu_si256((const __m256i *)sh), sh1 = _mm256_loadu_si256((const __m256i *)(sh + 8));
     const __m256i mask = _mm256_set1_epi32((1 << (k + 8)) - 1), mul = _mm256_set1_epi32((int32_t)TR_MUL);
@@ -134,18 +136,14 @@ static void decode_neon(const lut_trellis *w, int32_t tile, int32_t col0, int32_
     int32_t k = w->k, stride = 2 * k * ((w->M + LUT_TILE - 1) / LUT_TILE) + 1;
     uint8_t idx[64];
     int32_t sh[16];
-    for (int32_t r = 0; r < LUT_TILE; r++) {
-        for (int32_t b = 0; b < 4; b++)
-            idx[4 * r + b] = (uint8_t)(k * r / 8 + b);
-        sh[r] = -(k * r % 8);
-    }
+    window_shuffle(k, idx, sh);
     const uint32x4_t mask = vdupq_n_u32((1u << (k + 8)) - 1), mul = vdupq_n_u32(TR_MUL), add = vdupq_n_u32(TR_ADD);
     const int32x4_t bias = vdupq_n_s32(510);
     for (int32_t j = 0; j < TR_BLOCK; j++) {
         uint8x16_t bytes = vld1q_u8(w->streams + (int64_t)(col0 + j) * stride + 2 * k * tile);
         for (int32_t g = 0; g < 4; g++) {
             uint32x4_t u = vreinterpretq_u32_u8(vqtbl1q_u8(bytes, vld1q_u8(idx + 16 * g)));
-            u = vandq_u32(vshlq_u32(u, vld1q_s32(sh + 4 * g)), mask);
+            u = vandq_u32(vshlq_u32(u, vnegq_s32(vld1q_s32(sh + 4 * g))), mask);
             uint32x4_t sum = vpaddlq_u16(vpaddlq_u8(vreinterpretq_u8_u32(vmlaq_u32(add, u, mul))));
             vst1q_s32(v + j * LUT_TILE + 4 * g, vsubq_s32(vreinterpretq_s32_u32(sum), bias));
         }
@@ -228,9 +226,6 @@ static void run_tiles(void *arg, int32_t chunk, int32_t nchunks) {
     }
 }
 
-static void *tr_ws;
-static size_t tr_ws_size;
-
 int lut_trellis_gemm(const lut_trellis *w, const float *x, int32_t n, float *y, int32_t *acc) {
     if (!w || !x || !y || !w->streams || !w->scales || n < 1 || w->M < 1 || w->K < TR_BLOCK || w->K % TR_BLOCK ||
         w->k < 1 || w->k > 6)
@@ -241,16 +236,11 @@ int lut_trellis_gemm(const lut_trellis *w, const float *x, int32_t n, float *y, 
     size_t f_bytes = (size_t)nchunks * n * LUT_TILE * sizeof(float);
     size_t need = q_bytes + a_bytes + v_bytes + f_bytes;
     pthread_mutex_lock(&lut_call_mu);
-    if (need > tr_ws_size) {
-        free(tr_ws);
-        tr_ws = malloc(need);
-        tr_ws_size = tr_ws ? need : 0;
-        if (!tr_ws) {
-            pthread_mutex_unlock(&lut_call_mu);
-            return LUT_ENOMEM;
-        }
+    char *ws = lut_workspace(need);
+    if (!ws) {
+        pthread_mutex_unlock(&lut_call_mu);
+        return LUT_ENOMEM;
     }
-    char *ws = tr_ws;
     tr_ctx c = {.w = w, .x = x, .q = (int8_t *)ws, .a = (float *)(ws + q_bytes),
                 .vbuf = (int32_t *)(ws + q_bytes + a_bytes), .accf = (float *)(ws + q_bytes + a_bytes + v_bytes),
                 .y = y, .acc = acc, .n = n, .nchunks = nchunks, .decode = decode_scalar, .dot = dot_scalar};
