@@ -42,7 +42,7 @@ def add_arguments(p) -> None:
     p.add_argument("--head-bits", type=int, default=DEFAULT["head_bits"],
                    help="bits of the output head, round to nearest (default: %(default)s)")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
-                   help="gptq: columns by decreasing Hessian diagonal (default: on with --bpw, else off)")
+                   help="gptq: columns by decreasing Hessian diagonal (default: on with --bpw or --grid trellis, else off)")
     p.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize in a randomly rotated hidden space, fused into the weights (no run-time cost; "
                         "default: on for gptq, except with --bpw 4 or more; else off)")

@@ -25,6 +25,7 @@ Settings are a plain dict (stored verbatim in the quantized model file):
                layers planned above 6 bits go to the rtn grid); None: "trellis" for gptq under a budget
                below 4 bits, else "rtn" (SmolLM2 --bpw 3.3 wiki: 18.407 on the rtn grid, 16.375 on trellis)
     act_order  gptq takes columns by decreasing Hessian diagonal; None: on for gptq under a bpw budget
+               or on the trellis grid
                (SmolLM2 --bpw 3.3: wiki 48.0 against 60.8 without), off otherwise
     rotate     quantize in a rotated hidden space (rotate.py: exact, fused into the weights);
                None: on for gptq, except under a budget of 4 bits or more, off otherwise (SmolLM2,
@@ -102,7 +103,7 @@ def settings(quant: dict | None = None) -> dict:
     _check_layer(s, "", s["method"])
     _check_int(s["head_bits"], "head_bits", 1, 8)
     if s["act_order"] is None:
-        s["act_order"] = s["bpw"] is not None and s["method"] == "gptq"
+        s["act_order"] = s["method"] == "gptq" and (s["bpw"] is not None or s["grid"] == "trellis")
     if s["rotate"] is None:
         s["rotate"] = s["method"] == "gptq" and (s["bpw"] is None or s["bpw"] < 4)
     if s["dense_target"] is None:
