@@ -49,6 +49,7 @@ def leftovers(folder):
                                     ["--method", "gptq", "--grid", "rtn", "--bits", "3", "--no-rotate"],
                                     ["--method", "rtn", "--bits", "3", "--rotate"],
                                     ["--method", "gptq", "--grid", "msb", "--bits", "3"],
+                                    ["--method", "gptq", "--grid", "trellis", "--bits", "2"],
                                     ["--method", "msb", "--bits", "2"], ["--method", "binary", "--bits", "2"],
                                     ["--method", "ternary", "--bits", "2"]])
 def test_quantize_writes_a_runnable_file_with_a_layer_summary(gguf, text, tmp_path, method):

@@ -153,6 +153,8 @@ def test_trellis_settings_are_checked():
     assert settings({"method": "gptq", "bpw": 4.5})["grid"] == "rtn"
     assert settings({"method": "gptq", "bits": 3})["grid"] == "rtn"
     assert settings({"method": "gptq", "grid": "trellis"})["act_order"] is True
+    once = settings({"method": "gptq", "grid": "trellis", "bits": 2})
+    assert settings(once) == once  # quantize_model checks the CLI's settings again
     with pytest.raises(ValueError, match="1..6 bits, got 8"):
         settings({"method": "gptq", "grid": "trellis", "bits": 8})
     with pytest.raises(ValueError, match="scale_bits does not apply"):

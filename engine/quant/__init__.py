@@ -140,7 +140,8 @@ def settings(quant: dict | None = None) -> dict:
     # a budget's plan puts layers above the trellis grid's bits on the rtn grid
     rtn_grid = s["method"] == "rtn" or (s["method"] == "gptq" and (s["grid"] == "rtn" or
                                                                   (s["grid"] == "trellis" and s["bpw"] is not None)))
-    if s["scale_bits"] is None and s["bpw"] is None:
+    trellis_only = s["method"] == "gptq" and s["grid"] == "trellis" and s["bpw"] is None  # no rtn layers
+    if s["scale_bits"] is None and s["bpw"] is None and not trellis_only:
         widest = max([s["bits"]] + [o.get("bits", 0) for o in s["layers"].values()])
         s["scale_bits"] = 8 if rtn_grid and widest <= 4 else 16
     if any(o.get("scale_bits") == 8 for o in [s, *s["layers"].values()]) and not rtn_grid:
