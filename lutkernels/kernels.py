@@ -123,7 +123,8 @@ def layer(w) -> Layer | TrellisLayer:
 
 
 def gemm(w, x: np.ndarray, out: np.ndarray | None = None, exact: bool = False, acc: np.ndarray | None = None):
-    """Y[N, M] = X[N, K] @ W.T through the LUT kernels. x must be float32 and C-contiguous.
+    """Y[N, M] = X[N, K] @ W.T through the C kernels. x must be float32 and C-contiguous. exact
+    applies to bit-plane layers (trellis layers always take int8 activations).
     acc, if given, receives the integer block sums int32 [N, ceil(M/16)*16, P, K/Kb], per
     plane in both scale modes ([N, ceil(M/16)*16, K/32] for a trellis layer)."""
     L = layer(w)

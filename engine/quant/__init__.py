@@ -23,10 +23,9 @@ Settings are a plain dict (stored verbatim in the quantized model file):
     grid       the grid gptq rounds to: "rtn", "hlq", "msb", or "trellis" (trellis.py: each column's
                stream chosen by the Viterbi algorithm, k <= 6 bits per weight, a float32 scale per row;
                layers planned above 6 bits go to the rtn grid); None: "trellis" for gptq under a budget
-               below 4 bits, else "rtn" (SmolLM2 --bpw 3.3 wiki: 18.407 on the rtn grid, 16.375 on trellis)
+               below 4 bits, else "rtn" (SmolLM2 --bpw 3.3 wiki: 18.407 on the rtn grid, 16.399 on trellis)
     act_order  gptq takes columns by decreasing Hessian diagonal; None: on for gptq under a bpw budget
-               or on the trellis grid
-               (SmolLM2 --bpw 3.3: wiki 48.0 against 60.8 without), off otherwise
+               (SmolLM2 --bpw 3.3: wiki 48.0 against 60.8 without) or on the trellis grid, off otherwise
     rotate     quantize in a rotated hidden space (rotate.py: exact, fused into the weights);
                None: on for gptq, except under a budget of 4 bits or more, off otherwise (SmolLM2,
                wiki, measured before rtn's clip search: gptq 3 bits G 64 40.1 -> 26.8, gptq-rtn4g64 18.579 -> 16.569, rtn3g64
