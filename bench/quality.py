@@ -48,7 +48,9 @@ were at most 128 columns (now 256 and one group per row too: engine/quant/budget
 all bpw records above whose label does not say otherwise; -attnv marks gptq and bpw records made
 with v_proj's Hessian taken through the attention probabilities over the first 16 calibration
 sequences, -attnv64 over all 64 (a change not kept: bench/RESULTS.md, "v_proj through the
-attention probabilities"). Calibration
+attention probabilities"); -rtngrid marks bpw records below 4 bits made while gptq quantized
+their plans on the rtn grid (now the trellis grid, engine/quant/trellis.py; `--grid rtn` redoes
+them). Calibration
 (gptq, --bpw) reads ../shared/data/c4-calib.txt only, never an evaluation text; -sampled recipes
 (gptq-rtn3g64s8-ao-sampled, bpw3.3-sampled) give no --calib, so gptq calibrates on text the model
 samples itself (engine/quant/sample.py); -tN recipes tune each block's scales, offsets and norm
