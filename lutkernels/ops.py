@@ -27,15 +27,18 @@ def bind_gemv(w, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
     """y = W x for one token (fast mode); x holds K floats, y M floats."""
     L = layer(w)
     xp, yp = _ptr(x, L.w.K, "x"), _ptr(y, L.w.M, "y")
-    c, null = L.c, ffi.NULL
     if isinstance(L, TrellisLayer):
-        gemm = lib.lut_trellis_gemm
+        fn, args = lib.lut_trellis_gemm, (L.c, xp, 1, yp, ffi.NULL)
+    else:
+        fn, args = lib.lut_gemm, (L.c, xp, 1, yp, 0, ffi.NULL)
+    name = L.C_NAME
 
-        def call(keep=(L, x, y)):
-            rc = gemm(c, xp, 1, yp, null)
-            if rc:
-                raise KernelError(f"lut_trellis_gemm failed with code {rc}")
-        return call
+    def call(keep=(L, x, y)):
+        rc = fn(*args)
+        if rc:
+            raise KernelError(f"{name} failed with code {rc}")
+
+    return call
     gemm = lib.lut_gemm
 
     def call(keep=(L, x, y)):
