@@ -39,14 +39,6 @@ def bind_gemv(w, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
             raise KernelError(f"{name} failed with code {rc}")
 
     return call
-    gemm = lib.lut_gemm
-
-    def call(keep=(L, x, y)):
-        rc = gemm(c, xp, 1, yp, 0, null)
-        if rc:
-            raise KernelError(f"lut_gemm failed with code {rc}")
-
-    return call
 
 
 def bind_add_rmsnorm(x: np.ndarray, delta: np.ndarray | None, w: np.ndarray, eps: float,
