@@ -130,11 +130,17 @@ TGT static inline __attribute__((always_inline)) void tile_rows(const lut_job *j
         if (uniform)
             scale_add(&y0, &y1, u0, u1, scales16(scale8, lut_scale_ptr(w, grp, 0)), tsv);
         if (++bg == bpg) { /* the group's last block */
-            if (w->offsets) {
-                rows16 z = offsets16(scale8, lut_offset_ptr(w, grp), scales16(scale8, lut_scale_ptr(w, grp, 0)));
+            if (lut_has_offsets(w)) {
+                rows16 h = scales16(scale8, lut_scale_ptr(w, grp, 0));
                 __m256 xv = _mm256_set1_ps(xs[g]);
-                y0 = _mm256_fmadd_ps(z.v[0], xv, y0);
-                y1 = _mm256_fmadd_ps(z.v[1], xv, y1);
+                if (w->offsets) {
+                    rows16 z = offsets16(scale8, lut_offset_ptr(w, grp), h);
+                    y0 = _mm256_fmadd_ps(z.v[0], xv, y0);
+                    y1 = _mm256_fmadd_ps(z.v[1], xv, y1);
+                } else {
+                    y0 = _mm256_fnmadd_ps(h.v[0], xv, y0);
+                    y1 = _mm256_fnmadd_ps(h.v[1], xv, y1);
+                }
             }
             bg = 0;
             g++;

@@ -96,9 +96,10 @@ TGT static inline __attribute__((always_inline)) void tile_rows(const lut_job *j
         if (uniform)
             y = scale_add(y, u, scales16(scale8, lut_scale_ptr(w, grp, 0)), tsv);
         if (++bg == bpg) { /* the group's last block */
-            if (w->offsets) {
-                __m512 z = offsets16(scale8, lut_offset_ptr(w, grp), scales16(scale8, lut_scale_ptr(w, grp, 0)));
-                y = _mm512_fmadd_ps(z, _mm512_set1_ps(xs[g]), y);
+            if (lut_has_offsets(w)) {
+                __m512 h = scales16(scale8, lut_scale_ptr(w, grp, 0)), xv = _mm512_set1_ps(xs[g]);
+                y = w->offsets ? _mm512_fmadd_ps(offsets16(scale8, lut_offset_ptr(w, grp), h), xv, y)
+                               : _mm512_fnmadd_ps(h, xv, y);
             }
             bg = 0;
             g++;

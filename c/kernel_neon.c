@@ -123,12 +123,13 @@ static inline __attribute__((always_inline)) void tile_rows(const lut_job *j, in
         if (uniform)
             scale_add(y, u, scale8, lut_scale_ptr(w, grp, 0), tsv);
         if (++bg == bpg) { /* the group's last block */
-            if (w->offsets) {
+            if (lut_has_offsets(w)) {
                 float32x4_t h[4], z[4], xv = vdupq_n_f32(xs[g]);
                 scales16(scale8, lut_scale_ptr(w, grp, 0), h);
-                offsets16(scale8, lut_offset_ptr(w, grp), h, z);
+                if (w->offsets)
+                    offsets16(scale8, lut_offset_ptr(w, grp), h, z);
                 for (int i = 0; i < 4; i++)
-                    y[i] = vfmaq_f32(y[i], z[i], xv);
+                    y[i] = w->offsets ? vfmaq_f32(y[i], z[i], xv) : vfmsq_f32(y[i], h[i], xv);
             }
             bg = 0;
             g++;

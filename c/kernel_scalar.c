@@ -35,9 +35,9 @@ static void scales16(const lut_layer *w, int64_t grp, int32_t s, float out[LUT_T
 
 /* The 16 rows' offsets as float; h: the rows' first scales (scales16, plane 0). */
 static void offsets16(const lut_layer *w, int64_t grp, const float h[LUT_TILE], float out[LUT_TILE]) {
-    const void *p = lut_offset_ptr(w, grp);
+    const void *p = w->offsets ? lut_offset_ptr(w, grp) : NULL;
     for (int32_t r = 0; r < LUT_TILE; r++)
-        out[r] = w->scale8 ? h[r] * (float)((const int8_t *)p)[r] * 0.125f : lut_h2f(((const uint16_t *)p)[r]);
+        out[r] = !p ? -h[r] : w->scale8 ? h[r] * (float)((const int8_t *)p)[r] * 0.125f : lut_h2f(((const uint16_t *)p)[r]);
 }
 
 void lut_tile_scalar(const lut_job *j, int32_t tile, int32_t tok) {
@@ -79,7 +79,7 @@ void lut_tile_scalar(const lut_job *j, int32_t tile, int32_t tok) {
                 yacc[r] = scale_add(yacc[r], u[r], sc[r], ts[b]);
         }
         if (++bg == bpg) { /* the group's last block */
-            if (w->offsets) {
+            if (lut_has_offsets(w)) {
                 scales16(w, grp, 0, sc);
                 offsets16(w, grp, sc, z);
                 for (int32_t r = 0; r < LUT_TILE; r++)

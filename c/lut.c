@@ -147,15 +147,16 @@ TABLE_CLONES static float tables_fast(const float *x, int32_t Kb, int8_t *tab) {
     return maxabs / 127.0f;
 }
 
-/* Exact mode: activations to int8 with scale max|x| / 127; the integer sums
- * (|T| <= 508) split into signed bytes T = 256*hi + lo, lo in [-128,127]. */
+/* Exact mode: activations to 12-bit integers with scale max|x| / LUT_EXACT_Q; the
+ * integer sums (|T| <= 4 * 2047 = 8188) split into signed bytes T = 256*hi + lo,
+ * lo in [-128,127], hi in [-32,32]. */
 TABLE_CLONES static float tables_exact(const float *x, int32_t Kb, int8_t *lo, int8_t *hi) {
     uint32_t maxbits = 0;
     for (int32_t k = 0; k < Kb; k++) {
         uint32_t u = abs_bits(x[k]);
         maxbits = u > maxbits ? u : maxbits;
     }
-    float maxabs = bits_float(maxbits), inv = maxabs > 0.0f ? 127.0f / maxabs : 0.0f;
+    float maxabs = bits_float(maxbits), inv = maxabs > 0.0f ? (float)LUT_EXACT_Q / maxabs : 0.0f;
     int32_t q[256];
     for (int32_t k = 0; k < Kb; k++)
         q[k] = round_even(x[k] * inv);
@@ -168,7 +169,7 @@ TABLE_CLONES static float tables_exact(const float *x, int32_t Kb, int8_t *lo, i
             lo[16 * j + idx] = (int8_t)l;
             hi[16 * j + idx] = (int8_t)((v - l) / 256);
         }
-    return maxabs / 127.0f;
+    return maxabs / (float)LUT_EXACT_Q;
 }
 
 typedef struct {
@@ -190,7 +191,7 @@ static void build_tables(void *arg, int32_t ith, int32_t nth) {
         float *ts = (float *)j->tscale + (int64_t)tok * nb + b;
         *ts = c->exact ? tables_exact(x, j->Kb, tab, tab + (int64_t)K * 4) : tables_fast(x, j->Kb, tab);
     }
-    if (!j->w->offsets)
+    if (!lut_has_offsets(j->w))
         return;
     for (int64_t u = (int64_t)c->n * ng * ith / nth; u < (int64_t)c->n * ng * (ith + 1) / nth; u++) {
         const float *x = c->x + u * G; /* groups tile each token's row exactly: K = ng * G */
@@ -229,7 +230,8 @@ void *lut_workspace(size_t need) {
 int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t exact, int32_t *acc) {
     if (!w || !x || !y || !w->planes || !w->scales || n < 1 || w->M < 1 || w->K < 32 || w->K % 32 || w->P < 1 ||
         w->P > 8 || w->G < 32 || w->K % w->G || (w->G != w->K && w->G > 256) ||
-        (w->uniform != 0 && w->uniform != 1) || (w->scale8 != 0 && w->scale8 != 1) || (exact != 0 && exact != 1))
+        (w->uniform != 0 && w->uniform != 1) || (w->scale8 != 0 && w->scale8 != 1) || (exact != 0 && exact != 1) ||
+        (w->int_grid != 0 && (w->int_grid != 1 || !w->uniform || w->offsets)))
         return LUT_EINVAL;
     int32_t K = w->K, Kb = lut_act_block(K, w->G), ntab = exact ? 2 : 1;
     size_t tab_bytes = (size_t)n * ntab * K * 4, ts_bytes = (size_t)n * (K / Kb) * sizeof(float);

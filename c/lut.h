@@ -8,6 +8,9 @@
  * scale8=1 stores each scale as an 8-bit float (lut_f8 in lut_internal.h) and
  * each offset as an int8 count of eighths of the row and group's first scale:
  * 4-bit uniform groups of 32 then cost 4 + 8/32 + 8/32 = 4.5 bits per weight.
+ * int_grid=1 (uniform, no stored offsets) implies each group's offset as -h:
+ * the levels are 2h times the integers -2^(P-1) .. 2^(P-1)-1, zero among them,
+ * the grid of llama.cpp's Q4_0, Q5_0 and Q8_0, kept exactly at their bits.
  * The byte layout is specified by lutkernels/layout.py (the executable spec):
  *     planes  uint8  [ceil(M/16)][K/32][P][64]
  *     scales  fp16   [ceil(M/16)][K/G][S][16]   (uint8 codes when scale8)
@@ -21,6 +24,7 @@ typedef struct lut_layer {
     int32_t M, K, P, G;
     int32_t uniform; /* 0: a scale per plane; 1: one scale, plane p's implied as scale * 2^p */
     int32_t scale8;  /* 0: fp16 scales and offsets; 1: 8-bit float scales, int8 offsets */
+    int32_t int_grid; /* 1: offsets not stored, each -h (uniform layers only) */
     const uint8_t *planes;
     const void *scales;
     const void *offsets;

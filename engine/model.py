@@ -42,20 +42,39 @@ class Dense:
 
 
 class Packed:
-    """y = x @ W.T through the C kernels (LUT or trellis), descriptor built once."""
+    """y = x @ W.T through the C kernels (LUT or trellis), descriptor built once; exact: LUT
+    tables of 12-bit activations instead of int8 tables (lut.h)."""
 
-    def __init__(self, w: lk.PackedLinear | lk.TrellisLinear):
+    def __init__(self, w: lk.PackedLinear | lk.TrellisLinear, exact: bool = False):
         self.layer = lk.layer(w)
+        self.exact = exact
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return lk.gemm(self.layer, np.ascontiguousarray(x))
+        return lk.gemm(self.layer, np.ascontiguousarray(x), exact=self.exact)
 
     def bind(self, x: np.ndarray, y: np.ndarray):
-        return ops.bind_gemv(self.layer, x, y)
+        return ops.bind_gemv(self.layer, x, y, self.exact)
 
 
-def linear(w: Weight) -> Dense | Packed:
-    return Packed(w) if isinstance(w, lk.QUANTIZED) else Dense(w)
+def linear(w: Weight, exact: bool = False) -> Dense | Packed:
+    return Packed(w, exact) if isinstance(w, lk.QUANTIZED) else Dense(w)
+
+
+EXACT_BPW = 5.0  # linear layers storing this many bits per weight or more run exact tables
+
+
+def exact_tables(config: ModelConfig, weights: dict[str, Weight]) -> bool:
+    """Whether the model's LUT layers, head included, should build exact tables: when its
+    linear layers store EXACT_BPW bits per weight or more, int8 tables round the activations
+    about as coarsely as the weights are rounded. Qwen2.5-Coder rtn8g32 (9 bpw), wiki / c4:
+    int8 tables 20.331 / 53.316, exact 20.309 / 53.148, dense 20.292 / 53.199. Below it the
+    weights' rounding dominates and int8 tables (one lookup per slice, not two) keep decode fast."""
+    layers = [w for i in range(config.n_layers) for n in config.linear_shapes()
+              if isinstance(w := weights[f"model.layers.{i}.{n}"], lk.PackedLinear)]
+    if not layers:
+        return False
+    bits = sum(8 * w.nbytes() for w in layers) / sum(w.M * w.K for w in layers)
+    return bits >= EXACT_BPW
 
 
 @dataclass
@@ -121,8 +140,9 @@ class Transformer:
         self.embed = weights[EMBED]
         self.norm = np.asarray(weights[NORM], np.float32)
         head = weights.get(HEAD, self.embed)
-        self.head = linear(head if isinstance(head, lk.QUANTIZED) else np.asarray(head, np.float32))
-        self.blocks = [_block(config, weights, i) for i in range(config.n_layers)]
+        self.exact = exact_tables(config, weights)
+        self.head = linear(head if isinstance(head, lk.QUANTIZED) else np.asarray(head, np.float32), self.exact)
+        self.blocks = [_block(config, weights, i, self.exact) for i in range(config.n_layers)]
         self.mlp_rotation = mlp_rotation(weights)
         self.cos, self.sin = rope_tables(config, self.max_context)
         shape = (config.n_layers, self.max_context, config.n_kv_heads, config.head_dim)
@@ -306,22 +326,23 @@ def _add(x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     return x
 
 
-def _block(c: ModelConfig, w: dict[str, Weight], i: int) -> Block:
+def _block(c: ModelConfig, w: dict[str, Weight], i: int, exact: bool) -> Block:
     p = f"model.layers.{i}."
 
     def bias(name):
         return np.asarray(w[p + name], np.float32) if c.qkv_bias else None
 
+    def lin(name):
+        return linear(w[p + name], exact)
+
     return Block(
         attn_norm=np.asarray(w[p + "input_layernorm.weight"], np.float32),
-        q=linear(w[p + "self_attn.q_proj.weight"]), k=linear(w[p + "self_attn.k_proj.weight"]),
-        v=linear(w[p + "self_attn.v_proj.weight"]),
+        q=lin("self_attn.q_proj.weight"), k=lin("self_attn.k_proj.weight"), v=lin("self_attn.v_proj.weight"),
         q_bias=bias("self_attn.q_proj.bias"), k_bias=bias("self_attn.k_proj.bias"),
         v_bias=bias("self_attn.v_proj.bias"),
-        o=linear(w[p + "self_attn.o_proj.weight"]),
+        o=lin("self_attn.o_proj.weight"),
         mlp_norm=np.asarray(w[p + "post_attention_layernorm.weight"], np.float32),
-        gate=linear(w[p + "mlp.gate_proj.weight"]), up=linear(w[p + "mlp.up_proj.weight"]),
-        down=linear(w[p + "mlp.down_proj.weight"]),
+        gate=lin("mlp.gate_proj.weight"), up=lin("mlp.up_proj.weight"), down=lin("mlp.down_proj.weight"),
     )
 
 

@@ -28,8 +28,9 @@ def add_arguments(p) -> None:
                    help="the best recipe for a budget of B bits per weight on the linear layers: each layer's bits "
                         "and group where its output error is largest (gptq; --method rtn: no calibration)")
     p.add_argument("--method", help=f"rtn, hlq, gptq, msb, binary or ternary (default: {DEFAULT['method']})")
-    p.add_argument("--grid", help="grid gptq rounds to: rtn, hlq, msb, or trellis (each column's bits chosen by the "
-                   "Viterbi algorithm, 1..6 bits) (default: trellis with --bpw below 4, else rtn)")
+    p.add_argument("--grid", help="grid rtn and gptq round to: rtn, int (integer levels, no stored offsets: llama.cpp's "
+                   "Q4_0/Q5_0/Q8_0 grid, kept exactly), and for gptq hlq, msb, or trellis (each column's bits chosen "
+                   "by the Viterbi algorithm, 1..6 bits) (default: trellis with --bpw below 4, else rtn)")
     p.add_argument("--bits", type=int, default=DEFAULT["bits"], help="planes per weight, 1..8 (msb: a sign plane + bits-1 magnitude planes; binary 1 or 2; "
                         "ternary 2) (default: %(default)s)")
     p.add_argument("--group", type=int, default=DEFAULT["group"],

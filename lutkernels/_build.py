@@ -19,6 +19,7 @@ typedef struct lut_layer {
     int32_t M, K, P, G;
     int32_t uniform;
     int32_t scale8;
+    int32_t int_grid;
     const uint8_t *planes;
     const void *scales;
     const void *offsets;

@@ -73,6 +73,7 @@ class Layer:
         self.c.M, self.c.K, self.c.P, self.c.G = w.M, w.K, w.P, w.G
         self.c.uniform = int(bool(w.uniform))
         self.c.scale8 = int(bool(w.scale8))
+        self.c.int_grid = int(bool(w.int_grid))
         self.c.planes = ffi.from_buffer("uint8_t[]", w.planes)
         self.c.scales = ffi.from_buffer(w.scales)
         self.c.offsets = ffi.NULL if w.offsets is None else ffi.from_buffer(w.offsets)

@@ -16,6 +16,12 @@ Two scale modes share everything else:
                Storing h rather than s lets the kernels combine the planes'
                integer sums as sum_p 2^p * S_p and multiply once by h.
 
+The integer grid (int_grid=True: uniform, no stored offsets) implies each
+row and group's offset as -h: the levels are 2h times the integers
+-2^(P-1) .. 2^(P-1)-1, zero among them. It is llama.cpp's Q4_0 / Q5_0 / Q8_0
+grid, so a source stored in those types is kept exactly at their bits
+(h = d/2; a negative h mirrors the grid, as a negative d does there).
+
 Two storage widths for scales and offsets share everything else too:
 
     16-bit     (scale8=False) float16 scales and offsets;
@@ -68,6 +74,7 @@ class PackedLinear:
     offsets: np.ndarray | None
     uniform: bool = False  # one stored scale per row and group, plane p's implied as scale * 2^p
     scale8: bool = False  # 8-bit float scales and int8 offsets instead of float16
+    int_grid: bool = False  # offsets not stored: each is -h (uniform only), the levels 2h * integers
 
     @property
     def tiles(self) -> int:
@@ -144,9 +151,11 @@ def offset8_decode(counts, h0) -> np.ndarray:
     return (np.asarray(h0, np.float32) * np.asarray(counts, np.float32)) * np.float32(0.125)
 
 
-def pack(planes, scales, offsets=None, uniform: bool = False, scale8: bool = False) -> PackedLinear:
+def pack(planes, scales, offsets=None, uniform: bool = False, scale8: bool = False,
+         int_grid: bool = False) -> PackedLinear:
     """planes: [P, M, K] of +-1 (or bool, True = +1); scales: [P, M, K/G], or when uniform
-    [1, M, K/G] holding plane 0's scale h (plane p's is h * 2^p); offsets: [M, K/G].
+    [1, M, K/G] holding plane 0's scale h (plane p's is h * 2^p); offsets: [M, K/G];
+    int_grid: uniform, offsets None, each implied as -h.
     Scales and offsets are rounded to what is stored: float16, or with scale8 the
     nearest 8-bit float (scales outside [0, F8_MAX] are an error) and the nearest
     eighth of the decoded first scale (offsets beyond 127 eighths are an error)."""
@@ -161,6 +170,8 @@ def pack(planes, scales, offsets=None, uniform: bool = False, scale8: bool = Fal
                           f"got shape {scales.shape}")
     G = K // scales.shape[2] if K >= CHUNK and K % CHUNK == 0 else 0
     check_shape(M, K, P, G if G else -1)
+    if int_grid and (not uniform or offsets is not None):
+        raise LayoutError("the integer grid is a uniform layer whose offsets are implied (-h), not stored")
     if offsets is not None:
         offsets = np.asarray(offsets, dtype=np.float32)
         if offsets.shape != (M, K // G):
@@ -183,7 +194,7 @@ def pack(planes, scales, offsets=None, uniform: bool = False, scale8: bool = Fal
         off = np.ascontiguousarray(off.reshape(Mt, TILE, K // G).transpose(0, 2, 1))
     sc = sc.reshape(S, Mt, TILE, K // G).transpose(1, 3, 0, 2)
     return PackedLinear(M, K, P, G, np.ascontiguousarray(packed), np.ascontiguousarray(sc), off, bool(uniform),
-                        bool(scale8))
+                        bool(scale8), bool(int_grid))
 
 
 def stored_scales(w: PackedLinear) -> np.ndarray:
@@ -195,7 +206,8 @@ def stored_scales(w: PackedLinear) -> np.ndarray:
 
 def unpack(w: PackedLinear):
     """Inverse of pack: (planes int8 [P, M, K] of +-1, scales float32 [P, M, K/G], offsets or None).
-    Uniform scales come back expanded to every plane (h * 2^p, exact in float32)."""
+    Uniform scales come back expanded to every plane (h * 2^p, exact in float32); the integer
+    grid's implied offsets as -h."""
     Mt, C = w.tiles, w.K // CHUNK
     byte = w.planes.reshape(Mt, C, w.P, 4, TILE).transpose(2, 0, 4, 1, 3)  # [P, Mt, 16, C, 4 lanes]
     nib = np.stack([byte & 15, byte >> 4], axis=-2)  # [P, Mt, 16, C, 2, 4]
@@ -208,6 +220,8 @@ def unpack(w: PackedLinear):
     if w.offsets is not None:
         offsets = w.offsets.transpose(0, 2, 1).reshape(Mt * TILE, w.K // w.G)[: w.M]
         offsets = offset8_decode(offsets, scales[0]) if w.scale8 else offsets.astype(np.float32)
+    elif w.int_grid:
+        offsets = -scales[0]
     return planes, scales, offsets
 
 

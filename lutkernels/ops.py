@@ -23,14 +23,14 @@ def _ptr(a: np.ndarray | None, size: int, name: str):
     return ffi.cast("float *", ffi.from_buffer(a))
 
 
-def bind_gemv(w, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
-    """y = W x for one token (fast mode); x holds K floats, y M floats."""
+def bind_gemv(w, x: np.ndarray, y: np.ndarray, exact: bool = False) -> Callable[[], None]:
+    """y = W x for one token (exact: LUT layers build exact tables); x holds K floats, y M floats."""
     L = layer(w)
     xp, yp = _ptr(x, L.w.K, "x"), _ptr(y, L.w.M, "y")
     if isinstance(L, TrellisLayer):
         fn, args = lib.lut_trellis_gemm, (L.c, xp, 1, yp, ffi.NULL)
     else:
-        fn, args = lib.lut_gemm, (L.c, xp, 1, yp, 0, ffi.NULL)
+        fn, args = lib.lut_gemm, (L.c, xp, 1, yp, int(bool(exact)), ffi.NULL)
     name = L.C_NAME
 
     def call(keep=(L, x, y)):

@@ -8,6 +8,7 @@ import numpy as np
 
 from .layout import TILE, PackedLinear, act_block, stored_scales, unpack
 
+EXACT_Q = 2047  # exact-mode activations: integers up to this (c/lut_internal.h LUT_EXACT_Q)
 _IDX = np.arange(16)
 _BITS = ((_IDX[:, None] >> np.arange(4)) & 1).astype(bool)  # [16 entries, 4 activations]
 
@@ -28,21 +29,21 @@ def tables(x: np.ndarray, K: int, G: int, exact: bool):
     """x [N, K] -> (int tables [N, K/4, 16] as int32, block scales float32 [N, K/Kb]).
 
     Fast mode: int8 tables, scale max|T| / 127 per block. Exact mode: the tables
-    are the exact integer sums of int8-quantized activations (|T| <= 508); the C
-    side stores them as two signed byte planes T = 256*hi + lo."""
+    are the exact integer sums of activations rounded to integers up to EXACT_Q
+    (|T| <= 4 * EXACT_Q); the C side stores them as two signed byte planes T = 256*hi + lo."""
     Kb = act_block(K, G)
     N = x.shape[0]
     xb = x.astype(np.float32).reshape(N, K // Kb, Kb)
     if exact:
         maxabs = np.abs(xb).max(-1)
-        inv = np.where(maxabs > 0, np.float32(127) / np.where(maxabs > 0, maxabs, 1), 0).astype(np.float32)
-        q = np.clip(np.rint(xb * inv[..., None]), -127, 127).astype(np.int32).reshape(N, K // 4, 4)
+        inv = np.where(maxabs > 0, np.float32(EXACT_Q) / np.where(maxabs > 0, maxabs, 1), 0).astype(np.float32)
+        q = np.clip(np.rint(xb * inv[..., None]), -EXACT_Q, EXACT_Q).astype(np.int32).reshape(N, K // 4, 4)
         T = np.where(_BITS, q[:, :, None, :], -q[:, :, None, :]).sum(-1)
-    else:
-        t = _sums16(xb.reshape(N, K // Kb, Kb // 4, 4))
-        maxabs = np.abs(t).max(axis=(-1, -2))
-        inv = np.where(maxabs > 0, np.float32(127) / np.where(maxabs > 0, maxabs, 1), 0).astype(np.float32)
-        T = np.clip(np.rint(t * inv[..., None, None]), -127, 127).astype(np.int32).reshape(N, K // 4, 16)
+        return T, (maxabs / np.float32(EXACT_Q)).astype(np.float32)
+    t = _sums16(xb.reshape(N, K // Kb, Kb // 4, 4))
+    maxabs = np.abs(t).max(axis=(-1, -2))
+    inv = np.where(maxabs > 0, np.float32(127) / np.where(maxabs > 0, maxabs, 1), 0).astype(np.float32)
+    T = np.clip(np.rint(t * inv[..., None, None]), -127, 127).astype(np.int32).reshape(N, K // 4, 16)
     return T, (maxabs / np.float32(127)).astype(np.float32)
 
 

@@ -14,7 +14,7 @@ Layout (readable by the safetensors library):
     __metadata__["lutengine"] is a JSON string:
         format_version, config (ModelConfig.to_dict()), tokenizer (tokenizer.json text),
         bos_id, eos_ids, add_bos, chat_template,
-        tensors: {name: {method, bits, planes, group, M, K, offsets, uniform, scale_bits, bpw}}, or for a
+        tensors: {name: {method, bits, planes, group, M, K, offsets, uniform, scale_bits, int_grid, bpw}}, or for a
             trellis layer {format: "trellis", method, bits, M, K, bpw},
         source: {path, sha256}, quantizer (the settings that made the file).
 
@@ -27,10 +27,10 @@ Version 2 added uniform layers (one scale per row and group, lutkernels/layout.p
 version 1 stored one per plane for every layer); version 3 added 8-bit scales
 (scale_bits, U8 scales and I8 offsets); version 4 the MLP rotation of a rotated
 model (F32 model.mlp_rotation.signs and .mix, engine/model.py), which an older
-reader would ignore and so compute the wrong function; version 5 trellis-coded layers. Version 2
-to 4 files read as version 5 files with 16-bit scales (version 2), no MLP rotation (2 and 3) and
-no trellis layers; a file of another
-version is refused, an older one with a request to quantize again.
+reader would ignore and so compute the wrong function; version 5 trellis-coded layers; version 6
+the integer grid (int_grid: offsets implied, not stored). Version 2 to 5 files read as version 6
+files with 16-bit scales (version 2), no MLP rotation (2 and 3), no trellis layers (2 to 4) and
+no integer grid; a file of another version is refused, an older one with a request to quantize again.
 """
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ import lutkernels as lk
 from .config import ModelConfig, ModelError, check_architecture, check_mlp_rotation
 from .source import ModelSource, TokenizerInfo
 
-FORMAT_VERSION = 5
-OLDEST_READ = 2  # versions 3 and 4 only added things whose absence means what version 2 stored
+FORMAT_VERSION = 6
+OLDEST_READ = 2  # versions 3 to 6 only added things whose absence means what version 2 stored
 KEY = "lutengine"
 ALIGN = 64
 MAX_HEADER = 100 << 20  # a header is a few hundred KB even for large models; more means a corrupt length
@@ -145,7 +145,7 @@ def _flatten(weights: dict, info: dict) -> tuple[dict[str, np.ndarray], dict]:
             tensor_meta[name] = {"method": i.get("method", "unknown"), "bits": i.get("bits", w.P), "planes": w.P,
                                  "group": w.G, "M": w.M, "K": w.K, "offsets": w.offsets is not None,
                                  "uniform": w.uniform, "scale_bits": 8 if w.scale8 else 16,
-                                 "bpw": w.bits_per_weight()}
+                                 "int_grid": w.int_grid, "bpw": w.bits_per_weight()}
         else:
             a = np.asarray(w)
             if a.dtype not in (np.float16, np.float32):
@@ -270,10 +270,13 @@ def _packed(arrays: dict[str, np.ndarray], name: str, info, path: Path) -> lk.Pa
         return _trellis(arrays, name, info, path)
     try:
         M, K, P, G, has_off, uniform = (info[k] for k in ("M", "K", "planes", "group", "offsets", "uniform"))
-        scale_bits = info.get("scale_bits", 16)
+        scale_bits, int_grid = info.get("scale_bits", 16), info.get("int_grid", False)
         lk.check_shape(M, K, P, G)
-        if not isinstance(uniform, bool):
-            raise TypeError(f"uniform must be true or false, got {uniform!r}")
+        for key, v in (("uniform", uniform), ("int_grid", int_grid)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{key} must be true or false, got {v!r}")
+        if int_grid and (not uniform or has_off):
+            raise TypeError("int_grid needs a uniform layer without stored offsets")
         if scale_bits not in (8, 16) or isinstance(scale_bits, bool):
             raise TypeError(f"scale_bits must be 16 or 8, got {scale_bits!r}")
     except (KeyError, TypeError, lk.LayoutError) as e:
@@ -299,7 +302,8 @@ def _packed(arrays: dict[str, np.ndarray], name: str, info, path: Path) -> lk.Pa
                              f"(M={M}, K={K}, P={P}, G={G}, uniform={uniform}, scale_bits={scale_bits}) "
                              f"needs {dtype} {list(shape)}")
         parts[part] = a
-    return lk.PackedLinear(M, K, P, G, parts["planes"], parts["scales"], parts["offsets"], uniform, scale_bits == 8)
+    return lk.PackedLinear(M, K, P, G, parts["planes"], parts["scales"], parts["offsets"], uniform, scale_bits == 8,
+                           int_grid)
 
 
 def _trellis(arrays: dict[str, np.ndarray], name: str, info: dict, path: Path) -> lk.TrellisLinear:

@@ -8,8 +8,8 @@ the compiled module), so vectors can be made where the C core is not built,
 e.g. for a cross-compiled harness.
 
 File format, little-endian:
-    header  char[8] "LUTVEC3\\0", uint32 0x01020304 (byte-order check), uint32 ncases
-    case    int32 M, K, P, G, Kb, has_offsets, N, exact, uniform, scale8
+    header  char[8] "LUTVEC4\\0", uint32 0x01020304 (byte-order check), uint32 ncases
+    case    int32 M, K, P, G, Kb, has_offsets, N, exact, uniform, scale8, int_grid
             uint8   planes  [Mt, K/32, P, 64]
             uint16  scales  [Mt, K/G, S, 16]         (fp16 bits, or uint8 codes if scale8; S = 1 if uniform else P)
             uint16  offsets [Mt, K/G, 16]            (only if has_offsets; fp16 bits, or int8 if scale8)
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-MAGIC = b"LUTVEC3\0"
+MAGIC = b"LUTVEC4\0"
 GROUPS = (32, 64, 128, 256, "K")
 
 
@@ -60,8 +60,9 @@ def magnitude(w, x, sums, exact):
 def plan(ncases, rng):
     """Shapes. G, exact, offsets, uniform and 8-bit scales cycle with periods 5,
     2, 4, 8 and 16, so any 80 consecutive cases hold all 80 combinations; the
-    edge cases that replace the first slots leave 80 consecutive ones from 94
-    cases on."""
+    edge cases that replace the first slots leave 80 consecutive ones from 95
+    cases on. Uniform layers without offsets take the integer grid every other
+    16 cases (period 32)."""
     out = []
     for i in range(ncases):
         G = GROUPS[i % 5]
@@ -73,8 +74,10 @@ def plan(ncases, rng):
         M = int(rng.integers(1, 81))
         if i % 4 == 0:
             M = 16 * int(rng.integers(1, 5))  # whole tiles too, not only a partial last one
-        out.append(dict(M=M, K=K, P=int(rng.integers(1, 9)), G=G, off=(i // 2) % 2 == 1, N=1 + i % 3,
-                        exact=i % 2 == 1, uniform=(i // 4) % 2 == 1, scale8=(i // 8) % 2 == 1, kind="random"))
+        off, uniform = (i // 2) % 2 == 1, (i // 4) % 2 == 1
+        out.append(dict(M=M, K=K, P=int(rng.integers(1, 9)), G=G, off=off, N=1 + i % 3, exact=i % 2 == 1,
+                        uniform=uniform, scale8=(i // 8) % 2 == 1, int_grid=uniform and not off and (i // 16) % 2 == 1,
+                        kind="random"))
     # Edge cases overwrite the first slots so the count stays ncases.
     edges = [
         dict(M=1, K=32, P=1, G=32, off=False, N=1, exact=False, uniform=False, kind="random"),
@@ -84,7 +87,7 @@ def plan(ncases, rng):
         dict(M=31, K=1024, P=8, G=1024, off=True, N=3, exact=True, uniform=False, kind="random"),  # act block 256
         dict(M=20, K=512, P=2, G=256, off=False, N=2, exact=False, uniform=False, kind="extreme"),  # int16, fast
         dict(M=20, K=1024, P=2, G=1024, off=True, N=1, exact=True, uniform=False, kind="extreme"),  # int16, exact
-        # the uniform combination's bound: 8 equal planes, 255 * 64 * 127 (fast), 255 * 64 * 508 (exact)
+        # the uniform combination's bound: 8 equal planes, 255 * 64 * 127 (fast), 255 * 64 * 8188 (exact)
         dict(M=20, K=512, P=8, G=256, off=True, N=2, exact=False, uniform=True, kind="extreme"),
         dict(M=20, K=1024, P=8, G=1024, off=False, N=1, exact=True, uniform=True, kind="extreme_sum"),
         dict(M=25, K=256, P=4, G=64, off=True, N=3, exact=False, uniform=True, kind="zero_token"),
@@ -94,9 +97,11 @@ def plan(ncases, rng):
         # a run of 5 planes summed in int16 at its bound (lut_plane_run): 31 * 8 lookups of 127 (fast), of -128 (exact)
         dict(M=20, K=256, P=5, G=32, off=True, N=1, exact=False, uniform=True, kind="extreme_run"),
         dict(M=20, K=256, P=5, G=32, off=False, N=1, exact=True, uniform=True, kind="extreme_run"),
+        dict(M=24, K=256, P=5, G=32, off=False, N=2, exact=True, uniform=True, int_grid=True, kind="random"),
     ]
     for e in edges:
         e.setdefault("scale8", False)
+        e.setdefault("int_grid", False)
     out[: len(edges)] = edges[:ncases]
     return out
 
@@ -114,20 +119,20 @@ def make_case(c, rng):
     x = (rng.standard_normal((N, K)) * rng.uniform(0.01, 100)).astype(np.float32)
     if c["kind"] == "extreme_sum":
         # Exact mode, the largest block sum: all activations equal quantize to
-        # 127, so the all-+1 entry is 508 and a 256-activation block sums to
-        # +-32512 in every plane.
+        # 2047, so the all-+1 entry is 8188 and a 256-activation block sums to
+        # +-524032 in every plane.
         planes[:] = np.where(np.arange(M)[None, :, None] % 2 == 0, 1, -1)
         x[:] = 127.0
     elif c["kind"] == "extreme":
         # Every lookup of a row picks the same extreme entry: rows alternate
         # all +1 / all -1. Fast mode: constant x makes that entry +-127, so a
         # 256-activation block sums to +-8128. Exact mode: groups summing to
-        # 128 make the low byte -128 (the exact bound, -8192 per block).
+        # 128 mod 256 make the low byte -128 (the exact bound, -8192 per block).
         planes[:] = np.where(np.arange(M)[None, :, None] % 2 == 0, 1, -1)
         if c["exact"]:
             x[:] = 32.0
-            x[:, ::256] = 127.0  # the block maximum, so the activations quantize to themselves
-            x[:, 1::256] = 1.0
+            x[:, ::256] = 2047.0  # the block maximum, so the activations quantize to themselves
+            x[:, 1::256] = 129.0
             x[:, 2::256] = 0.0
             x[:, 3::256] = 0.0
         else:
@@ -137,29 +142,29 @@ def make_case(c, rng):
     elif c["kind"] == "extreme_run":
         planes[:] = np.where(np.arange(M)[None, :, None] % 2 == 0, 1, -1)
         x[:] = 1.0
-        if c["exact"]:  # as "extreme", per 32-activation block: every group sums to 128, low byte -128
+        if c["exact"]:  # as "extreme", per 32-activation block: every group sums to 128 mod 256, low byte -128
             x[:] = 32.0
-            x[:, ::32], x[:, 1::32], x[:, 2::32], x[:, 3::32] = 127.0, 1.0, 0.0, 0.0
+            x[:, ::32], x[:, 1::32], x[:, 2::32], x[:, 3::32] = 2047.0, 129.0, 0.0, 0.0
     elif c["kind"] == "f8_range":
         scales[:] = rng.choice(layout.F8_VALUES[[0, 1, 2, 254, 255]], scales.shape)
         offsets[:] = scales[0] * rng.choice([-16.0, 15.875, 0.125], offsets.shape)
     elif c["kind"] == "subnormal":
         scales *= 1e-6  # mostly float16 subnormals
         offsets *= 1e-6
-    w = layout.pack(planes, scales, offsets, uniform=c["uniform"], scale8=c["scale8"])
+    w = layout.pack(planes, scales, offsets, uniform=c["uniform"], scale8=c["scale8"], int_grid=c["int_grid"])
     y, sums = reference.gemm(w, x, c["exact"])
     return w, x, y, sums, magnitude(w, x, sums, c["exact"])
 
 
-def write(path, ncases=94, seed=0):
+def write(path, ncases=95, seed=0):
     rng = np.random.default_rng(seed)
     with open(path, "wb") as f:
         f.write(MAGIC + struct.pack("<II", 0x01020304, ncases))
         for c in plan(ncases, rng):
             w, x, y, sums, mag = make_case(c, rng)
             Kb = layout.act_block(w.K, w.G)
-            f.write(struct.pack("<10i", w.M, w.K, w.P, w.G, Kb, int(w.offsets is not None), x.shape[0], int(c["exact"]),
-                                int(w.uniform), int(w.scale8)))
+            f.write(struct.pack("<11i", w.M, w.K, w.P, w.G, Kb, int(w.offsets is not None), x.shape[0], int(c["exact"]),
+                                int(w.uniform), int(w.scale8), int(w.int_grid)))
             arrays = [w.planes.astype("<u1"), w.scales if w.scale8 else w.scales.view(np.uint16).astype("<u2")]
             if w.offsets is not None:
                 arrays.append(w.offsets if w.scale8 else w.offsets.view(np.uint16).astype("<u2"))
@@ -171,7 +176,7 @@ def write(path, ncases=94, seed=0):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
-    ap.add_argument("--cases", type=int, default=94)
+    ap.add_argument("--cases", type=int, default=95)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.cases < 1:

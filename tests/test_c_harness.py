@@ -11,7 +11,7 @@ import pytest
 import lutkernels as lk
 
 ROOT = Path(__file__).resolve().parent.parent
-NCASES = 94  # every combination of G, exact, offsets, uniform and scale8 after the edge cases (gen_vectors.plan)
+NCASES = 95  # every combination of G, exact, offsets, uniform and scale8 after the edge cases (gen_vectors.plan)
 THREAD_COUNTS = 2  # test_lut.c runs every ISA on 1 and 2 threads
 
 

@@ -113,14 +113,14 @@ def test_uniform_is_the_per_plane_layer_it_implies(restore_kernel_state, isa, ex
 
 
 def test_exact_mode_equals_integer_product():
-    """Exact mode's integer sums are sum_k B[k] * q[k] with q the int8 activations."""
+    """Exact mode's integer sums are sum_k B[k] * q[k] with q the activations rounded to 12-bit integers."""
     rng = np.random.default_rng(4)
     M, K, P, G = 40, 512, 2, 128
     planes, scales, offs = random_layer(rng, M, K, P, G, False)
     w = lk.pack(planes, scales)
     x = rng.standard_normal((2, K)).astype(np.float32)
     xb = x.reshape(2, K // G, G)
-    q = np.clip(np.rint(xb * (np.float32(127) / np.abs(xb).max(-1, keepdims=True))), -127, 127).astype(np.int64)
+    q = np.clip(np.rint(xb * (np.float32(2047) / np.abs(xb).max(-1, keepdims=True))), -2047, 2047).astype(np.int64)
     expect = np.einsum("pmbk,nbk->nmpb", planes.reshape(P, M, K // G, G).astype(np.int64), q)
     _, sums = run(w, x, True, lk.get_isa(), 1)
     np.testing.assert_array_equal(sums[:, :M], expect)

@@ -81,7 +81,7 @@ def _root(a):
 def test_metadata(src, saved):
     q = qfile.load(saved)
     m = q.meta
-    assert m["format_version"] == qfile.FORMAT_VERSION == 5
+    assert m["format_version"] == qfile.FORMAT_VERSION == 6
     assert m["source"] == {"path": str(src.path), "sha256": "ab" * 32}
     assert m["quantizer"] == {**DEFAULT, "bits": 3, "scale_bits": 8, "grid": "rtn", "act_order": False, "rotate": False,
                               "dense_target": 0.0}  # rtn at <= 4 bits: 8-bit scales
@@ -89,7 +89,7 @@ def test_metadata(src, saved):
     w = q.packed[Q_PROJ]
     G = rtn.group_size(64, DEFAULT["group"])
     assert t == {"method": "rtn", "bits": 3, "planes": 3, "group": G, "M": 64, "K": 64, "offsets": True,
-                 "uniform": True, "scale_bits": 8, "bpw": w.bits_per_weight()}
+                 "uniform": True, "scale_bits": 8, "int_grid": False, "bpw": w.bits_per_weight()}
     # RTN layers are uniform: one 8-bit scale per group, the honest 3 + 8/G + 8/G bits
     assert w.uniform and w.scales.shape == (4, 64 // G, 1, 16) and t["bpw"] == 3 + 16 / G
     assert m["tensors"]["lm_head.weight"]["bits"] == 8

@@ -34,7 +34,7 @@ def group_sse(W, Wq, G):
 
 def gptq_planes(W, X, bits, G, grid="rtn", act_order=False, symmetric=False):
     f = gptq.factor(X.T.astype(np.float64) @ X / len(X), act_order)
-    fit = (lambda Wg: hlq.rtn_grid(Wg, bits, symmetric)) if grid == "rtn" else \
+    fit = (lambda Wg: hlq.rtn_grid(Wg, bits, symmetric, int_grid=grid == "int")) if grid in ("rtn", "int") else \
         (lambda Wg: hlq.fit_groups(Wg, bits, symmetric)[0])
     return gptq.quantize(W, f, G, fit)
 
@@ -94,27 +94,28 @@ def test_grid_rounds_to_the_nearest_level():
 # ---- GPTQ -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("grid", ["rtn", "hlq"])
+@pytest.mark.parametrize("grid", ["rtn", "hlq", "int"])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_lowers_the_calibration_output_error_at_equal_bits(bits, grid, act_order):
     rng = np.random.default_rng(bits)
     W, X = heavy_tailed(rng, 64, 256), correlated_inputs(rng, 2048, 256)
     p = gptq_planes(W, X, bits, 64, grid, act_order)
-    base = hlq.fit(W, bits, 64) if grid == "hlq" else rtn.to_packed(rtn.codes(W, bits, 64))
+    base = hlq.fit(W, bits, 64) if grid == "hlq" else rtn.to_packed(rtn.codes(W, bits, 64, int_grid=grid == "int"))
     base = base.packed() if grid == "hlq" else base
-    assert p.packed().bits_per_weight() == base.bits_per_weight()
+    assert p.packed(int_grid=grid == "int").bits_per_weight() == base.bits_per_weight()
     assert output_error(W, p.dense(), X) < 0.95 * output_error(W, lk.dense(base), X)
 
 
-@pytest.mark.parametrize("grid", ["rtn", "hlq"])
+@pytest.mark.parametrize("grid", ["rtn", "hlq", "int"])
 @pytest.mark.parametrize("G", [32, 256, 512])  # 512: one group per row, as a --bpw plan may choose
 def test_gptq_packed_layer_is_exactly_what_it_chose(grid, G):
     rng = np.random.default_rng(4)
     W, X = heavy_tailed(rng, 24, 512), correlated_inputs(rng, 1024, 512)
     p = gptq_planes(W, X, 3, G, grid, act_order=True)
-    packed = p.packed()
+    packed = p.packed(int_grid=grid == "int")
     np.testing.assert_array_equal(lk.dense(packed), p.dense())
-    assert packed.uniform == (grid == "rtn")  # a uniform grid stores one scale per group
+    assert packed.uniform == (grid != "hlq")  # a uniform grid stores one scale per group
+    assert (packed.offsets is None) == packed.int_grid == (grid == "int")
 
 
 def test_gptq_without_correlations_is_round_to_nearest():
@@ -402,12 +403,21 @@ def test_rotate_defaults_on_for_gptq_below_4_bits_per_weight():
     ({"n_calib": 0}, "n_calib must be"),
     ({"act_order": "yes"}, "act_order must be true or false"),
     ({"layers": {"*down*": {"bits": 9}}}, r"bits \(layer override '\*down\*'\) must be"),
-    ({"layers": {"*down*": {"method": "hlq"}}}, "may only set bits and group"),
+    ({"layers": {"*down*": {"method": "hlq"}}}, "may only set bits, group, scale_bits, grid"),
     ({"colour": 1}, "unknown quantizer settings: colour"),
     ({"scale_bits": 12}, "scale_bits must be 16 or 8, got 12"),
     ({"method": "hlq", "scale_bits": 8}, r"8-bit scales are made on the rtn grid \(method rtn or gptq\), not hlq"),
     ({"method": "gptq", "grid": "hlq", "calib": "c", "layers": {"*": {"scale_bits": 8}}}, "not gptq\\+hlq"),
     ({"layers": {"*down*": {"scale_bits": 4}}}, r"scale_bits \(layer override '\*down\*'\) must be 16 or 8"),
+    ({"grid": "hlq"}, "rtn rounds to the rtn or int grid, not 'hlq'"),
+    ({"grid": "int", "symmetric": True}, "the integer grid takes 2..8 bits on 16-bit scales and is symmetric by itself"),
+    ({"grid": "int", "scale_bits": 8}, "the integer grid takes"),
+    ({"grid": "int", "bits": 1}, "the integer grid takes"),
+    ({"layers": {"*down*": {"grid": "int", "bits": 1}}}, r"the integer grid \(layer override '\*down\*'\) takes"),
+    ({"layers": {"*down*": {"grid": "int", "scale_bits": 8}}}, r"the integer grid \(layer override '\*down\*'\)"),
+    ({"layers": {"*down*": {"grid": "hlq"}}}, "a grid override swaps the rtn and int grids"),
+    ({"method": "gptq", "grid": "hlq", "calib": "c", "layers": {"*down*": {"grid": "int"}}},
+     "a grid override swaps the rtn and int grids \(settings grid 'hlq'\)"),
 ])
 def test_bad_settings_are_one_line_errors(quant, message):
     with pytest.raises(ValueError, match=message):
@@ -418,6 +428,7 @@ def test_bad_settings_are_one_line_errors(quant, message):
     ({}, 8), ({"bits": 2}, 8), ({"bits": 8}, 16), ({"layers": {"*down*": {"bits": 6}}}, 16),
     ({"method": "hlq"}, 16), ({"bits": 8, "scale_bits": 8}, 8), ({"method": "gptq", "calib": "c"}, 8),
     ({"method": "gptq", "grid": "hlq", "calib": "c"}, 16), ({"bpw": 4.5}, None),  # None: the plan picks per layer
+    ({"grid": "int"}, 16),  # the integer grid stores no offsets: 16-bit scales
 ])
 def test_scale_bits_default_to_8_where_rtn_offsets_reach(quant, scale_bits):
     """8-bit offsets reach 16 plane-0 scales: enough for an rtn grid of up to 4 bits, not wider."""
@@ -442,4 +453,4 @@ def test_later_layer_overrides_win():
     s = settings({"bits": 2, "layers": {"*.mlp.*": {"bits": 3, "group": 64}, "*down*": {"bits": 4}}})
     assert layer_settings(s, "model.layers.0.mlp.down_proj.weight")[:2] == (4, 64)
     assert layer_settings(s, "model.layers.0.mlp.up_proj.weight")[:2] == (3, 64)
-    assert layer_settings(s, "model.layers.0.self_attn.q_proj.weight") == (2, 32, True)  # rtn <= 4 bits: 8-bit scales
+    assert layer_settings(s, "model.layers.0.self_attn.q_proj.weight") == (2, 32, True, False)  # rtn <= 4 bits: 8-bit scales

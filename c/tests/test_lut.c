@@ -29,7 +29,7 @@
 #define ACC_FILL 0x7f
 
 typedef struct {
-    int32_t M, K, P, G, Kb, has_off, N, exact, uniform, scale8;
+    int32_t M, K, P, G, Kb, has_off, N, exact, uniform, scale8, int_grid;
     size_t nplanes, nscales, noffsets, nx, nsums, ny;
     uint8_t *planes;
     void *scales, *offsets; /* fp16 bits, or uint8 / int8 when scale8 */
@@ -64,17 +64,18 @@ static int plausible(const int32_t *h) {
     int32_t M = h[0], K = h[1], P = h[2], G = h[3], Kb = h[4];
     return M >= 1 && M <= 65536 && K >= 32 && K <= 65536 && K % 32 == 0 && P >= 1 && P <= 8 && G >= 32 &&
            K % G == 0 && Kb >= 32 && Kb <= 256 && G % Kb == 0 && (h[5] == 0 || h[5] == 1) && h[6] >= 1 &&
-           h[6] <= 64 && (h[7] == 0 || h[7] == 1) && (h[8] == 0 || h[8] == 1) && (h[9] == 0 || h[9] == 1);
+           h[6] <= 64 && (h[7] == 0 || h[7] == 1) && (h[8] == 0 || h[8] == 1) && (h[9] == 0 || h[9] == 1) &&
+           (h[10] == 0 || (h[10] == 1 && h[8] == 1 && h[5] == 0));
 }
 
 static void read_case(FILE *f, const char *path, vcase *c) {
-    int32_t h[10];
-    if (fread(h, sizeof h[0], 10, f) != 10)
+    int32_t h[11];
+    if (fread(h, sizeof h[0], 11, f) != 11)
         fatal(path, "truncated");
     if (!plausible(h))
         fatal(path, "implausible case header");
     c->M = h[0], c->K = h[1], c->P = h[2], c->G = h[3], c->Kb = h[4], c->has_off = h[5], c->N = h[6], c->exact = h[7];
-    c->uniform = h[8], c->scale8 = h[9];
+    c->uniform = h[8], c->scale8 = h[9], c->int_grid = h[10];
     size_t Mt = (size_t)(c->M + 15) / 16, ng = (size_t)(c->K / c->G);
     c->nplanes = Mt * (size_t)(c->K / 32) * (size_t)c->P * 64;
     c->nscales = Mt * ng * (size_t)(c->uniform ? 1 : c->P) * 16; /* uniform: plane 0's scale only */
@@ -112,10 +113,11 @@ static int untouched(const void *p, size_t n, unsigned char byte) {
 /* One path of one case; returns 1 if it passed, else prints its first failure. */
 static int run_path(const vcase *c, int32_t ci, int32_t isa, int32_t threads, float *y, float *y_fused, int32_t *acc,
                     const float *y_scalar) {
-    char where[192];
+    char where[224];
     snprintf(where, sizeof where,
-             "case %d (M=%d K=%d P=%d G=%d offsets=%d N=%d exact=%d uniform=%d scale8=%d) %s threads=%d", ci, c->M,
-             c->K, c->P, c->G, c->has_off, c->N, c->exact, c->uniform, c->scale8, lut_isa_name(isa), threads);
+             "case %d (M=%d K=%d P=%d G=%d offsets=%d N=%d exact=%d uniform=%d scale8=%d int_grid=%d) %s threads=%d",
+             ci, c->M, c->K, c->P, c->G, c->has_off, c->N, c->exact, c->uniform, c->scale8, c->int_grid,
+             lut_isa_name(isa), threads);
     if (lut_act_block(c->K, c->G) != c->Kb) {
         printf("FAIL %s: lut_act_block %d, reference %d\n", where, lut_act_block(c->K, c->G), c->Kb);
         return 0;
@@ -125,7 +127,7 @@ static int run_path(const vcase *c, int32_t ci, int32_t isa, int32_t threads, fl
         return 0;
     }
     lut_layer w = {.M = c->M, .K = c->K, .P = c->P, .G = c->G, .uniform = c->uniform, .scale8 = c->scale8,
-                   .planes = c->planes,
+                   .int_grid = c->int_grid, .planes = c->planes,
                    .scales = c->scales, .offsets = c->offsets};
     memset(y, Y_FILL, (c->ny + GUARD) * sizeof *y);
     memset(acc, ACC_FILL, (c->nsums + GUARD) * sizeof *acc);
@@ -182,8 +184,8 @@ int main(int argc, char **argv) {
         fatal(path, "cannot open");
     char magic[8];
     uint32_t order, ncases;
-    if (fread(magic, 1, 8, f) != 8 || memcmp(magic, "LUTVEC3", 8) != 0)
-        fatal(path, "not a LUTVEC3 vectors file (remake it with tests/gen_vectors.py)");
+    if (fread(magic, 1, 8, f) != 8 || memcmp(magic, "LUTVEC4", 8) != 0)
+        fatal(path, "not a LUTVEC4 vectors file (remake it with tests/gen_vectors.py)");
     if (fread(&order, 4, 1, f) != 1 || fread(&ncases, 4, 1, f) != 1)
         fatal(path, "truncated");
     /* arrays are read in host order: the little-endian file's byte-order word rejects other hosts */

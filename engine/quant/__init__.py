@@ -20,14 +20,17 @@ Settings are a plain dict (stored verbatim in the quantized model file):
                The head keeps float16 scales
     head_bits  bits of the output head (lm_head, or a packed copy of a tied embedding),
                always round to nearest
-    grid       the grid gptq rounds to: "rtn", "hlq", "msb", or "trellis" (trellis.py: each column's
+    grid       the grid rtn and gptq round to: "rtn", "int" (rtn.py: the integer grid, levels s times
+               -2^(b-1) .. 2^(b-1) - 1 and no stored offset, as llama.cpp's Q4_0 / Q5_0 / Q8_0, which
+               it keeps exactly; 2..8 bits, float16 scales), and for gptq "hlq", "msb", or "trellis" (trellis.py: each column's
                stream chosen by the Viterbi algorithm, k <= 6 bits per weight, a float32 scale per row;
                layers planned above 6 bits go to the rtn grid); None: "trellis" for gptq under a budget
                below 4 bits, else "rtn" (SmolLM2 --bpw 3.3 wiki: 18.407 on the rtn grid, 16.399 on trellis)
     act_order  gptq takes columns by decreasing Hessian diagonal; None: on for gptq under a bpw budget
                (SmolLM2 --bpw 3.3: wiki 48.0 against 60.8 without) or on the trellis grid, off otherwise
     rotate     quantize in a rotated hidden space (rotate.py: exact, fused into the weights);
-               None: on for gptq, except under a budget of 4 bits or more, off otherwise (SmolLM2,
+               None: on for gptq, except under a budget of 4 bits or more or on the integer grid,
+               off otherwise (SmolLM2,
                wiki, measured before rtn's clip search: gptq 3 bits G 64 40.1 -> 26.8, gptq-rtn4g64 18.579 -> 16.569, rtn3g64
                117.5 -> 557; --bpw 4.5 14.714 -> 15.887, where 4 bits in groups of 32 can
                keep the Q4_1 source's own grid, which rotation dissolves)
@@ -42,8 +45,9 @@ Settings are a plain dict (stored verbatim in the quantized model file):
                itself (sample.py); with rtn/hlq a text only measures output errors
     n_calib    calibration sequences ...
     calib_len  ... of this many tokens (calib.py, sample.py)
-    layers     per-layer overrides {glob: {"bits": b, "group": g, "scale_bits": s}} on full tensor names
-               (fnmatch, e.g. "*.mlp.down_proj.weight"); later globs win
+    layers     per-layer overrides {glob: {"bits": b, "group": g, "scale_bits": s, "grid": "rtn" or "int"}}
+               on full tensor names (fnmatch, e.g. "*.mlp.down_proj.weight"); later globs win; a grid
+               override swaps the rtn grid and the integer grid
     bpw        a budget of bits per weight over the linear layers: layers gets the plan
                (budget.py) that spends it where the error costs the model most; method rtn
                (weight errors, no calibration) or gptq on the rtn grid
@@ -73,10 +77,12 @@ METHODS: dict[str, Callable | None] = {
     "ternary": lambda W, bits, group, symmetric: ternary.quantize(W, group)}
 PLANES = {"binary": (1, 2), "ternary": (2,)}  # methods that take only some plane counts
 # a group's weights [R, G] -> its grid, for gptq
-GRIDS = {"rtn": hlq.rtn_grid, "hlq": lambda Wg, bits, symmetric: hlq.fit_groups(Wg, bits, symmetric)[0],
+GRIDS = {"rtn": hlq.rtn_grid, "int": lambda Wg, bits, symmetric: hlq.rtn_grid(Wg, bits, int_grid=True),
+         "hlq": lambda Wg, bits, symmetric: hlq.fit_groups(Wg, bits, symmetric)[0],
          "msb": lambda Wg, bits, symmetric: msb.grid(Wg, bits - 1)}
 GRID_NAMES = (*GRIDS, "trellis")
-OVERRIDES = ("bits", "group", "scale_bits")
+ROUNDING = ("rtn", "int")  # the grids rtn rounds to; a layer override may swap them
+OVERRIDES = ("bits", "group", "scale_bits", "grid")
 DENSE_TARGET = 0.15  # gptq's default mix (gptq.aim)
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -99,12 +105,14 @@ def settings(quant: dict | None = None) -> dict:
         s["grid"] = "trellis" if s["method"] == "gptq" and s["bpw"] is not None and s["bpw"] < 4 else "rtn"
     if s["grid"] not in GRID_NAMES:
         raise ValueError(f"unknown gptq grid {s['grid']!r} (known: {', '.join(GRID_NAMES)})")
+    if s["method"] == "rtn" and s["grid"] not in ROUNDING:
+        raise ValueError(f"rtn rounds to the {' or '.join(ROUNDING)} grid, not {s['grid']!r}")
     _check_layer(s, "", s["method"])
     _check_int(s["head_bits"], "head_bits", 1, 8)
     if s["act_order"] is None:
         s["act_order"] = s["method"] == "gptq" and (s["bpw"] is not None or s["grid"] == "trellis")
-    if s["rotate"] is None:
-        s["rotate"] = s["method"] == "gptq" and (s["bpw"] is None or s["bpw"] < 4)
+    if s["rotate"] is None:  # the integer grid is there to keep a source's grid, which rotation dissolves
+        s["rotate"] = s["method"] == "gptq" and s["grid"] != "int" and (s["bpw"] is None or s["bpw"] < 4)
     if s["dense_target"] is None:
         low = s["bits"] <= 3 if s["bpw"] is None else s["bpw"] < 4
         s["dense_target"] = DENSE_TARGET if s["method"] == "gptq" and low else 0.0
@@ -132,29 +140,37 @@ def settings(quant: dict | None = None) -> dict:
         raise ValueError(f"layers must map name patterns to settings, got {s['layers']!r}")
     for pattern, over in s["layers"].items():
         if not isinstance(over, dict) or set(over) - set(OVERRIDES):
-            raise ValueError(f"layer override {pattern!r}: {over!r} may only set {' and '.join(OVERRIDES)}")
+            raise ValueError(f"layer override {pattern!r}: {over!r} may only set {', '.join(OVERRIDES)}")
         _check_layer(over, f" (layer override {pattern!r})", s["method"])
+        if "grid" in over and (over["grid"] not in ROUNDING or s["grid"] not in ROUNDING):
+            raise ValueError(f"layer override {pattern!r}: a grid override swaps the {' and '.join(ROUNDING)} "
+                             f"grids (settings grid {s['grid']!r}), got {over['grid']!r}")
+    for where, o in [("", s), *((f" (layer override {p!r})", o) for p, o in s["layers"].items())]:
+        if o.get("grid", s["grid"]) == "int" and (s["symmetric"] or o.get("bits", s["bits"]) < 2 or
+                                                  8 in (s["scale_bits"], o.get("scale_bits"))):
+            raise ValueError(f"the integer grid{where} takes 2..8 bits on 16-bit scales and is symmetric by "
+                             f"itself: drop --symmetric and 8-bit scales")
     if s["method"] == "gptq" and s["grid"] == "trellis":
         _check_trellis(s)
     # a budget's plan puts layers above the trellis grid's bits on the rtn grid
-    rtn_grid = s["method"] == "rtn" or (s["method"] == "gptq" and (s["grid"] == "rtn" or
+    rtn_grid = s["method"] == "rtn" or (s["method"] == "gptq" and (s["grid"] in ROUNDING or
                                                                   (s["grid"] == "trellis" and s["bpw"] is not None)))
     trellis_only = s["method"] == "gptq" and s["grid"] == "trellis" and s["bpw"] is None  # no rtn layers
     if s["scale_bits"] is None and s["bpw"] is None and not trellis_only:
         widest = max([s["bits"]] + [o.get("bits", 0) for o in s["layers"].values()])
-        s["scale_bits"] = 8 if rtn_grid and widest <= 4 else 16
+        s["scale_bits"] = 8 if rtn_grid and widest <= 4 and s["grid"] != "int" else 16
     if any(o.get("scale_bits") == 8 for o in [s, *s["layers"].values()]) and not rtn_grid:
         raise ValueError(f"8-bit scales are made on the rtn grid (method rtn or gptq), not {method_label(s)}")
     return s
 
 
-def layer_settings(s: dict, name: str) -> tuple[int, int, bool]:
-    """(bits, preferred group, 8-bit scales) of one linear layer, overrides applied."""
+def layer_settings(s: dict, name: str) -> tuple[int, int, bool, bool]:
+    """(bits, preferred group, 8-bit scales, integer grid) of one linear layer, overrides applied."""
     out = {k: s[k] for k in OVERRIDES}
     for pattern, over in s["layers"].items():
         if fnmatchcase(name, pattern):
             out.update(over)
-    return out["bits"], out["group"], out["scale_bits"] == 8
+    return out["bits"], out["group"], out["scale_bits"] == 8, out["grid"] == "int"
 
 
 def check_model(s: dict, config: ModelConfig, calib_len: int | None = None) -> None:
@@ -240,7 +256,8 @@ def quantize_model(config: ModelConfig, tensors: dict[str, np.ndarray], quant: d
     weights.update(packed)
     info = {name: {"method": method_label(s), "bits": w.P} for name, w in packed.items()}
     head = tensors[HEAD] if HEAD in tensors else tensors[EMBED]  # rotation gives a tied model its own head
-    weights[HEAD] = rtn.quantize(np.asarray(head, np.float32), s["head_bits"], s["group"], s["symmetric"])
+    weights[HEAD] = rtn.quantize(np.asarray(head, np.float32), s["head_bits"], s["group"], s["symmetric"],
+                                 int_grid=s["grid"] == "int" and s["head_bits"] >= 2)
     info[HEAD] = {"method": "rtn", "bits": s["head_bits"]}
     weights[EMBED] = _to_f16(tensors[EMBED])
     return weights, info
@@ -256,12 +273,12 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
         W = np.asarray(tensors[name], np.float32)
         if D is not None:
             W = gptq.aim(W, f, D, s["dense_target"])
-        bits, group, scale8 = layer_settings(s, name)
+        bits, group, scale8, int_grid = layer_settings(s, name)
         if f is not None and trellis_layer(s, bits):
             packed[name] = trellis.quantize(W, f, bits)
             return
-        if f is None and scale8:
-            packed[name] = rtn.quantize(W, bits, group, s["symmetric"], scale8=True)
+        if f is None and (scale8 or int_grid):
+            packed[name] = rtn.quantize(W, bits, group, s["symmetric"], scale8, int_grid)
             return
         if f is None:
             packed[name] = METHODS[s["method"]](W, bits, group, s["symmetric"])
@@ -270,10 +287,11 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
         if scale8:
             fit_grid = lambda Wg: hlq.rtn_grid(Wg, bits, s["symmetric"], scale8=True)  # noqa: E731
         else:
-            fit_grid = lambda Wg: GRIDS[s["grid"]](Wg, bits, s["symmetric"])  # noqa: E731
+            grid = "int" if int_grid else "rtn" if s["grid"] == "int" else s["grid"]
+            fit_grid = lambda Wg: GRIDS[grid](Wg, bits, s["symmetric"])  # noqa: E731
         one = lambda Wr: gptq.quantize(Wr, f, G, fit_grid)  # noqa: E731
         rows = workers.blocks(one, W) if split else [one(W)]
-        packed[name] = hlq.stack_rows(rows).packed(scale8)
+        packed[name] = hlq.stack_rows(rows).packed(scale8, int_grid)
 
     def fit(names: list[str], X: np.ndarray, Xd: np.ndarray | None = None) -> list[np.ndarray]:
         H = calib.hessian(X, workers)

@@ -74,13 +74,18 @@ class Planes:
         lev = levels(self.scales.reshape(P, M * ng), None if self.offset is None else self.offset.reshape(-1))
         return np.take_along_axis(lev, self.codes.reshape(M * ng, self.G), 1).reshape(M, K)
 
-    def packed(self, scale8: bool = False) -> lk.PackedLinear:
+    def packed(self, scale8: bool = False, int_grid: bool = False) -> lk.PackedLinear:
         """Grids whose plane scales are h * 2^p everywhere store h alone (uniform). scale8: the
-        grid's scales and offsets are 8-bit values (rtn_grid with scale8), stored as such."""
+        grid's scales and offsets are 8-bit values (rtn_grid with scale8), stored as such;
+        int_grid: the integer grid (rtn_grid with int_grid), whose offsets -h are not stored."""
         P = self.scales.shape[0]
         planes = ((self.codes[None] >> np.arange(P, dtype=np.uint8)[:, None, None]) & 1).astype(bool)
         h = self.scales[:1]
         if np.array_equal(self.scales, h * np.float32(2.0) ** np.arange(P, dtype=np.float32)[:, None, None]):
+            if int_grid:
+                if not np.array_equal(self.offset, -h[0]):
+                    raise ValueError("offsets off the integer grid: each must be minus its plane-0 scale")
+                return lk.pack(planes, h, None, uniform=True, int_grid=True)
             return lk.pack(planes, h, self.offset, uniform=True, scale8=scale8)
         return lk.pack(planes, self.scales, self.offset, scale8=scale8)
 
@@ -103,9 +108,11 @@ def levels(scales: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
     return lev
 
 
-def rtn_grid(Wg: np.ndarray, bits: int, symmetric: bool = False, scale8: bool = False) -> Grid:
-    """Round-to-nearest grid of each row of Wg [R, G] (one group per row), on 8-bit scales if scale8."""
-    c = rtn.codes(Wg, bits, Wg.shape[1], symmetric, scale8)
+def rtn_grid(Wg: np.ndarray, bits: int, symmetric: bool = False, scale8: bool = False,
+             int_grid: bool = False) -> Grid:
+    """Round-to-nearest grid of each row of Wg [R, G] (one group per row), on 8-bit scales if
+    scale8, the integer grid if int_grid."""
+    c = rtn.codes(Wg, bits, Wg.shape[1], symmetric, scale8, int_grid)
     step = np.float32(2.0) ** (np.arange(bits, dtype=np.float32) - 1)
     return Grid(c.scale[:, 0][None] * step[:, None], None if c.offset is None else c.offset[:, 0])
 

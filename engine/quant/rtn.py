@@ -11,7 +11,9 @@ Each group tries several grids and keeps the one with the least squared error.
 The first spans the group: asymmetric [min, max], symmetric [-max|w|, +max|w|]
 (no offset stored, levels +-s/2, +-3s/2, ...); its error stays within half a
 step, and a group already on a uniform grid (a Q4_1 source at 4 bits, G 32)
-is kept exactly. Then, up to 3 bits, CLIP_STEPS finer grids centred on the
+is kept exactly. Asymmetric grids then try the group's own lattice (its
+smallest gap between values, from its minimum), which keeps a group on a grid
+it does not span (llama.cpp's k-quants) within float16's rounding of the step. Then, up to 3 bits, CLIP_STEPS finer grids centred on the
 group, each step 2^(-1/16) smaller, down to half: they clip the extremes to
 round the bulk of the weights more finely. At 4 bits the gain in squared
 error is small (0.0077 to 0.0073) and clipping cost Qwen2.5-Coder's
@@ -19,6 +21,14 @@ rtn4g128s8 c4 perplexity (61.341 to 62.403), so wider grids only span.
 On rotated SmolLM2 (relative squared weight error, G 64, 8-bit scales) the
 search takes 3 bits from 0.035 to 0.030 and 2 bits from 0.19 to 0.11; gptq 3 bits G 64 (act-order, rotated) went from wiki
 27.248 to 22.289.
+
+The integer grid (int_grid) is the symmetric grid llama.cpp's Q4_0, Q5_0 and
+Q8_0 use: levels s * {-2^(b-1) .. 2^(b-1) - 1}, zero among them, and no offset
+stored (lutkernels/layout.py: it is implied as -s/2). Its candidates put the
+group's largest |w| on the grid's end, -2^(b-1) or 2^(b-1) - 1 steps out (the
+step's sign free, so either end can be the long one); up to 3 bits, finer
+ones as above. A group already on such a grid with a float16 step (a Q5_0 or
+Q8_0 source) is kept exactly, at 5.5 and 8.5 bits per weight in groups of 32.
 
 Scales and offsets are stored as float16, so codes are chosen against the
 float16 grid actually stored: the reconstruction is then exactly what
@@ -55,6 +65,7 @@ class Codes:
     bits: int
     G: int
     scale8: bool = False  # h = scale/2 an 8-bit float, offset a multiple of h/8 (lutkernels/layout.py)
+    int_grid: bool = False  # offset is -scale/2, implied rather than stored; scale may be negative
 
 
 def group_size(K: int, preferred: int = 128) -> int:
@@ -67,16 +78,22 @@ def group_size(K: int, preferred: int = 128) -> int:
     raise lk.LayoutError(f"no group size <= {preferred} divides K={K}")
 
 
-def codes(W: np.ndarray, bits: int, G: int, symmetric: bool = False, scale8: bool = False) -> Codes:
+def codes(W: np.ndarray, bits: int, G: int, symmetric: bool = False, scale8: bool = False,
+          int_grid: bool = False) -> Codes:
     """Round-to-nearest codes of W [M, K] in groups of G columns, each group on the candidate
     grid (module docstring) with the least squared error."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be 1..8, got {bits}")
+    if int_grid and (symmetric or scale8 or bits < 2):
+        raise ValueError("the integer grid takes 2..8 bits on float16 scales and is symmetric by itself")
     M, K = W.shape
     lk.check_shape(M, K, bits, G)
     Wg = np.asarray(W, np.float64).reshape(M, K // G, G)
     half = (2**bits - 1) / 2
-    grids = list((_grids8 if scale8 else _grids16)(Wg, bits, symmetric))
+    if int_grid:
+        grids = list(_grids_int(Wg, bits))
+    else:
+        grids = list((_grids8 if scale8 else _grids16)(Wg, bits, symmetric))
     s, off = grids[0]
     if len(grids) > 1:
         # choose in float32 (the candidates' squared errors only rank them), then round once in float64
@@ -87,7 +104,7 @@ def codes(W: np.ndarray, bits: int, G: int, symmetric: bool = False, scale8: boo
         off = None if symmetric else _pick([g[1] for g in grids], pick)
     q, _ = _round(Wg, s, off, half)
     return Codes(q.astype(np.uint8).reshape(M, K), s.astype(np.float32),
-                 None if symmetric else off.astype(np.float32), bits, G, scale8)
+                 None if symmetric else off.astype(np.float32), bits, G, scale8, int_grid)
 
 
 def _pick(candidates: list[np.ndarray], pick: np.ndarray) -> np.ndarray:
@@ -99,7 +116,7 @@ def _round(Wg: np.ndarray, s: np.ndarray, off: np.ndarray | None, half) -> tuple
     and each group's squared error."""
     s = s.astype(Wg.dtype)
     centre = np.zeros_like(s) if off is None else off.astype(Wg.dtype)
-    inv = np.divide(1, s, out=np.zeros_like(s), where=s > 0)
+    inv = np.divide(1, s, out=np.zeros_like(s), where=s != 0)
     q = np.clip(np.rint((Wg - centre[..., None]) * inv[..., None] + half), 0, 2 * half)
     d = Wg - (s[..., None] * (q - half) + centre[..., None])
     return q, np.einsum("mgk,mgk->mg", d, d)
@@ -126,9 +143,39 @@ def _grids16(Wg: np.ndarray, bits: int, symmetric: bool):
     span = (hi - lo) / (2 * half)
     scale = _f16_at_least(span)
     yield scale, _f16(lo + scale * half)
+    lattice = _f16_at_least(_lattice_step(Wg, lo, hi, 2 * half))
+    yield lattice, _f16(lo + lattice * half)
     centre = _f16((hi + lo) / 2)
     for k in range(1, _clip_steps(bits) + 1):
         yield _f16_at_least(span * _shrink(k)), centre
+
+
+def _lattice_step(Wg: np.ndarray, lo: np.ndarray, hi: np.ndarray, levels: float) -> np.ndarray:
+    """Each group's smallest gap between its distinct values, where the group fits `levels` + 1
+    levels that far apart from its minimum (else the spanning step): the step of a group already
+    on a grid it does not span, as llama.cpp's k-quants leave them (Q4_K: scale and minimum fitted
+    to the group, not its ends; on Qwen2.5-Coder's Q4_K down_proj 21% of the groups of 32)."""
+    gaps = np.diff(np.sort(Wg, axis=-1), axis=-1)
+    gaps = np.where(gaps > (hi - lo)[..., None] * 1e-6, gaps, np.inf).min(-1)
+    fits = np.isfinite(gaps) & ((hi - lo) <= gaps * levels * (1 + 1e-6))
+    return np.where(fits, gaps, (hi - lo) / levels)
+
+
+def _grids_int(Wg: np.ndarray, bits: int):
+    """(step, offset -step/2) candidates of the integer grid: the group's largest |w| at the
+    code -2^(b-1), then at 2^(b-1) - 1, then up to 3 bits finer steps from the first."""
+    n = 2 ** (bits - 1)
+    ext = np.take_along_axis(Wg, np.abs(Wg).argmax(-1)[..., None], -1)[..., 0]  # signed
+    sign = np.where(ext > 0, -1.0, 1.0)  # a step of this sign puts ext at code -n
+
+    def grid(step):
+        s = sign * _f16_at_least(step)
+        return s, -s / 2
+
+    yield grid(np.abs(ext) / n)
+    yield tuple(-a for a in grid(np.abs(ext) / (n - 1)))
+    for k in range(1, _clip_steps(bits) + 1):
+        yield grid(np.abs(ext) / n * _shrink(k))
 
 
 def _ideal8(Wg: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -175,11 +222,12 @@ def to_packed(c: Codes) -> lk.PackedLinear:
     """Uniform-mode layer: one stored scale s/2 per group (exact in float16: _f16_at_least)."""
     p = np.arange(c.bits, dtype=np.uint8)
     planes = ((c.q[None] >> p[:, None, None]) & 1).astype(bool)
-    return lk.pack(planes, c.scale[None] / np.float32(2), c.offset, uniform=True, scale8=c.scale8)
+    return lk.pack(planes, c.scale[None] / np.float32(2), None if c.int_grid else c.offset, uniform=True,
+                   scale8=c.scale8, int_grid=c.int_grid)
 
 
 def quantize(W: np.ndarray, bits: int = 4, group: int = 128, symmetric: bool = False,
-             scale8: bool = False) -> lk.PackedLinear:
+             scale8: bool = False, int_grid: bool = False) -> lk.PackedLinear:
     """float32 W [M, K] -> PackedLinear of `bits` planes; group is the preferred
     group size, lowered to the largest kernel group size dividing K."""
     M, K = W.shape
@@ -189,7 +237,7 @@ def quantize(W: np.ndarray, bits: int = 4, group: int = 128, symmetric: bool = F
         if _ideal8(np.asarray(W, np.float64).reshape(M, K // G, G), bits, symmetric)[0].max() > lk.layout.F8_MAX:
             raise ValueError(f"weights out of range for 8-bit scales (a group needs a step above "
                              f"{2 * lk.layout.F8_MAX}): use 16-bit scales")
-    parts = [to_packed(codes(W[r:r + ROW_CHUNK], bits, G, symmetric, scale8)) for r in range(0, M, ROW_CHUNK)]
+    parts = [to_packed(codes(W[r:r + ROW_CHUNK], bits, G, symmetric, scale8, int_grid)) for r in range(0, M, ROW_CHUNK)]
     return _concat_rows(parts)
 
 
@@ -201,7 +249,7 @@ def _concat_rows(parts: list[lk.PackedLinear]) -> lk.PackedLinear:
     offsets = None if first.offsets is None else np.concatenate([p.offsets for p in parts])
     return lk.PackedLinear(sum(p.M for p in parts), first.K, first.P, first.G,
                            np.concatenate([p.planes for p in parts]), np.concatenate([p.scales for p in parts]),
-                           offsets, first.uniform, first.scale8)
+                           offsets, first.uniform, first.scale8, first.int_grid)
 
 
 def _f16(x: np.ndarray) -> np.ndarray:
