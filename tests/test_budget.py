@@ -57,10 +57,12 @@ def test_plan_never_exceeds_the_budget_and_uses_most_of_it(bpw):
     for i in range(40):
         sizes[f"l{i}"] = int(rng.integers(1, 50)) * 1024
         errs = np.sort(rng.random(len(budget._fitting(1536, None))))[::-1]
-        formats = sorted((b + 2 * s / g, b, g, s) for b, g, s in budget._fitting(1536, None))
+        per_group = {16: 32, 8: 16, budget.INT: 16}  # bits of scale and offset (none on the integer grid)
+        formats = sorted(((b + per_group[s] / g, b, g, s) for b, g, s in budget._fitting(1536, None)), key=lambda f: f[:3])
         opts[f"l{i}"] = [(b, g, s, cost, e) for (cost, b, g, s), e in zip(formats, errs)]
     choice = budget.plan(opts, sizes, bpw)
-    cost = {n: next(o[3] for o in opts[n] if o[:3] == (c["bits"], c["group"], c["scale_bits"]))
+    cost = {n: next(o[3] for o in opts[n] if o[:3] == (c["bits"], c["group"],
+                                                     budget.INT if c.get("grid") == "int" else c["scale_bits"]))
             for n, c in choice.items()}
     used = sum(cost[n] * sizes[n] for n in sizes) / sum(sizes.values())
     assert bpw - 0.5 < used <= bpw
@@ -134,3 +136,29 @@ def test_a_row_may_be_one_group_and_each_format_is_offered_once():
         assert {(2, K, 8), (3, K, 16)} <= set(formats)
         assert all(K % G == 0 for _, G, _ in formats)
     assert (2, 256, 8) in budget._fitting(1536, 8) and (2, 256, 16) not in budget._fitting(1536, 8)
+
+
+def test_a_layer_may_go_below_the_floor_where_it_loses_nothing():
+    """A source already on a 4-bit grid (a k-quant layer) keeps its 4 bits under a 5.5 budget whose
+    floor is 5 bits, and pays for another layer's 8; elsewhere the floor holds."""
+    opts = {"q4k": [(4, 32, 16, 5.0, 0.0), (5, 32, budget.INT, 5.5, 0.002), (8, 32, budget.INT, 8.5, 0.0)],
+            "q8": [(4, 32, 16, 5.0, 0.007), (5, 32, budget.INT, 5.5, 0.002), (8, 32, budget.INT, 8.5, 0.0)],
+            "q5": [(4, 32, 16, 5.0, 0.007), (5, 32, budget.INT, 5.5, 0.0), (8, 32, budget.INT, 8.5, 0.0)]}
+    sizes = {"q4k": 300, "q8": 100, "q5": 600}
+    assert budget.floor(opts, sizes, 5.65) == (5, 32, budget.INT)
+    assert budget.plan(opts, sizes, 5.65) == {"q4k": {"bits": 4, "group": 32, "scale_bits": 16},
+                                              "q8": {"bits": 8, "group": 32, "scale_bits": 16, "grid": "int"},
+                                              "q5": {"bits": 5, "group": 32, "scale_bits": 16, "grid": "int"}}
+    opts["q4k"][0] = (4, 32, 16, 5.0, 0.003)  # rounding to 4 bits would cost it: the floor holds
+    assert budget.plan(opts, sizes, 5.65)["q4k"]["bits"] == 5
+
+
+def test_int_grid_candidates_keep_a_q5_0_source_layer_exactly():
+    rng = np.random.default_rng(7)
+    d = rng.uniform(1e-3, 2e-2, (64, 8)).astype(np.float16).astype(np.float32)
+    q = rng.integers(-16, 16, (64, 256))
+    q[:, ::32] = -16
+    W = (np.repeat(d, 32, axis=1) * q).astype(np.float32)
+    opts = {f[:3]: f for b, G, s in budget._fitting(256, None) if (f := budget._option(W, b, G, s, None, None))}
+    assert opts[(5, 32, budget.INT)][3:] == (5.5, 0.0)
+    assert opts[(5, 32, 16)][4] == 0.0 and opts[(5, 32, 16)][3] == 6.0  # the rtn grid needs its offsets

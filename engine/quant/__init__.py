@@ -142,7 +142,7 @@ def settings(quant: dict | None = None) -> dict:
         if not isinstance(over, dict) or set(over) - set(OVERRIDES):
             raise ValueError(f"layer override {pattern!r}: {over!r} may only set {', '.join(OVERRIDES)}")
         _check_layer(over, f" (layer override {pattern!r})", s["method"])
-        if "grid" in over and (over["grid"] not in ROUNDING or s["grid"] not in ROUNDING):
+        if "grid" in over and (over["grid"] not in ROUNDING or s["grid"] not in (*ROUNDING, "trellis")):
             raise ValueError(f"layer override {pattern!r}: a grid override swaps the {' and '.join(ROUNDING)} "
                              f"grids (settings grid {s['grid']!r}), got {over['grid']!r}")
     for where, o in [("", s), *((f" (layer override {p!r})", o) for p, o in s["layers"].items())]:
@@ -287,7 +287,7 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
         if scale8:
             fit_grid = lambda Wg: hlq.rtn_grid(Wg, bits, s["symmetric"], scale8=True)  # noqa: E731
         else:
-            grid = "int" if int_grid else "rtn" if s["grid"] == "int" else s["grid"]
+            grid = "int" if int_grid else "rtn" if s["grid"] in ("int", "trellis") else s["grid"]
             fit_grid = lambda Wg: GRIDS[grid](Wg, bits, s["symmetric"])  # noqa: E731
         one = lambda Wr: gptq.quantize(Wr, f, G, fit_grid)  # noqa: E731
         rows = workers.blocks(one, W) if split else [one(W)]

@@ -41,13 +41,17 @@ from . import calib, rtn
 # error with 8-bit scales, 2 bits 0.110 in groups of 64 (2.25 bpw) and 0.125 per row of 576 (2.03).
 ROW = 0
 TRELLIS = -1  # the group of a trellis format in a plan: it has none (on_trellis)
+# The third field is how scales and offsets are stored: 16 or 8 bits, or INT, the integer grid (rtn.py:
+# float16 scales, no offsets). It keeps a GGUF source's Q5_0 / Q8_0 layers exactly at 5.5 / 8.5 bits.
+INT = "int"
 CANDIDATES = [(b, G, s) for b, G in [(1, ROW), (1, 256), (1, 128), (1, 64), (2, ROW), (2, 256), (2, 128), (2, 64),
                                      (2, 32), (3, ROW), (3, 256), (3, 128), (3, 64), (3, 32), (4, ROW), (4, 256),
                                      (4, 128), (4, 64), (4, 32), (5, 32), (6, 32), (8, 32)]
-              for s in (16, 8) if s == 16 or b <= 4]
+              for s in (16, 8) if s == 16 or b <= 4] + \
+    [(b, G, INT) for b in (4, 5, 6, 8) for G in (256, 128, 64, 32)]
 BISECT = 60
 
-# layer name -> [(bits, group, scale bits, bits per weight as stored, relative output error)]
+# layer name -> [(bits, group, scale bits or INT, bits per weight as stored, relative output error)]
 Options = dict[str, list[tuple[int, int, int, float, float]]]
 
 
@@ -153,15 +157,19 @@ def on_trellis(opts: Options, config: ModelConfig) -> Options:
 
 
 def plan(opts: Options, sizes: dict[str, int], bpw: float) -> dict[str, dict[str, int]]:
-    """{layer name: {"bits", "group", "scale_bits"}} with the least total error whose bits fit `bpw`,
-    no layer with fewer bits than the uniform floor (floor())."""
+    """{layer name: {"bits", "group", "scale_bits"[, "grid": "int"]}} with the least total error whose
+    bits fit `bpw`, no layer with fewer bits than the uniform floor (floor()) unless it loses nothing
+    by them: a format below the floor's bits stays open to a layer where its error is no larger
+    than the floor format's (a source's own grid: Qwen2.5-Coder's Q4_K down_proj layers keep their
+    4 bits, on the lattice rtn finds, where the 5-bit integer grid would round them again)."""
     total = sum(sizes.values())
     cheapest = sum(min(o[COST] for o in opts[n]) * sizes[n] for n in opts) / total
     if cheapest > bpw:
         raise ValueError(f"--bpw {bpw}: the smallest format of every layer already takes {cheapest:.3f} bits per weight")
     base = floor(opts, sizes, bpw)
     if base is not None:
-        opts = {n: [o for o in v if o[0] >= base[0]] for n, v in opts.items()}
+        at_floor = {n: next(o for o in v if o[:3] == base)[ERROR] for n, v in opts.items()}
+        opts = {n: [o for o in v if o[0] >= base[0] or o[ERROR] <= at_floor[n]] for n, v in opts.items()}
 
     def choose(lam: float) -> dict[str, tuple]:
         return {n: min(o, key=lambda c: c[ERROR] + lam * c[COST] * sizes[n] / total) for n, o in opts.items()}
@@ -178,7 +186,8 @@ def plan(opts: Options, sizes: dict[str, int], bpw: float) -> dict[str, dict[str
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if bits(choose(mid)) <= bpw else (mid, hi)
     choice = choose(hi)
-    return {n: {"bits": c[0], "group": c[1], "scale_bits": c[2]} for n, c in choice.items()}
+    return {n: {"bits": c[0], "group": c[1], "scale_bits": 16, "grid": "int"} if c[2] == INT else
+            {"bits": c[0], "group": c[1], "scale_bits": c[2]} for n, c in choice.items()}
 
 
 def floor(opts: Options, sizes: dict[str, int], bpw: float) -> tuple[int, int, int] | None:
@@ -199,12 +208,13 @@ def floor(opts: Options, sizes: dict[str, int], bpw: float) -> tuple[int, int, i
         chosen = {n: next(o for o in v if o[:3] == f) for n, v in opts.items()}
         if sum(c[COST] * sizes[n] for n, c in chosen.items()) / total <= bpw:
             fits.append((-f[0], sum(c[ERROR] for c in chosen.values()), f))
-    return min(fits)[2] if fits else None
+    return min(fits, key=lambda t: t[:2])[2] if fits else None
 
 
 def _fitting(K: int, scale_bits: int | None) -> list[tuple[int, int, int]]:
     """The candidates whose group divides K (ROW: K itself) and of the scale width asked for, each format once."""
-    formats = [(b, K if G == ROW else G, s) for b, G, s in CANDIDATES if scale_bits in (None, s)]
+    formats = [(b, K if G == ROW else G, s) for b, G, s in CANDIDATES
+               if scale_bits in (None, s) or (scale_bits == 16 and s == INT)]
     return list(dict.fromkeys(f for f in formats if K % f[1] == 0))
 
 
@@ -212,16 +222,16 @@ def _option(W: np.ndarray, bits: int, G: int, scale_bits: int, H: np.ndarray | N
             workers: calib.Workers) -> tuple | None:
     """(bits, G, scale_bits, cost, error), or None where 8-bit scales cannot hold the layer."""
     try:
-        return (bits, G, scale_bits, *_cost_error(W, bits, G, scale_bits == 8, H, workers))
+        return (bits, G, scale_bits, *_cost_error(W, bits, G, scale_bits, H, workers))
     except ValueError:
         if scale_bits != 8:
             raise
         return None
 
 
-def _cost_error(W: np.ndarray, bits: int, G: int, scale8: bool, H: np.ndarray | None,
+def _cost_error(W: np.ndarray, bits: int, G: int, storage, H: np.ndarray | None,
                 workers: calib.Workers) -> tuple[float, float]:
-    p = rtn.quantize(W, bits, G, scale8=scale8)
+    p = rtn.quantize(W, bits, G, scale8=storage == 8, int_grid=storage == INT)
     Wq = lk.dense(p)
     if H is None:
         return p.bits_per_weight(), float(np.vdot(Wq - W, Wq - W) / np.vdot(W, W))
