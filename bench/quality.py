@@ -54,7 +54,9 @@ them). Calibration
 (gptq, --bpw) reads ../shared/data/c4-calib.txt only, never an evaluation text; -sampled recipes
 (gptq-rtn3g64s8-ao-sampled, bpw3.3-sampled) give no --calib, so gptq calibrates on text the model
 samples itself (engine/quant/sample.py); -tN recipes tune each block's scales, offsets and norm
-gains for N epochs after gptq (`--tune N`, engine/quant/tune.py).
+gains for N epochs after gptq (`--tune N`, engine/quant/tune.py). int5g32 is rtn on the integer
+grid (`--method rtn --grid int --bits 5 --group 32`; gptq-int5g32 gptq on it), and rtn-bpw5.52
+`quantize --method rtn --bpw 5.52` (a plan on weight errors, no calibration).
 """
 from __future__ import annotations
 
@@ -89,7 +91,7 @@ def recipes(model: str) -> list[str]:
     return FEATURED + [f"{m}{b}g{G}" for G in GROUPS.get(model, (64, 128)) for m, bits in GRID for b in bits]
 
 
-RECIPE = re.compile(r"(?:(?:(gptq)-)?(rtn|hlq|msb|binary|ternary)(\d)g(\d+)(s8)?(-ao)?|bpw(\d+(?:\.\d+)?))"
+RECIPE = re.compile(r"(?:(?:(gptq)-)?(rtn|int|hlq|msb|binary|ternary)(\d)g(\d+)(s8)?(-ao)?|(rtn-)?bpw(\d+(?:\.\d+)?))"
                     r"(?:-dt(?P<dt>\d+(?:\.\d+)?))?(?:-t(?P<tune>\d+))?(?P<sampled>-sampled)?$")
 
 
@@ -97,7 +99,7 @@ def quantize_args(recipe: str) -> list[str]:
     m = RECIPE.match(recipe)
     if not m:
         raise SystemExit(f"unknown recipe {recipe!r}: expected e.g. rtn4g64, gptq-hlq2g64, msb3g64 or bpw2.5")
-    gptq, method, bits, group, s8, ao, bpw, dt, tune, sampled = m.groups()
+    gptq, method, bits, group, s8, ao, rtn_plan, bpw, dt, tune, sampled = m.groups()
     calib = ([] if sampled else ["--calib", str(CALIB)]) + (["--dense-target", dt] if dt is not None else []) \
         + (["--tune", tune] if tune is not None else [])
     if tune is not None and not (gptq or bpw):
@@ -106,8 +108,10 @@ def quantize_args(recipe: str) -> list[str]:
         raise SystemExit(f"recipe {recipe!r}: the dense target (-dt) is a gptq option")
     if sampled and not (gptq or bpw):
         raise SystemExit(f"recipe {recipe!r}: calibrating on sampled text (-sampled) is a gptq option")
+    if rtn_plan and (dt is not None or tune is not None or sampled):
+        raise SystemExit(f"recipe {recipe!r}: an rtn plan takes no gptq options")
     if bpw:
-        return ["--bpw", bpw, *calib]
+        return ["--method", "rtn", "--bpw", bpw] if rtn_plan else ["--bpw", bpw, *calib]
     if s8 and method != "rtn":
         raise SystemExit(f"recipe {recipe!r}: 8-bit scales are made on the rtn grid only")
     scales = ["--scale-bits", "8" if s8 else "16"] if method == "rtn" else []
@@ -116,6 +120,8 @@ def quantize_args(recipe: str) -> list[str]:
     if gptq:
         return ["--method", "gptq", "--grid", method, "--bits", bits, "--group", group, *scales, *calib,
                 *(["--act-order"] if ao else [])]
+    if method == "int":
+        return ["--method", "rtn", "--grid", "int", "--bits", bits, "--group", group]
     return ["--method", method, "--bits", bits, "--group", group, *scales]
 
 

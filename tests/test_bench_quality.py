@@ -49,3 +49,11 @@ def test_tuned_recipes_pass_tune_to_gptq_only():
     assert "--tune" not in quality.quantize_args("bpw3.3")
     with pytest.raises(SystemExit, match="-t"):
         quality.quantize_args("rtn4g64-t2")
+
+
+def test_integer_grid_and_rtn_plan_recipes():
+    assert quality.quantize_args("int5g32") == ["--method", "rtn", "--grid", "int", "--bits", "5", "--group", "32"]
+    assert quality.quantize_args("gptq-int5g32")[:4] == ["--method", "gptq", "--grid", "int"]
+    assert quality.quantize_args("rtn-bpw5.52") == ["--method", "rtn", "--bpw", "5.52"]
+    with pytest.raises(SystemExit, match="rtn plan"):
+        quality.quantize_args("rtn-bpw5.52-sampled")

@@ -50,6 +50,7 @@ def leftovers(folder):
                                     ["--method", "rtn", "--bits", "3", "--rotate"],
                                     ["--method", "gptq", "--grid", "msb", "--bits", "3"],
                                     ["--method", "gptq", "--grid", "trellis", "--bits", "2"],
+                                    ["--method", "rtn", "--grid", "int", "--bits", "5"],
                                     ["--method", "msb", "--bits", "2"], ["--method", "binary", "--bits", "2"],
                                     ["--method", "ternary", "--bits", "2"]])
 def test_quantize_writes_a_runnable_file_with_a_layer_summary(gguf, text, tmp_path, method):
@@ -128,6 +129,7 @@ def test_scale_bits_flag_and_default(gguf, tmp_path, args, scale_bits):
     (["--method", "rtn", "--tune", "2"], ["tune is a gptq setting"]),
     (["--method", "gptq", "--tune", "-1"], ["tune must be an integer of at least 0"]),
     (["--layer", "*.mlp.down_proj.weight"], ["expected GLOB=BITS"]),
+    (["--grid", "int", "--symmetric"], ["the integer grid takes", "symmetric by itself"]),
     (["-o", "NOFOLDER"], ["cannot write", "no folder"]),
     (["-o", "UNDERFILE"], ["cannot write", "no folder"]),
     (["-o", "NOSUFFIX"], ["must end in .safetensors"]),
