@@ -56,7 +56,9 @@ them). Calibration
 samples itself (engine/quant/sample.py); -tN recipes tune each block's scales, offsets and norm
 gains for N epochs after gptq (`--tune N`, engine/quant/tune.py). int5g32 is rtn on the integer
 grid (`--method rtn --grid int --bits 5 --group 32`; gptq-int5g32 gptq on it), and rtn-bpw5.52
-`quantize --method rtn --bpw 5.52` (a plan on weight errors, no calibration).
+`quantize --method rtn --bpw 5.52` (a plan on weight errors, no calibration). srcgrid
+(gptq-srcgrid) puts each linear layer of a GGUF source on the format that holds its tensor type
+(SOURCE_GRIDS: one --layer per layer), at the source's own bits.
 """
 from __future__ import annotations
 
@@ -85,23 +87,50 @@ GRID = [("rtn", (1, 2, 3, 4)), ("hlq", (2, 3, 4)), ("gptq-hlq", (2, 3, 4)), ("ms
         ("ternary", (2,))]
 GROUPS = {"smollm2-135m-instruct": (64, 576), "qwen2.5-coder-0.5b-instruct": (128, 896)}
 FEATURED = ["rtn4g32s8", "bpw4.5", "bpw3.3", "bpw2.5", "bpw1.6"]
+# A GGUF tensor type -> the --layer format that holds it: Q4_0 / Q5_0 / Q8_0 exactly on the integer
+# grid at their own bits, k-quants' 4-bit sub-blocks on the rtn grid (its lattice candidate finds
+# them; 5.0 bits for Q4_K's 4.5: a float16 scale and offset per 32); Q6_K (sub-blocks of 16, each
+# its own 8-bit scale) has no exact form here, and 6 bits in groups of 256 (6.06 for its 6.56) keep
+# a Q4_K_M file (Q4_K and Q6_K down projections in equal numbers) at its bits.
+SOURCE_GRIDS = {"Q4_0": "4/32:int", "Q5_0": "5/32:int", "Q8_0": "8/32:int", "Q4_1": "4/32:rtn",
+                "Q4_K": "4/32:rtn", "Q6_K": "6/256:int"}
+
+
+def source_grid_layers(model: str) -> list[str]:
+    """--layer arguments putting each linear layer of the catalog model's GGUF on SOURCE_GRIDS."""
+    import gguf
+
+    from models.catalog import model_path
+    from models.gguf_loader import hf_tensor_name
+
+    out = []
+    for t in gguf.GGUFReader(model_path(model)).tensors:
+        name = hf_tensor_name(t.name)
+        if name and name.endswith("_proj.weight") and t.tensor_type.name in SOURCE_GRIDS:
+            out += ["--layer", f"{name}={SOURCE_GRIDS[t.tensor_type.name]}"]
+    return out
 
 
 def recipes(model: str) -> list[str]:
     return FEATURED + [f"{m}{b}g{G}" for G in GROUPS.get(model, (64, 128)) for m, bits in GRID for b in bits]
 
 
-RECIPE = re.compile(r"(?:(?:(gptq)-)?(rtn|int|hlq|msb|binary|ternary)(\d)g(\d+)(s8)?(-ao)?|(rtn-)?bpw(\d+(?:\.\d+)?))"
+RECIPE = re.compile(r"(?:(?:(gptq)-)?(rtn|int|hlq|msb|binary|ternary)(\d)g(\d+)(s8)?(-ao)?|(rtn-)?bpw(\d+(?:\.\d+)?)"
+                    r"|(?P<src>(?:gptq-)?srcgrid))"
                     r"(?:-dt(?P<dt>\d+(?:\.\d+)?))?(?:-t(?P<tune>\d+))?(?P<sampled>-sampled)?$")
 
 
-def quantize_args(recipe: str) -> list[str]:
+def quantize_args(recipe: str, model: str | None = None) -> list[str]:
+    """The quantize options of a recipe; model: the catalog model (srcgrid reads its GGUF)."""
     m = RECIPE.match(recipe)
     if not m:
         raise SystemExit(f"unknown recipe {recipe!r}: expected e.g. rtn4g64, gptq-hlq2g64, msb3g64 or bpw2.5")
-    gptq, method, bits, group, s8, ao, rtn_plan, bpw, dt, tune, sampled = m.groups()
+    gptq, method, bits, group, s8, ao, rtn_plan, bpw, src, dt, tune, sampled = m.groups()
     calib = ([] if sampled else ["--calib", str(CALIB)]) + (["--dense-target", dt] if dt is not None else []) \
         + (["--tune", tune] if tune is not None else [])
+    if src:
+        base = ["--method", "gptq", *calib] if src.startswith("gptq") else ["--method", "rtn"]
+        return [*base, "--grid", "int", "--bits", "5", "--group", "32", *source_grid_layers(model)]
     if tune is not None and not (gptq or bpw):
         raise SystemExit(f"recipe {recipe!r}: block tuning (-t) is a gptq option")
     if dt is not None and not (gptq or bpw):
@@ -171,7 +200,7 @@ def run(args) -> None:
             if not todo:
                 continue
             out = folder / f"{model}.{recipe}.safetensors"
-            qargs = quantize_args(recipe)
+            qargs = quantize_args(recipe, model)
             quantize_cmd = ["quantize", model, "-o", str(out), *qargs]
             seconds, stamp = None, made_by(quantize_cmd)
             sidecar = out.with_name(out.name + ".made-by")

@@ -60,9 +60,9 @@ def add_arguments(p) -> None:
                    help="calibration sequences (default: %(default)s)")
     p.add_argument("--calib-len", type=int, default=DEFAULT["calib_len"], metavar="L",
                    help="tokens per calibration sequence (default: %(default)s)")
-    p.add_argument("--layer", action="append", default=[], metavar="GLOB=BITS[/GROUP]",
-                   help="per-layer override on full tensor names, e.g. '*.mlp.down_proj.weight=4' (repeatable; "
-                        "later ones win)")
+    p.add_argument("--layer", action="append", default=[], metavar="GLOB=BITS[/GROUP][:GRID]",
+                   help="per-layer override on full tensor names, e.g. '*.mlp.down_proj.weight=4' or "
+                        "'*.v_proj.weight=8/32:int' (GRID swaps the rtn and int grids; repeatable; later ones win)")
 
 
 def quant_settings(args) -> dict:
@@ -79,13 +79,14 @@ def parse_layers(specs: list[str]) -> dict:
     out = {}
     for spec in specs:
         glob, _, value = spec.rpartition("=")
+        value, _, grid = value.partition(":")
         bits, _, group = value.partition("/")
         try:
-            out[glob] = {"bits": int(bits), **({"group": int(group)} if group else {})}
+            out[glob] = {"bits": int(bits), **({"group": int(group)} if group else {}), **({"grid": grid} if grid else {})}
         except ValueError:
-            raise ValueError(f"--layer {spec!r}: expected GLOB=BITS or GLOB=BITS/GROUP") from None
+            raise ValueError(f"--layer {spec!r}: expected GLOB=BITS, GLOB=BITS/GROUP or either with :GRID") from None
         if not glob:
-            raise ValueError(f"--layer {spec!r}: expected GLOB=BITS or GLOB=BITS/GROUP")
+            raise ValueError(f"--layer {spec!r}: expected GLOB=BITS, GLOB=BITS/GROUP or either with :GRID")
     return out
 
 

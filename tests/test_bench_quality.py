@@ -57,3 +57,17 @@ def test_integer_grid_and_rtn_plan_recipes():
     assert quality.quantize_args("rtn-bpw5.52") == ["--method", "rtn", "--bpw", "5.52"]
     with pytest.raises(SystemExit, match="rtn plan"):
         quality.quantize_args("rtn-bpw5.52-sampled")
+
+
+def test_srcgrid_puts_each_layer_on_the_format_of_its_gguf_type(tmp_path, monkeypatch):
+    import models.catalog
+    from tiny_models import write_gguf
+
+    path = write_gguf(tmp_path / "m.gguf", qtype="Q8_0")
+    monkeypatch.setattr(models.catalog, "model_path", lambda name: path)
+    args = quality.quantize_args("srcgrid", "tiny")
+    layers = [a for a in args if "=" in a]
+    assert args[:2] == ["--method", "rtn"] and "--calib" not in args
+    assert layers and all(a.endswith("_proj.weight=8/32:int") for a in layers)
+    assert "model.layers.0.mlp.down_proj.weight=8/32:int" in layers
+    assert "--calib" in quality.quantize_args("gptq-srcgrid", "tiny")

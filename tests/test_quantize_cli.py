@@ -50,7 +50,8 @@ def leftovers(folder):
                                     ["--method", "rtn", "--bits", "3", "--rotate"],
                                     ["--method", "gptq", "--grid", "msb", "--bits", "3"],
                                     ["--method", "gptq", "--grid", "trellis", "--bits", "2"],
-                                    ["--method", "rtn", "--grid", "int", "--bits", "5"],
+                                    ["--method", "rtn", "--grid", "int", "--bits", "5",
+                                     "--layer", "*.mlp.down_proj.weight=4/32:rtn"],
                                     ["--method", "msb", "--bits", "2"], ["--method", "binary", "--bits", "2"],
                                     ["--method", "ternary", "--bits", "2"]])
 def test_quantize_writes_a_runnable_file_with_a_layer_summary(gguf, text, tmp_path, method):
@@ -173,3 +174,13 @@ def test_bpw_budget_is_never_exceeded(gguf, text, tmp_path, calib):
     assert info["quantization"]["bpw"] == 2.6
     assert info["quantization"]["method"] == ("rtn" if calib == "none" else "gptq")
     assert info["quantization"]["act_order"] is (calib != "none")  # gptq's default under a budget
+
+
+def test_layer_overrides_parse_bits_group_and_grid():
+    from engine.quantize_cmd import parse_layers
+
+    assert parse_layers(["*.v_proj.weight=8/32:int", "*down*=4", "*up*=3:rtn"]) == {
+        "*.v_proj.weight": {"bits": 8, "group": 32, "grid": "int"}, "*down*": {"bits": 4},
+        "*up*": {"bits": 3, "grid": "rtn"}}
+    with pytest.raises(ValueError, match="expected GLOB=BITS"):
+        parse_layers(["*down*=four:int"])
