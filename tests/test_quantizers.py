@@ -417,7 +417,7 @@ def test_rotate_defaults_on_for_gptq_below_4_bits_per_weight():
     ({"layers": {"*down*": {"grid": "int", "scale_bits": 8}}}, r"the integer grid \(layer override '\*down\*'\)"),
     ({"layers": {"*down*": {"grid": "hlq"}}}, "a grid override swaps the rtn and int grids"),
     ({"method": "gptq", "grid": "hlq", "calib": "c", "layers": {"*down*": {"grid": "int"}}},
-     "a grid override swaps the rtn and int grids \(settings grid 'hlq'\)"),
+     r"a grid override swaps the rtn and int grids \(settings grid 'hlq'\)"),
 ])
 def test_bad_settings_are_one_line_errors(quant, message):
     with pytest.raises(ValueError, match=message):
