@@ -55,9 +55,9 @@ static inline int64_t lut_tab_stride(const lut_job *j) { return (int64_t)j->ntab
             w->scale8 ? body(j, tile, tok, 1, 0, 1, 0) : body(j, tile, tok, 1, 0, 0, 0);                              \
     }
 
-/* Exact-mode activations are integers up to LUT_EXACT_Q in magnitude: 12 bits,
- * where 8 left Qwen2.5-Coder's rtn8g32 file at wiki 20.359 and int8 tables
- * (fast) at 20.331, against 20.292 dense (c4 53.148 and 53.316 against 53.199):
+/* Exact-mode activations are integers up to LUT_EXACT_Q in magnitude: 12 bits.
+ * Qwen2.5-Coder's rtn8g32 file, wiki / c4: 12-bit 20.309 / 53.219, 8-bit
+ * 20.359 / 53.148, int8 tables (fast) 20.331 / 53.316, dense 20.292 / 53.199:
  * at 5 bits and more the activations' rounding, not the weights', decides. */
 #define LUT_EXACT_Q 2047
 

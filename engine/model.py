@@ -65,10 +65,11 @@ EXACT_BPW = 5.0  # linear layers storing this many bits per weight or more run e
 
 def exact_tables(config: ModelConfig, weights: dict[str, Weight]) -> bool:
     """Whether the model's LUT layers, head included, should build exact tables: when its
-    linear layers store EXACT_BPW bits per weight or more, int8 tables round the activations
-    about as coarsely as the weights are rounded. Qwen2.5-Coder rtn8g32 (9 bpw), wiki / c4:
-    int8 tables 20.331 / 53.316, exact 20.309 / 53.148, dense 20.292 / 53.199. Below it the
-    weights' rounding dominates and int8 tables (one lookup per slice, not two) keep decode fast."""
+    bit-plane linear layers store EXACT_BPW bits per weight or more, int8 tables round the
+    activations about as coarsely as the weights are rounded. Qwen2.5-Coder rtn8g32 (9 bpw),
+    wiki / c4: int8 tables 20.331 / 53.316, exact (12-bit) 20.309 / 53.219, dense 20.292 /
+    53.199. Below it the weights' rounding dominates and int8 tables (one lookup per slice, not
+    two) keep decode fast."""
     layers = [w for i in range(config.n_layers) for n in config.linear_shapes()
               if isinstance(w := weights[f"model.layers.{i}.{n}"], lk.PackedLinear)]
     if not layers:

@@ -166,16 +166,16 @@ def _grids_int(Wg: np.ndarray, bits: int):
     code -2^(b-1), then at 2^(b-1) - 1, then up to 3 bits finer steps from the first."""
     n = 2 ** (bits - 1)
     ext = np.take_along_axis(Wg, np.abs(Wg).argmax(-1)[..., None], -1)[..., 0]  # signed
-    sign = np.where(ext > 0, -1.0, 1.0)  # a step of this sign puts ext at code -n
+    low = np.where(ext > 0, -1.0, 1.0)  # the step's sign that puts ext at code -n (the other: at n - 1)
 
-    def grid(step):
+    def grid(step, sign):
         s = sign * _f16_at_least(step)
         return s, -s / 2
 
-    yield grid(np.abs(ext) / n)
-    yield tuple(-a for a in grid(np.abs(ext) / (n - 1)))
+    yield grid(np.abs(ext) / n, low)
+    yield grid(np.abs(ext) / (n - 1), -low)
     for k in range(1, _clip_steps(bits) + 1):
-        yield grid(np.abs(ext) / n * _shrink(k))
+        yield grid(np.abs(ext) / n * _shrink(k), low)
 
 
 def _ideal8(Wg: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
