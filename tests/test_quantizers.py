@@ -170,13 +170,16 @@ def test_aim_solves_the_damped_least_squares_to_the_dense_output():
     d[5] = 1
     Hd = H.copy()
     Hd[np.diag_indices(96)] = d + gptq.DAMP * d.mean()
+    workers = calib.Workers(2)
     for act_order in (False, True):
         f = gptq.factor(H, act_order)
         V = gptq.aim(W, f, D, 1.0).astype(np.float64)
+        np.testing.assert_allclose(gptq.aim(W, f, D, 1.0, workers), V, rtol=0, atol=1e-6 * np.abs(V).max())
         np.testing.assert_allclose((V - W) @ Hd, D.T, rtol=0, atol=1e-4 * np.abs(D).max())
         np.testing.assert_array_equal(gptq.aim(W, f, D, 0.0), W)
         np.testing.assert_array_equal(gptq.aim(W, f, 0 * D, 1.0), W)
         np.testing.assert_allclose(gptq.aim(W, f, D, 0.3), 0.3 * V + 0.7 * W, rtol=0, atol=1e-5)
+    workers.close()
     # the full target matches the dense output better than W itself does, on the inputs it was fitted to
     assert np.linalg.norm(X @ V.T - Xd @ W.T) < 0.9 * np.linalg.norm(X @ W.T - Xd @ W.T)
 
@@ -281,8 +284,9 @@ def test_grid_rounding_picks_the_nearest_level(bits):
     np.testing.assert_array_equal(values, np.take_along_axis(lev, codes.astype(np.intp), 1))
 
 
-def test_hessian_is_the_mean_outer_product():
-    X = np.random.default_rng(9).standard_normal((1000, 64)).astype(np.float32)
+@pytest.mark.parametrize("K", [64, calib.ROWS + 40])  # the sum of the threads' parts in one row block, and in two
+def test_hessian_is_the_mean_outer_product(K):
+    X = np.random.default_rng(9).standard_normal((1000, K)).astype(np.float32)
     workers = calib.Workers(2)
     np.testing.assert_allclose(calib.hessian(X, workers), X.T.astype(np.float64) @ X / 1000, rtol=1e-5, atol=1e-6)
     workers.close()

@@ -269,10 +269,12 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
     block_errors: dict[int, tuple[float, float]] = {}
 
     def quantize(name: str, f: gptq.Factor | None = None, D: np.ndarray | None = None, split: bool = True) -> None:
-        """split: rounding grids quantize row blocks on the worker threads (not from inside one)."""
+        """split: the call may use the worker threads, as it does not run on one of them (a pool
+        thread waiting on its own pool can deadlock it): aim splits its products, rounding grids
+        quantize row blocks."""
         W = np.asarray(tensors[name], np.float32)
         if D is not None:
-            W = gptq.aim(W, f, D, s["dense_target"])
+            W = gptq.aim(W, f, D, s["dense_target"], workers if split else None)
         bits, group, scale8, int_grid = layer_settings(s, name)
         if f is not None and trellis_layer(s, bits):
             packed[name] = trellis.quantize(W, f, bits)
@@ -296,9 +298,10 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
     def fit(names: list[str], X: np.ndarray, Xd: np.ndarray | None = None) -> list[np.ndarray]:
         H = calib.hessian(X, workers)
         if s["method"] == "gptq":
-            f = gptq.factor(H, s["act_order"])
+            factor = workers.aside(gptq.factor, H, s["act_order"])
             aims = [None] * len(names) if Xd is None else \
                 calib.dense_products(Xd, X[:len(Xd)], [np.asarray(tensors[n], np.float32) for n in names], workers)
+            f = factor.result()
             if s["grid"] == "trellis":  # a trellis layer's rows are one sequence: layers run side by side
                 workers.map(lambda nD: quantize(*nD, split=False), [(n, f, D) for n, D in zip(names, aims)])
             else:

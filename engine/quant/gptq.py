@@ -58,7 +58,7 @@ def factor(H: np.ndarray, act_order: bool = False) -> Factor:
     return Factor(perm, _inv_upper(np.ascontiguousarray(Ut, np.float32)))
 
 
-def aim(W: np.ndarray, f: Factor, D: np.ndarray, mix: float) -> np.ndarray:
+def aim(W: np.ndarray, f: Factor, D: np.ndarray, mix: float, workers=None) -> np.ndarray:
     """The weight GPTQ aims at: `mix` of the way from W [M, K] to the one whose output on the
     inputs X best matches the dense model's W on its own inputs Xd,
     V = argmin ||X Vᵀ - Xd Wᵀ||² + N·damping·||V - W||² = W + (H⁻¹ D)ᵀ, with H damped as
@@ -70,10 +70,13 @@ def aim(W: np.ndarray, f: Factor, D: np.ndarray, mix: float) -> np.ndarray:
     set too closely: SmolLM2 gptq-rtn3g64s8-ao (3.25 bpw) wiki 22.289 at mix 0 and 19.983 at
     0.15 (bench/quality); a scan in a script whose float sums differ gave 20.408 at 0.15,
     20.566 at 0.3, 20.697 at 0.5 and 29.353 at 1 (all with the earlier form W·C·H⁻¹, which
-    damping pulled towards 0 rather than towards W)."""
-    Z = f.U @ np.asarray(D, np.float32)[f.perm]
-    step = np.empty_like(Z)
-    step[f.perm] = f.U.T @ Z
+    damping pulled towards 0 rather than towards W). workers (calib.Workers): the products
+    split by columns of D over its threads."""
+    D = np.asarray(D, np.float32)[f.perm]
+    product = lambda Dc: f.U.T @ (f.U @ Dc)  # noqa: E731
+    step = np.empty_like(D)
+    step[f.perm] = np.concatenate(workers.map(product, np.array_split(D, workers.n, axis=1)) if workers
+                                  else [product(D)], axis=1)
     return (W + mix * step.T).astype(np.float32)
 
 
