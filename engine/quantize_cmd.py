@@ -82,7 +82,8 @@ def parse_layers(specs: list[str]) -> dict:
         value, _, grid = value.partition(":")
         bits, _, group = value.partition("/")
         try:
-            out[glob] = {"bits": int(bits), **({"group": int(group)} if group else {}), **({"grid": grid} if grid else {})}
+            out[glob] = {"bits": int(bits), **({"group": int(group)} if group else {}),
+                         **({"grid": grid} if grid else {})}
         except ValueError:
             raise ValueError(f"--layer {spec!r}: expected GLOB=BITS, GLOB=BITS/GROUP or either with :GRID") from None
         if not glob:

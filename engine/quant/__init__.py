@@ -22,9 +22,9 @@ Settings are a plain dict (stored verbatim in the quantized model file):
                always round to nearest
     grid       the grid rtn and gptq round to: "rtn", "int" (rtn.py: the integer grid, levels s times
                -2^(b-1) .. 2^(b-1) - 1 and no stored offset, as llama.cpp's Q4_0 / Q5_0 / Q8_0, which
-               it keeps exactly; 2..8 bits, float16 scales), and for gptq "hlq", "msb", or "trellis" (trellis.py: each column's
-               stream chosen by the Viterbi algorithm, k <= 6 bits per weight, a float32 scale per row;
-               layers planned above 6 bits go to the rtn grid); None: "trellis" for gptq under a budget
+               it keeps exactly; 2..8 bits, float16 scales), and for gptq "hlq", "msb", or "trellis"
+               (trellis.py: each column's stream chosen by the Viterbi algorithm, k <= 6 bits per
+               weight, a float32 scale per row; layers planned above 6 bits go to the rtn grid); None: "trellis" for gptq under a budget
                below 4 bits, else "rtn" (SmolLM2 --bpw 3.3 wiki: 18.407 on the rtn grid, 16.399 on trellis)
     act_order  gptq takes columns by decreasing Hessian diagonal; None: on for gptq under a bpw budget
                (SmolLM2 --bpw 3.3: wiki 48.0 against 60.8 without) or on the trellis grid, off otherwise
@@ -289,7 +289,7 @@ def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, l
         if scale8:
             fit_grid = lambda Wg: hlq.rtn_grid(Wg, bits, s["symmetric"], scale8=True)  # noqa: E731
         else:
-            grid = "int" if int_grid else "rtn" if s["grid"] in ("int", "trellis") else s["grid"]
+            grid = "int" if int_grid else "rtn" if s["grid"] in (*ROUNDING, "trellis") else s["grid"]
             fit_grid = lambda Wg: GRIDS[grid](Wg, bits, s["symmetric"])  # noqa: E731
         one = lambda Wr: gptq.quantize(Wr, f, G, fit_grid)  # noqa: E731
         rows = workers.blocks(one, W) if split else [one(W)]

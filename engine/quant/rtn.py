@@ -13,7 +13,8 @@ The first spans the group: asymmetric [min, max], symmetric [-max|w|, +max|w|]
 step, and a group already on a uniform grid (a Q4_1 source at 4 bits, G 32)
 is kept exactly. Asymmetric grids then try the group's own lattice (its
 smallest gap between values, from its minimum), which keeps a group on a grid
-it does not span (llama.cpp's k-quants) within float16's rounding of the step. Then, up to 3 bits, CLIP_STEPS finer grids centred on the
+it does not span (llama.cpp's k-quants) within float16's rounding of the
+step. Then, up to 3 bits, CLIP_STEPS finer grids centred on the
 group, each step 2^(-1/16) smaller, down to half: they clip the extremes to
 round the bulk of the weights more finely. At 4 bits the gain in squared
 error is small (0.0077 to 0.0073) and clipping cost Qwen2.5-Coder's
