@@ -19,6 +19,7 @@ Tensor names (i = layer index):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 
@@ -119,9 +120,38 @@ def check_mlp_rotation(config: "ModelConfig", tensors: dict, path=None) -> None:
 
 
 def check_architecture(arch: str, path) -> Architecture:
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise ModelError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(sorted(ARCHITECTURES))})")
     return ARCHITECTURES[arch]
+
+
+_SIZES = ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "ffn", "vocab", "max_context")
+TENSORS_PER_LAYER = 9  # at least: two norms and seven linear layers
+
+
+def check_config(config: ModelConfig, path, n_tensors: int) -> None:
+    """What a file's config could lie about, before anything is sized by it: positive integer sizes,
+    a layer count that the file's n_tensors tensors can hold, even heads that GQA groups divide,
+    finite floats."""
+    check_architecture(config.arch, path)
+    for name in _SIZES:
+        v = getattr(config, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ModelError(f"{path}: {name} is {v!r}, expected a positive integer")
+    if config.n_layers * TENSORS_PER_LAYER > n_tensors:
+        raise ModelError(f"{path}: {config.n_layers} layers need at least {config.n_layers * TENSORS_PER_LAYER} "
+                         f"tensors, the file has {n_tensors}")
+    if config.n_heads % config.n_kv_heads or config.head_dim % 2:
+        raise ModelError(f"{path}: {config.n_heads} heads in {config.n_kv_heads} KV groups of head size "
+                         f"{config.head_dim}: need a whole number of heads per group and an even head size")
+    for name, low in (("norm_eps", 0.0), ("rope_theta", 1.0)):
+        v = getattr(config, name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < low:
+            raise ModelError(f"{path}: {name} is {v!r}, expected a finite number of at least {low}")
+    if not isinstance(config.tied_embeddings, bool):
+        raise ModelError(f"{path}: tied_embeddings is {config.tied_embeddings!r}, expected true or false")
+    if config.rope_scaling is not None and not isinstance(config.rope_scaling, dict):
+        raise ModelError(f"{path}: rope_scaling is {config.rope_scaling!r}, expected an object")
 
 
 def check_tensors(config: ModelConfig, tensors: dict, path) -> None:

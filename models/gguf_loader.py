@@ -18,7 +18,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 from gguf.quants import dequantize
 
-from .config import ARCHITECTURES, ModelConfig, ModelError, check_architecture, check_tensors
+from .config import ARCHITECTURES, ModelConfig, ModelError, check_architecture, check_config, check_tensors
 from .source import ModelSource
 
 # GGUF tensor names -> HF names (models/config.py); a ".weight"/".bias" suffix follows both.
@@ -42,6 +42,7 @@ _SCALARS = {GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UIN
             GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "Q",
             GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d"}
 _MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_NESTING = 4  # arrays of arrays: no model writes them (llama.cpp refuses any), Python's stack would run out
 
 
 class GGUFTensor(NamedTuple):
@@ -55,7 +56,10 @@ class _Truncated(Exception):
 
 
 class _Cursor:
-    """Little-endian reads from a buffer, in the values GGUFReader's field.contents() gives."""
+    """Little-endian reads from a buffer, in the values GGUFReader's field.contents() gives.
+
+    Every length and count is checked against the bytes left before anything is
+    sized by it, so a header that lies about them fails at once."""
 
     def __init__(self, buf):
         self.buf, self.pos = buf, 0
@@ -70,6 +74,13 @@ class _Cursor:
         if self.pos + n > len(self.buf):
             raise _Truncated(f"{n} bytes needed at byte {self.pos}, the file has {len(self.buf)}")
 
+    def count(self, what: str, min_bytes: int) -> int:
+        """A count of items of at least min_bytes each, refused when the rest of the file cannot hold them."""
+        n = self.scalar("Q")
+        if n * min_bytes > len(self.buf) - self.pos:
+            raise _Truncated(f"{n} {what} claimed at byte {self.pos - 8}, the file has {len(self.buf)} bytes")
+        return n
+
     def scalar(self, fmt: str):
         return self.unpack(fmt)[0]
 
@@ -79,19 +90,22 @@ class _Cursor:
         self.pos += n
         return str(self.buf[self.pos - n:self.pos], "utf-8")
 
-    def value(self, vtype: GGUFValueType):
+    def value(self, vtype: GGUFValueType, depth: int = 0):
         if vtype == GGUFValueType.STRING:
             return self.string()
         if vtype != GGUFValueType.ARRAY:
             return self.scalar(_SCALARS[vtype])
-        itype, n = GGUFValueType(self.scalar("I")), self.scalar("Q")
+        if depth >= _MAX_NESTING:
+            raise ValueError(f"arrays nested deeper than {_MAX_NESTING} at byte {self.pos}")
+        itype = GGUFValueType(self.scalar("I"))
+        size = np.dtype(_SCALARS[itype]).itemsize if itype in _SCALARS else 8 if itype == GGUFValueType.STRING else 12
+        n = self.count("array items", size)
         if itype in _SCALARS:  # numeric arrays in one go: token types have 150k entries
             dtype = np.dtype("<" + _SCALARS[itype])
-            self._need(n * dtype.itemsize)
             values = np.frombuffer(self.buf, dtype, n, self.pos).tolist()
             self.pos += n * dtype.itemsize
             return values
-        return [self.value(itype) for _ in range(n)]
+        return [self.value(itype, depth + 1) for _ in range(n)]
 
 
 def read_gguf(path) -> tuple[dict, dict[str, GGUFTensor]]:
@@ -110,34 +124,39 @@ def read_gguf(path) -> tuple[dict, dict[str, GGUFTensor]]:
         version = c.scalar("I")
         if version not in (2, 3):
             raise ModelError(f"{path}: unsupported GGUF version {version}")
-        n_tensors, n_kv = c.unpack("QQ")
+        n_tensors = c.count("tensors", 24)  # name length, dimension count, type, offset
+        n_kv = c.count("metadata entries", 13)  # key length, value type, the smallest value
         metadata = {}
         for _ in range(n_kv):
             key = c.string()
             metadata[key] = c.value(GGUFValueType(c.scalar("I")))
-        infos = []
+        infos = {}
         for _ in range(n_tensors):
             name, n_dims = c.string(), c.scalar("I")
             if n_dims > _MAX_DIMS:
                 raise ModelError(f"{path}: tensor {name} has {n_dims} dimensions (corrupt header?)")
+            if name in infos:
+                raise ModelError(f"{path}: tensor {name} appears twice in the tensor table")
             ne = c.unpack("Q" * n_dims)
-            infos.append((name, ne, GGMLQuantizationType(c.scalar("I")), c.scalar("Q")))
+            infos[name] = (ne, GGMLQuantizationType(c.scalar("I")), c.scalar("Q"))
     except ModelError:
         raise
     except _Truncated as e:
         raise ModelError(f"{path}: truncated GGUF header ({e})") from None
-    except ValueError as e:  # unknown value or tensor type codes, bad UTF-8
+    except ValueError as e:  # unknown value or tensor type codes, bad UTF-8, arrays of arrays of ...
         raise ModelError(f"{path}: corrupt GGUF header ({e})") from None
 
     align = metadata.get("general.alignment", 32)
-    if not isinstance(align, int) or align <= 0:
+    if not isinstance(align, int) or isinstance(align, bool) or align <= 0:
         raise ModelError(f"{path}: bad general.alignment {align!r}")
     start = -(-c.pos // align) * align
     tensors = {}
-    for name, ne, qtype, offset in infos:
+    for name, (ne, qtype, offset) in infos.items():
         block, type_size = GGML_QUANT_SIZES[qtype]
         if not ne or ne[0] % block:
             raise ModelError(f"{path}: tensor {name} shape {list(ne)} does not fit {qtype.name} blocks of {block}")
+        if offset % align:
+            raise ModelError(f"{path}: tensor {name} data offset {offset} is not a multiple of the alignment {align}")
         row_bytes = ne[0] // block * type_size
         shape = tuple(reversed(ne))
         begin, nbytes = start + offset, row_bytes * math.prod(shape[:-1])
@@ -175,6 +194,7 @@ def load_gguf(path, tokenizer: bool = True) -> ModelSource:
     if "rope_freqs.weight" in raw:  # llama3-style RoPE scaling, which the runtime cannot apply
         raise ModelError(f"{path}: per-frequency RoPE factors (rope_freqs.weight) are not supported")
     config = gguf_config(metadata, raw, arch, path)
+    check_config(config, path, len(raw))
     named = {hf: raw[g] for g in raw if (hf := hf_tensor_name(g)) is not None}
     check_tensors(config, named, path)  # shapes only, before seconds of dequantization
 
@@ -218,17 +238,23 @@ def gguf_config(md: dict, raw: dict, arch: str, path: Path) -> ModelConfig:
         value = md.get(f"{arch}.{key}", default)
         if value is None:
             raise ModelError(f"{path}: missing metadata key {arch}.{key}")
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ModelError(f"{path}: metadata key {arch}.{key} is {value!r}, expected a number")
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ModelError(f"{path}: metadata key {arch}.{key} is {str(value)[:40]!r}, expected a positive integer")
+        if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                              or not math.isfinite(value)):
+            raise ModelError(f"{path}: metadata key {arch}.{key} is {str(value)[:40]!r}, expected a finite number")
         return kind(value)
 
     hidden, n_heads = get("embedding_length"), get("attention.head_count")
     head_dim = get("attention.key_length", md.get(f"{arch}.rope.dimension_count", hidden // n_heads))
-    if "tokenizer.ggml.tokens" in md:
-        vocab = get("vocab_size", len(md["tokenizer.ggml.tokens"]))
+    tokens = md.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list):
+        vocab = get("vocab_size", len(tokens) or None)
     else:
         vocab = get("vocab_size", raw["token_embd.weight"].shape[0] if "token_embd.weight" in raw else None)
     scaling = md.get(f"{arch}.rope.scaling.type")
+    if scaling is not None and not isinstance(scaling, str):
+        raise ModelError(f"{path}: metadata key {arch}.rope.scaling.type is {str(scaling)[:40]!r}, expected a name")
     rope_scaling = None
     if scaling and scaling != "none":
         rope_scaling = {"rope_type": scaling, "factor": get("rope.scaling.factor", 1.0, float)}

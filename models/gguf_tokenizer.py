@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from os import PathLike
 
 from .config import ModelError
-from .source import TokenizerInfo
+from .source import TokenizerInfo, check_tokenizer
 
 CONTROL, USER_DEFINED = 3, 4
 
@@ -91,15 +91,24 @@ def tokenizer_from_gguf(metadata: dict, path: str | PathLike) -> TokenizerInfo:
     if not tokens or kind is None:
         raise ModelError(f"{path}: no tokenizer in GGUF metadata")
     if kind != "gpt2":
-        raise ModelError(f"{path}: unsupported tokenizer model {kind!r} (only byte-level BPE, 'gpt2')")
+        raise ModelError(f"{path}: unsupported tokenizer model {str(kind)[:40]!r} (only byte-level BPE, 'gpt2')")
     name = metadata.get("tokenizer.ggml.pre") or "default"
-    pre = PRE_TOKENIZERS.get(name)
+    pre = PRE_TOKENIZERS.get(name) if isinstance(name, str) else None
     if pre is None:
-        raise ModelError(f"{path}: unsupported pre-tokenizer {name!r}")
+        raise ModelError(f"{path}: unsupported pre-tokenizer {str(name)[:40]!r}")
     merges = metadata.get("tokenizer.ggml.merges")
     if merges is None:
         raise ModelError(f"{path}: BPE tokenizer without tokenizer.ggml.merges")
-    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    types = metadata.get("tokenizer.ggml.token_type")
+    types = [1] * len(tokens) if types is None and isinstance(tokens, list) else types
+    for key, value, item in (("tokens", tokens, str), ("merges", merges, str), ("token_type", types, int)):
+        if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
+            raise ModelError(f"{path}: tokenizer.ggml.{key} is not a list of {item.__name__}")
+    if len(types) != len(tokens):
+        raise ModelError(f"{path}: {len(types)} token types for {len(tokens)} tokens")
+    template = metadata.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise ModelError(f"{path}: tokenizer.chat_template is not a string")
 
     vocab = {t: i for i, t in enumerate(tokens)}
     try:
@@ -110,7 +119,8 @@ def tokenizer_from_gguf(metadata: dict, path: str | PathLike) -> TokenizerInfo:
     try:
         bpe = models.BPE(vocab, pairs, ignore_merges=pre.ignore_merges)
     except Exception as e:  # a merge of or into a token the vocabulary lacks
-        raise ModelError(f"{path}: bad tokenizer.ggml.merges: {e}") from None
+        reason = str(e).splitlines()[0][:200] if str(e) else repr(e)
+        raise ModelError(f"{path}: bad tokenizer.ggml.merges: {reason}") from None
     tok = Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
@@ -122,9 +132,11 @@ def tokenizer_from_gguf(metadata: dict, path: str | PathLike) -> TokenizerInfo:
     tok.add_tokens([AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)
                     for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)])
 
+    check_tokenizer(tok, path)
+
     def token_id(key: str) -> int | None:
         i = metadata.get(key)
-        return int(i) if i is not None and 0 <= int(i) < len(tokens) else None
+        return i if isinstance(i, int) and 0 <= i < len(tokens) else None
 
     bos = token_id("tokenizer.ggml.bos_token_id")
     eos = [token_id("tokenizer.ggml.eos_token_id"), token_id("tokenizer.ggml.eot_token_id")]
@@ -132,4 +144,4 @@ def tokenizer_from_gguf(metadata: dict, path: str | PathLike) -> TokenizerInfo:
     add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", pre.add_bos)) and bos is not None
     return TokenizerInfo(tokenizer=tok, bos_id=bos,
                          eos_ids=tuple(dict.fromkeys(i for i in eos if i is not None)),
-                         add_bos=add_bos, chat_template=metadata.get("tokenizer.chat_template"))
+                         add_bos=add_bos, chat_template=template)

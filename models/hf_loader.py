@@ -14,11 +14,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .config import ARCHITECTURES, ModelConfig, ModelError, check_architecture, check_tensors
-from .source import ModelSource, TokenizerInfo
+from .config import ARCHITECTURES, ModelConfig, ModelError, check_architecture, check_config, check_tensors
+from .source import ModelSource, TokenizerInfo, check_tokenizer
 
 # BF16 is read as its raw uint16 bits: numpy has no bfloat16
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+_MAX_DIMS = 8
 
 
 class SafeTensor(NamedTuple):
@@ -51,7 +52,7 @@ def read_safetensors(path) -> dict[str, SafeTensor]:
         raise ModelError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         header = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise ModelError(f"{path}: safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path}: safetensors header is not a JSON object")
@@ -67,6 +68,9 @@ def read_safetensors(path) -> dict[str, SafeTensor]:
             raise ModelError(f"{path}: tensor {name} data offsets [{begin}, {end}] are out of order "
                              f"or beyond the end of the data ({data_len} bytes)")
         need = math.prod(shape) * _DTYPES[dtype].itemsize
+        if len(shape) > _MAX_DIMS or max(shape, default=0) > data_len:  # only an empty tensor could claim that
+            raise ModelError(f"{path}: tensor {name} has shape {list(shape)[:_MAX_DIMS + 1]}, "
+                             f"which the data ({data_len} bytes) cannot hold")
         if end - begin != need:
             raise ModelError(f"{path}: tensor {name} has {end - begin} bytes, but {dtype} {list(shape)} needs {need}")
         spans.append((begin, end, name))
@@ -102,6 +106,7 @@ def load_hf(folder, tokenizer: bool = True) -> ModelSource:
     raw = {}
     for file in _weight_files(folder):
         raw.update(read_safetensors(file))
+    check_config(config, config_path, len(raw))
     if config.tied_embeddings:  # some tied checkpoints still store a copy of the head
         raw.pop("lm_head.weight", None)
     check_tensors(config, raw, folder)
@@ -117,15 +122,18 @@ def hf_config(cfg: dict, path: Path) -> ModelConfig:
         value = default if value is None else value
         if value is None:
             raise ModelError(f"{path}: missing {key}")
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ModelError(f"{path}: {key} is {value!r}, expected a number")
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ModelError(f"{path}: {key} is {str(value)[:40]!r}, expected a positive integer")
+        if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                              or not math.isfinite(value)):
+            raise ModelError(f"{path}: {key} is {str(value)[:40]!r}, expected a finite number")
         return kind(value)
 
     arch = cfg["model_type"]
     hidden, n_heads = get("hidden_size"), get("num_attention_heads")
     scaling = cfg.get("rope_scaling")
     if scaling is not None and not isinstance(scaling, dict):
-        raise ModelError(f"{path}: rope_scaling is {scaling!r}, expected an object")
+        raise ModelError(f"{path}: rope_scaling is {str(scaling)[:40]!r}, expected an object")
     if scaling is not None:  # older configs spell rope_type as "type"
         scaling = {("rope_type" if k == "type" else k): v for k, v in scaling.items()}
     return ModelConfig(
@@ -151,7 +159,10 @@ def _weight_files(folder: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelError(f"{index}: no weight_map")
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        if not all(isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..") for n in weight_map.values()):
+            raise ModelError(f"{index}: weight_map names something other than files beside it")
+        names = set(weight_map.values())
+        files = [folder / name for name in sorted(names)]
         for file in files:
             if not file.is_file():
                 raise ModelError(f"{index}: shard {file.name} is missing")
@@ -180,32 +191,49 @@ def hf_tokenizer(folder: Path, cfg: dict) -> TokenizerInfo:
         text = value.get("content") if isinstance(value, dict) else value
         if text is None:
             return None
+        if not isinstance(text, str):
+            raise ModelError(f"{tc_path}: special token {str(text)[:40]!r} is not a string")
         tid = tok.token_to_id(text)
         if tid is None:
-            raise ModelError(f"{tc_path}: special token {text!r} is not in the vocabulary")
+            raise ModelError(f"{tc_path}: special token {text!r:.80} is not in the vocabulary")
         return tid
 
+    check_tokenizer(tok, path)
+    n = tok.get_vocab_size()
     bos = token_id(tc.get("bos_token"))
     if bos is None:
         bos = cfg.get("bos_token_id")
-    eos = [token_id(tc.get("eos_token"))] + _ids(gc.get("eos_token_id")) + _ids(cfg.get("eos_token_id"))
+        if isinstance(bos, list):  # some configs list several; the first is the one prepended
+            bos = bos[0] if bos else None
+        _ids(bos, n, folder / "config.json")
+    eos = ([token_id(tc.get("eos_token"))] + _ids(gc.get("eos_token_id"), n, gc_path)
+           + _ids(cfg.get("eos_token_id"), n, folder / "config.json"))
     add_bos = tc.get("add_bos_token")
     if add_bos is None:  # then tokenizer.json's post-processor decides, as in transformers
         add_bos = bos is not None and tok.encode("a").ids[:1] == [bos]
 
     template = tc.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    if template is None and (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    jinja = folder / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        try:
+            template = jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelError(f"{jinja}: cannot read: {e}") from None
+    if template is not None and not isinstance(template, str):
+        raise ModelError(f"{tc_path}: chat_template is {str(template)[:40]!r}, expected a string")
     return TokenizerInfo(tok, bos, tuple(dict.fromkeys(i for i in eos if i is not None)), bool(add_bos), template)
 
 
-def _ids(value) -> list[int]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list) else [value]
+def _ids(value, n: int, path: Path) -> list[int]:
+    """Token ids given as one id or a list of them: each an integer below the vocabulary size n."""
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    for i in ids:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n:
+            raise ModelError(f"{path}: token id {str(i)[:40]!r} is not one of the tokenizer's {n} ids")
+    return ids
 
 
 def read_json(path: Path) -> dict:
@@ -214,7 +242,7 @@ def read_json(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ModelError(f"{path}: cannot read: {e.strerror or e}") from None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise ModelError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ModelError(f"{path}: not a JSON object")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import mmap
 import os
 import tempfile
@@ -46,8 +47,8 @@ import numpy as np
 
 import lutkernels as lk
 
-from .config import ModelConfig, ModelError, check_architecture, check_mlp_rotation
-from .source import ModelSource, TokenizerInfo
+from .config import ModelConfig, ModelError, check_config, check_mlp_rotation
+from .source import ModelSource, TokenizerInfo, check_tokenizer
 
 FORMAT_VERSION = 6
 OLDEST_READ = 2  # versions 3 to 6 only added things whose absence means what version 2 stored
@@ -56,6 +57,7 @@ ALIGN = 64
 MAX_HEADER = 100 << 20  # a header is a few hundred KB even for large models; more means a corrupt length
 DTYPES = {"U8": np.dtype("<u1"), "I8": np.dtype("<i1"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
 PARTS = ("planes", "scales", "offsets")
+MAX_DIMS = 8
 
 
 @dataclass
@@ -82,10 +84,22 @@ class QFile:
             try:
                 tokenizer = Tokenizer.from_str(m["tokenizer"])
             except Exception as e:
-                raise ModelError(f"{self.path}: tokenizer does not load: {e}") from None
-            self._tok = TokenizerInfo(tokenizer, m.get("bos_id"), tuple(m.get("eos_ids", ())),
-                                      bool(m.get("add_bos", False)), m.get("chat_template"))
+                reason = str(e).splitlines()[0][:200] if str(e) else repr(e)
+                raise ModelError(f"{self.path}: tokenizer does not load: {reason}") from None
+            check_tokenizer(tokenizer, self.path)
+            bos, eos, template = m.get("bos_id"), m.get("eos_ids", []), m.get("chat_template")
+            n = tokenizer.get_vocab_size()
+            if not isinstance(eos, list) or not all(_token(i, n) for i in eos) or not (bos is None or _token(bos, n)):
+                raise ModelError(f"{self.path}: bos_id {str(bos)[:40]!r} or eos_ids {str(eos)[:80]!r} "
+                                 f"are not ids of the tokenizer's {n} tokens")
+            if template is not None and not isinstance(template, str):
+                raise ModelError(f"{self.path}: chat_template is not a string")
+            self._tok = TokenizerInfo(tokenizer, bos, tuple(eos), bool(m.get("add_bos", False)), template)
         return self._tok
+
+
+def _token(i, n: int) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -187,7 +201,7 @@ def load(path) -> QFile:
         raise ModelError(f"{path}: cannot read: {e.strerror or e}") from None
     header, base = _read_header(buf, size, path)
     meta = _read_meta(header.pop("__metadata__", None), path)
-    config = _read_config(meta, path)
+    config = _read_config(meta, path, len(header))
     arrays = {name: _array(buf, base, size, entry, path, name) for name, entry in header.items()}
     packed = {name: _packed(arrays, name, info, path) for name, info in _tensor_meta(meta, path).items()}
     for name, a in arrays.items():
@@ -206,7 +220,7 @@ def _read_header(buf, size: int, path: Path) -> tuple[dict, int]:
                          "(truncated or not safetensors)")
     try:
         header = json.loads(bytes(buf[8:8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ModelError(f"{path}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path}: header is not a JSON object")
@@ -218,7 +232,7 @@ def _read_meta(md, path: Path) -> dict:
         raise ModelError(f"{path}: not a lutengine quantized file (no '{KEY}' metadata)")
     try:
         meta = json.loads(md[KEY])
-    except (TypeError, json.JSONDecodeError) as e:
+    except (TypeError, json.JSONDecodeError, RecursionError) as e:
         raise ModelError(f"{path}: '{KEY}' metadata is not valid JSON ({e})") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if not isinstance(version, int):
@@ -231,12 +245,12 @@ def _read_meta(md, path: Path) -> dict:
     return meta
 
 
-def _read_config(meta: dict, path: Path) -> ModelConfig:
+def _read_config(meta: dict, path: Path, n_tensors: int) -> ModelConfig:
     try:
         config = ModelConfig.from_dict(meta["config"])
     except (KeyError, TypeError) as e:
         raise ModelError(f"{path}: metadata config is missing or malformed ({e})") from None
-    check_architecture(config.arch, path)
+    check_config(config, path, n_tensors)
     return config
 
 
@@ -250,15 +264,17 @@ def _tensor_meta(meta: dict, path: Path) -> dict:
 def _array(buf, base: int, size: int, entry, path: Path, name: str) -> np.ndarray:
     try:
         dtype = DTYPES[entry["dtype"]]
-        shape = tuple(int(s) for s in entry["shape"])
-        start, end = (int(o) for o in entry["data_offsets"])
+        shape, (start, end) = tuple(entry["shape"]), entry["data_offsets"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (*shape, start, end)):
+            raise TypeError("integers expected")
     except (KeyError, TypeError, ValueError):
-        raise ModelError(f"{path}: tensor {name}: malformed header entry {entry!r} "
+        raise ModelError(f"{path}: tensor {name}: malformed header entry {entry!r:.200} "
                          f"(dtype must be one of {', '.join(DTYPES)})") from None
-    count = int(np.prod(shape, dtype=np.int64))
-    if min(shape, default=0) < 0 or not 0 <= start <= end or end - start != count * dtype.itemsize:
+    count = math.prod(shape)
+    if (min(shape, default=0) < 0 or not 0 <= start <= end or end - start != count * dtype.itemsize
+            or len(shape) > MAX_DIMS or max(shape, default=0) > size):  # no dimension outgrows the file
         raise ModelError(f"{path}: tensor {name}: data_offsets {[start, end]} disagree with "
-                         f"{entry['dtype']} {list(shape)}")
+                         f"{entry['dtype']} {list(shape)[:MAX_DIMS + 1]}")
     if base + end > size:
         raise ModelError(f"{path}: tensor {name}: data ends at byte {base + end} beyond the file's {size} (truncated?)")
     a = np.frombuffer(buf, dtype, count, base + start).reshape(shape)
@@ -271,8 +287,9 @@ def _packed(arrays: dict[str, np.ndarray], name: str, info, path: Path) -> lk.Pa
     try:
         M, K, P, G, has_off, uniform = (info[k] for k in ("M", "K", "planes", "group", "offsets", "uniform"))
         scale_bits, int_grid = info.get("scale_bits", 16), info.get("int_grid", False)
+        _ints(M=M, K=K, planes=P, group=G)
         lk.check_shape(M, K, P, G)
-        for key, v in (("uniform", uniform), ("int_grid", int_grid)):
+        for key, v in (("offsets", has_off), ("uniform", uniform), ("int_grid", int_grid)):
             if not isinstance(v, bool):
                 raise TypeError(f"{key} must be true or false, got {v!r}")
         if int_grid and (not uniform or has_off):
@@ -309,6 +326,7 @@ def _packed(arrays: dict[str, np.ndarray], name: str, info, path: Path) -> lk.Pa
 def _trellis(arrays: dict[str, np.ndarray], name: str, info: dict, path: Path) -> lk.TrellisLinear:
     try:
         M, K, k = (info[key] for key in ("M", "K", "bits"))
+        _ints(M=M, K=K, bits=k)
         lk.trellis.check_shape(M, K, k)
     except (KeyError, TypeError, lk.trellis.TrellisError) as e:
         raise ModelError(f"{path}: tensor {name}: bad trellis-layer metadata ({e})") from None
@@ -325,6 +343,12 @@ def _trellis(arrays: dict[str, np.ndarray], name: str, info: dict, path: Path) -
                              f"bits={k}) needs {dtype} {list(shape)}")
         parts[part] = a
     return lk.TrellisLinear(M, K, k, parts["streams"], parts["scales"])
+
+
+def _ints(**values) -> None:
+    for key, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{key} must be an integer, got {str(v)[:40]!r}")
 
 
 def _check_complete(qf: QFile) -> None:
