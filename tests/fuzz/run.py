@@ -7,7 +7,7 @@ models package, half of the time through the same structure-aware mutator.
 Either way each input must finish within the hang limit (2 s), under an address-space
 limit (a lying size that allocates fails as MemoryError), and load or raise a
 one-line ModelError naming its file; any other outcome is printed and the input is
-saved under --crashes. The last line is a JSON summary.
+saved under --crashes. The last line is a JSON summary (libFuzzer's statistics with --atheris).
 """
 from __future__ import annotations
 
@@ -98,7 +98,8 @@ def campaign(name: str, inputs: int, seed: int = 0, crashes: Path | None = None,
 
 
 def atheris_campaign(name: str, inputs: int, seed: int, crashes: Path) -> None:
-    """libFuzzer over the target; prints a failure as it happens and libFuzzer's final stats at the end."""
+    """libFuzzer over the target: prints each failure as it happens; libFuzzer prints the runs and exec/s
+    at the end (it exits without returning, so there is no JSON summary)."""
     import atheris
 
     with atheris.instrument_imports(include=["models"]):
@@ -107,14 +108,13 @@ def atheris_campaign(name: str, inputs: int, seed: int, crashes: Path) -> None:
 
     target = TARGETS[name]
     mutator = Mutator(target.kind, seeds(name), seed)
-    count = {"inputs": 0, "failures": 0, "start": time.perf_counter()}
+    count = [0]
 
     def one(data: bytes) -> None:
-        count["inputs"] += 1
+        count[0] += 1
         failure = check(target, data, alarm=False)  # libFuzzer's -timeout owns SIGALRM
         if failure:
-            count["failures"] += 1
-            print(f"FAIL input {count['inputs']}: {failure} (saved {save(crashes, name, data)})", flush=True)
+            print(f"FAIL input {count[0]}: {failure} (saved {save(crashes, name, data)})", flush=True)
 
     def mutate(data: bytes, max_size: int, rng_seed: int) -> bytes:
         if rng_seed % 2:
@@ -122,15 +122,7 @@ def atheris_campaign(name: str, inputs: int, seed: int, crashes: Path) -> None:
         import random
         return mutator.mutate(data, random.Random(rng_seed))[:max_size]
 
-    def summary() -> None:
-        seconds = time.perf_counter() - count["start"]
-        print(json.dumps({"target": name, "inputs": count["inputs"], "seconds": round(seconds, 2),
-                          "exec_per_s": round(count["inputs"] / seconds, 1), "failures": count["failures"],
-                          "engine": "atheris"}), flush=True)
-
-    import atexit
-    atexit.register(summary)
-    corpus_dir = crashes.parent / f"atheris-corpus-{name}"  # libFuzzer adds the inputs it keeps here
+    corpus_dir = crashes / f"atheris-corpus-{name}"  # libFuzzer adds the inputs it keeps here
     corpus_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.argv[0], str(corpus_dir), str(CORPUS / name), f"-runs={inputs}", f"-seed={seed + 1}",
             f"-timeout={int(HANG_S)}", f"-max_len={1 << 20}", "-rss_limit_mb=4096", "-print_final_stats=1",
