@@ -8,11 +8,16 @@ call from several threads (the C core serialises matmuls on its thread pool).
 from __future__ import annotations
 
 import threading
+import time
+import uuid
 from typing import Iterator, Sequence
 
 from .chat import Conversation, template_for
-from .generate import Session, Stats
+from .generate import ContextError, Session, Stats
 from .sampling import SamplingParams
+
+# Stats.stop_reason -> OpenAI's finish_reason ("context" ran out of positions: as llama.cpp, "length")
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
 
 
 class Model:
@@ -64,7 +69,139 @@ class Model:
     def reset(self) -> None:
         self._session.reset()
 
-    def _locked(self, start) -> Iterator[str]:
+    def chat_ids(self, messages: Sequence[dict]) -> list[int]:
+        """Token ids of messages in the model's chat template with the generation prompt (no trimming:
+        an OpenAI request that does not fit is refused, not shortened)."""
+        if not hasattr(self, "_template"):
+            self._template = template_for(self.tokenizer)
+        return Conversation(self._session, self._template).encode(check_messages(messages))
+
+    def create_completion(self, prompt: str, max_tokens: int | None = 16, temperature: float = 0.8,
+                          top_p: float = 0.95, seed: int | None = None, stop: str | Sequence[str] | None = None,
+                          stream: bool = False, response_format: dict | None = None, **sampling):
+        """What POST /v1/completions returns (a dict, or an iterator of chunk dicts with stream=True),
+        as llama-cpp-python's Llama.create_completion. sampling: the other SamplingParams fields."""
+        return self._create("text_completion", self.tokenize(prompt), max_tokens, stop, stream, response_format,
+                            dict(temperature=temperature, top_p=top_p, seed=seed, **sampling))
+
+    def create_chat_completion(self, messages: Sequence[dict], max_tokens: int | None = None,
+                               temperature: float = 0.8, top_p: float = 0.95, seed: int | None = None,
+                               stop: str | Sequence[str] | None = None, stream: bool = False,
+                               response_format: dict | None = None, **sampling):
+        """What POST /v1/chat/completions returns; max_tokens None: until the context is full."""
+        return self._create("chat.completion", self.chat_ids(messages), max_tokens, stop, stream, response_format,
+                            dict(temperature=temperature, top_p=top_p, seed=seed, **sampling))
+
+    def _create(self, kind, ids, max_tokens, stop, stream, response_format, sampling):
+        check_response_format(response_format)
+        max_tokens = fit_max_tokens(len(ids), max_tokens, self.max_context)
+        params, stops, stats = SamplingParams(**sampling), stop_list(stop), Stats()
+        pieces = self._locked(lambda st: self._session.stream(ids, params, max_tokens, stops, st), stats)
+        reply = Reply(kind, self.info.get("name", "lutengine"), len(ids), stats)
+        return reply.chunks(pieces) if stream else reply.result(pieces)
+
+    def _locked(self, start, stats: Stats | None = None) -> Iterator[str]:
         with self._lock:
-            self.last_stats = Stats()
+            self.last_stats = Stats() if stats is None else stats
             yield from start(self.last_stats)
+
+
+class Reply:
+    """One OpenAI-style answer (chat.completion or text_completion) from the pieces of a reply and
+    the Stats its generation fills in; shared by Model.create_* and `lutengine serve`."""
+
+    def __init__(self, kind: str, model: str, prompt_tokens: int, stats: Stats, include_usage: bool = False):
+        self.kind, self.model, self.prompt_tokens, self.stats = kind, model, prompt_tokens, stats
+        self.include_usage = include_usage  # streams: a last chunk with usage and no choices (stream_options)
+        self.chat = kind == "chat.completion"
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def usage(self) -> dict:
+        n = self.stats.gen_tokens
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+
+    def finish_reason(self) -> str | None:
+        return FINISH.get(self.stats.stop_reason)
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def result(self, pieces) -> dict:
+        text = "".join(pieces)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": self.finish_reason()}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason()}
+        return {**self._head(self.kind), "choices": [choice], "usage": self.usage()}
+
+    def chunk(self, text: str | None, finish: str | None = None, first: bool = False) -> dict:
+        if self.chat:
+            delta = {} if text is None else {"content": text}
+            if first:
+                delta = {"role": "assistant", "content": ""}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**self._head("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {**self._head("text_completion"), "choices": [choice]}
+
+    def chunks(self, pieces) -> Iterator[dict]:
+        if self.chat:
+            yield self.chunk(None, first=True)
+        for piece in pieces:
+            yield self.chunk(piece)
+        yield self.chunk(None, self.finish_reason())
+        if self.include_usage:
+            yield {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
+                   "usage": self.usage()}
+
+
+def fit_max_tokens(prompt_tokens: int, max_tokens: int | None, context: int) -> int:
+    """max_tokens checked against the context (None: what the context leaves); ContextError if it cannot fit."""
+    room = context - prompt_tokens
+    if room < 1:
+        raise ContextError(f"the prompt is {prompt_tokens} tokens; the context holds {context}")
+    if max_tokens is None:
+        return room
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if max_tokens > room:
+        raise ContextError(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds "
+                           f"the context of {context} tokens")
+    return max_tokens
+
+
+def stop_list(stop) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) for s in stops):
+        raise ValueError("stop must be a string or a list of strings")
+    return stops
+
+
+def check_messages(messages) -> list[dict]:
+    """OpenAI chat messages to the template's {"role", "content": str} (text parts joined)."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{i}] must be an object with a string role")
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ValueError(f"messages[{i}].content: only text parts are supported")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def check_response_format(fmt) -> None:
+    if fmt is None or fmt == {"type": "text"}:
+        return
+    raise ValueError(f"response_format {fmt!r} is not supported (only {{'type': 'text'}})")
