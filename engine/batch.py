@@ -1,0 +1,358 @@
+"""Continuous batching for `lutengine serve`: N slots, each with its own KV cache, advanced together.
+
+Each slot runs engine.generate's Session (the same decode loop, sampler and stop
+strings as `generate` and the Python API) on a SlotModel in its own worker
+thread. A SlotModel's forward of a prompt runs the slot's Transformer in chunks;
+its forward of one token hands the token to the Batcher and waits: the Batcher's
+thread gathers the tokens of every slot that is decoding and advances them all
+in one BatchedStep, one GEMM per linear layer with a row per sequence (the LUT
+kernels build each row's tables on its own, so a row's output does not depend on
+the others) and attention per row over that slot's cache. A request joins or
+leaves between steps. For a quantized model a row computes exactly what the
+single-token decoder (engine/model.py _Decoder) computes: the same C calls in the
+same order, so a greedy request gives the same tokens alone as beside others.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+import lutkernels as lk
+from lutkernels import ops
+
+from .generate import Session, Stats
+from .model import Packed, Transformer, _Decoder
+from .sampling import SamplingParams
+
+PREFILL_CHUNK = 128  # prompt tokens per forward: a long prompt yields the kernels to the others' steps between chunks
+GATHER_S = 0.005  # how long a step waits for the slots still sampling their previous token
+
+
+class Cancelled(Exception):
+    """The request's client went away; its slot is freed at the next token."""
+
+
+class QueueFull(Exception):
+    pass
+
+
+def fork(m: Transformer) -> Transformer:
+    """A Transformer on the same weights and kernels' descriptors with its own KV cache and buffers."""
+    s = copy.copy(m)
+    s.k_cache, s.v_cache = np.zeros_like(m.k_cache), np.zeros_like(m.v_cache)
+    s.filled = 0
+    s._decoder = _Decoder(s)
+    return s
+
+
+def _matmul(lin, x: np.ndarray, y: np.ndarray) -> None:
+    if isinstance(lin, Packed):
+        lk.gemm(lin.layer, x, out=y, exact=lin.exact)
+    else:
+        np.matmul(x, lin.wt, out=y)
+
+
+class BatchedStep:
+    """One decode step of up to len(slots) sequences, a row each (see the module docstring)."""
+
+    def __init__(self, model: Transformer, slots: Sequence[Transformer]):
+        c, f32, n = model.config, np.float32, len(slots)
+        self.m, self.slots = model, list(slots)
+        self.x = np.zeros((n, c.hidden), f32)
+        self.h, self.delta = np.zeros((n, c.hidden), f32), np.zeros((n, c.hidden), f32)
+        self.q, self.att = np.zeros((n, c.n_heads * c.head_dim), f32), np.zeros((n, c.n_heads * c.head_dim), f32)
+        self.k, self.v = np.zeros((n, c.n_kv_heads * c.head_dim), f32), np.zeros((n, c.n_kv_heads * c.head_dim), f32)
+        self.gate, self.up = np.zeros((n, c.ffn), f32), np.zeros((n, c.ffn), f32)
+        self.logits = np.zeros((n, c.vocab), f32)
+        self.scores = np.zeros(c.n_heads * model.max_context, f32)  # rows attend one after another
+        eps = c.norm_eps
+        self.rows = []  # per row: per block (attention norm, MLP norm, gating) calls, then the final norm
+        for r in range(n):
+            x, h, d = self.x[r], self.h[r], self.delta[r]
+            blocks = []
+            for i, b in enumerate(model.blocks):
+                rotate = () if model.mlp_rotation is None else \
+                    (ops.bind_rotate(self.gate[r:r + 1], *model.mlp_rotation),)
+                blocks.append((ops.bind_add_rmsnorm(x, d if i else None, b.attn_norm, eps, h),
+                               ops.bind_add_rmsnorm(x, d, b.mlp_norm, eps, h),
+                               (ops.bind_silu_mul(self.gate[r], self.up[r]), *rotate)))
+            final = ops.bind_add_rmsnorm(x, d if model.blocks else None, model.norm, eps, h)
+            self.rows.append((blocks, final))
+        self._attention: dict[tuple[int, int], list[Callable[[int], None]]] = {}
+
+    def attention(self, r: int, s: int) -> list[Callable[[int], None]]:
+        """Row r's attention over slot s's cache, per layer (bound on first use: rows change slots)."""
+        key = (r, s)
+        if key not in self._attention:
+            c, slot = self.m.config, self.slots[s]
+            self._attention[key] = [
+                ops.bind_attention(self.q[r], self.k[r], self.v[r],
+                                   (b.q_bias, b.k_bias, b.v_bias) if c.qkv_bias else None, self.m.cos, self.m.sin,
+                                   slot.k_cache[i], slot.v_cache[i], c.n_heads, self.scores, self.att[r])
+                for i, b in enumerate(self.m.blocks)]
+        return self._attention[key]
+
+    def __call__(self, work: Sequence[tuple[int, int, int]]) -> np.ndarray:
+        """work: (slot, token, position) per row; returns logits [len(work), vocab] (a buffer the next call reuses)."""
+        n = len(work)
+        attn = [self.attention(r, s) for r, (s, _, _) in enumerate(work)]
+        for r, (_, token, _) in enumerate(work):
+            np.copyto(self.x[r], self.m.embed[token])
+        x, h, delta, q, k, v, att = (a[:n] for a in (self.x, self.h, self.delta, self.q, self.k, self.v, self.att))
+        gate, up = self.gate[:n], self.up[:n]
+        for i, b in enumerate(self.m.blocks):
+            for blocks, _ in self.rows[:n]:
+                blocks[i][0]()
+            _matmul(b.q, h, q)
+            _matmul(b.k, h, k)
+            _matmul(b.v, h, v)
+            for r, (_, _, pos) in enumerate(work):
+                attn[r][i](pos)
+            _matmul(b.o, att, delta)
+            for blocks, _ in self.rows[:n]:
+                blocks[i][1]()
+            _matmul(b.gate, h, gate)
+            _matmul(b.up, h, up)
+            for blocks, _ in self.rows[:n]:
+                for f in blocks[i][2]:
+                    f()
+            _matmul(b.down, gate, delta)
+        for _, final in self.rows[:n]:
+            final()
+        _matmul(self.m.head, h, self.logits[:n])
+        return self.logits[:n]
+
+
+@dataclass
+class _Row:
+    slot: int
+    token: int
+    pos: int
+    done: threading.Event = field(default_factory=threading.Event)
+    logits: np.ndarray | None = None
+    error: BaseException | None = None
+
+
+class Batcher:
+    """The decode thread: each step takes the waiting token of every decoding slot (waiting at most
+    GATHER_S for one still sampling) and runs them as one BatchedStep."""
+
+    def __init__(self, step: BatchedStep):
+        self.step = step
+        self.cond = threading.Condition()
+        self.pending: list[_Row] = []
+        self.decoding: set[int] = set()  # slots between tokens of a reply
+        self.steps = self.rows = 0
+        self.busy_s = 0.0
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="lutengine-decode", daemon=True)
+        self.thread.start()
+
+    def decode(self, slot: int, token: int, pos: int) -> np.ndarray:
+        row = _Row(slot, token, pos)
+        with self.cond:
+            if self.closed:
+                raise RuntimeError("the server is shutting down")
+            self.decoding.add(slot)
+            self.pending.append(row)
+            self.cond.notify_all()
+        row.done.wait()
+        if row.error is not None:
+            raise row.error
+        return row.logits
+
+    def leave(self, slot: int) -> None:
+        with self.cond:
+            self.decoding.discard(slot)
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        self.thread.join(timeout=5)
+
+    def _gather(self) -> list[_Row] | None:
+        with self.cond:
+            while not self.pending and not self.closed:
+                self.cond.wait()
+            if self.closed:
+                return None
+            deadline = time.monotonic() + GATHER_S
+            while len(self.pending) < len(self.decoding) and not self.closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            rows, self.pending = self.pending, []
+            return rows
+
+    def _run(self) -> None:
+        while (rows := self._gather()) is not None:
+            t0 = time.perf_counter()
+            try:
+                logits = self.step([(r.slot, r.token, r.pos) for r in rows])
+                for r, row_logits in zip(rows, logits):
+                    r.logits = row_logits.copy()  # the slot samples from it while the next step runs
+            except Exception as e:  # a failed step fails its requests, not the server
+                for r in rows:
+                    r.error = e
+            self.busy_s += time.perf_counter() - t0
+            self.steps += 1
+            self.rows += len(rows)
+            for r in rows:
+                r.done.set()
+        with self.cond:
+            for r in self.pending:
+                r.error = RuntimeError("the server is shutting down")
+                r.done.set()
+
+
+class SlotModel:
+    """What a slot's Session sees as its model: prompts run on the slot's Transformer in chunks,
+    single tokens go through the Batcher. Raises Cancelled once its request is cancelled."""
+
+    def __init__(self, transformer: Transformer, index: int, batcher: Batcher):
+        self.t, self.index, self.batcher = transformer, index, batcher
+        self.request: Request | None = None
+
+    @property
+    def max_context(self) -> int:
+        return self.t.max_context
+
+    def forward(self, tokens: Sequence[int], pos: int) -> np.ndarray:
+        if self.request is not None and self.request.cancelled:
+            raise Cancelled()
+        n = len(tokens)
+        if n == 1:
+            self.t._check_span(pos, 1)
+            logits = self.batcher.decode(self.index, self.t._token(tokens[0]), pos)
+            self.t.filled = pos + 1
+            return logits
+        starts = list(range(0, n, PREFILL_CHUNK))
+        if len(starts) > 1 and n - starts[-1] == 1:  # no one-token chunk: those take the decoder's path
+            starts.pop()
+        for a, e in zip(starts, starts[1:] + [n]):
+            if self.request is not None and self.request.cancelled:
+                raise Cancelled()
+            logits = self.t.forward(tokens[a:e], pos + a)
+        return logits
+
+
+class Request:
+    """One generation: its prompt ids and settings in, text pieces out through emit(piece), then
+    emit(None) once the Stats are final. error holds what failed it, if anything."""
+
+    def __init__(self, ids: Sequence[int], params: SamplingParams, max_tokens: int, stop: Sequence[str],
+                 emit: Callable[[str | None], None], ignore_eos: bool = False):
+        self.ids, self.params, self.max_tokens, self.stop = list(ids), params, max_tokens, list(stop)
+        self.emit, self.ignore_eos = emit, ignore_eos
+        self.stats = Stats()
+        self.cancelled = False
+        self.error: BaseException | None = None
+        self.t_submit = time.monotonic()
+        self.t_first: float | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Scheduler:
+    """`parallel` slots over one model, a bounded queue of waiting requests, counters for /metrics."""
+
+    def __init__(self, model, parallel: int = 4, queue: int = 16):
+        if parallel < 1:
+            raise ValueError(f"parallel must be >= 1, got {parallel}")
+        if queue < 0:
+            raise ValueError(f"queue must be >= 0, got {queue}")
+        self.model, self.parallel, self.queue_size = model, parallel, queue
+        slots = [fork(model.transformer) for _ in range(parallel)]
+        self.batcher = Batcher(BatchedStep(model.transformer, slots))
+        self.cond = threading.Condition()
+        self.waiting: list[Request] = []
+        self.active = 0
+        self.closed = False
+        self.counts = {"requests": 0, "rejected": 0, "cancelled": 0, "failed": 0, "prompt_tokens": 0,
+                       "generated_tokens": 0}
+        self.prompt_s = self.gen_s = 0.0
+        self.started = time.monotonic()
+        self.workers = [threading.Thread(target=self._work, args=(SlotModel(s, i, self.batcher),),
+                                         name=f"lutengine-slot-{i}", daemon=True) for i, s in enumerate(slots)]
+        for w in self.workers:
+            w.start()
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; QueueFull when `queue` requests already wait for a slot."""
+        with self.cond:
+            if self.closed:
+                raise RuntimeError("the server is shutting down")
+            if self.active + len(self.waiting) >= self.parallel + self.queue_size:
+                self.counts["rejected"] += 1
+                raise QueueFull(f"{len(self.waiting)} requests are waiting for {self.parallel} slots")
+            self.waiting.append(request)
+            self.counts["requests"] += 1
+            self.cond.notify()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            for r in self.waiting:
+                r.error = RuntimeError("the server is shutting down")
+                r.emit(None)
+            self.waiting.clear()
+            self.cond.notify_all()
+        self.batcher.close()
+
+    def snapshot(self) -> dict:
+        with self.cond:
+            return {**self.counts, "queue": len(self.waiting), "active": self.active, "slots": self.parallel,
+                    "prompt_s": self.prompt_s, "gen_s": self.gen_s, "steps": self.batcher.steps,
+                    "step_rows": self.batcher.rows, "decode_busy_s": self.batcher.busy_s,
+                    "uptime_s": time.monotonic() - self.started}
+
+    def _take(self) -> Request | None:
+        with self.cond:
+            while not self.waiting and not self.closed:
+                self.cond.wait()
+            if self.closed:
+                return None
+            self.active += 1
+            return self.waiting.pop(0)
+
+    def _work(self, slot: SlotModel) -> None:
+        session = Session(slot, self.model.tokenizer)
+        while (req := self._take()) is not None:
+            # A fresh cache per request: the reused prefix of a previous reply would hold keys computed on
+            # the decode path instead of the prompt path, and the same request could then give other tokens.
+            session.reset()
+            slot.request = req
+            try:
+                if not req.cancelled:
+                    for piece in session.stream(req.ids, req.params, req.max_tokens, req.stop, req.stats,
+                                                req.ignore_eos):
+                        if req.t_first is None:
+                            req.t_first = time.monotonic()
+                        if req.cancelled:
+                            raise Cancelled()
+                        req.emit(piece)
+            except Cancelled:
+                pass
+            except Exception as e:
+                req.error = e
+            finally:
+                slot.request = None
+                self.batcher.leave(slot.index)
+                with self.cond:
+                    self.active -= 1
+                    self.counts["cancelled"] += req.cancelled
+                    self.counts["failed"] += req.error is not None
+                    self.counts["prompt_tokens"] += req.stats.prompt_tokens
+                    self.counts["generated_tokens"] += req.stats.gen_tokens
+                    self.prompt_s += req.stats.prompt_s
+                    self.gen_s += req.stats.gen_s
+                req.emit(None)
