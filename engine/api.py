@@ -147,14 +147,22 @@ class Reply:
         return {**self._head("text_completion"), "choices": [choice]}
 
     def chunks(self, pieces) -> Iterator[dict]:
-        if self.chat:
-            yield self.chunk(None, first=True)
+        yield from self.opening()
         for piece in pieces:
             yield self.chunk(piece)
-        yield self.chunk(None, self.finish_reason())
+        yield from self.closing()
+
+    def opening(self) -> list[dict]:
+        """The chunks before the first piece of a stream (a chat stream names the role first)."""
+        return [self.chunk(None, first=True)] if self.chat else []
+
+    def closing(self) -> list[dict]:
+        """The chunks after the last piece, once the Stats are final."""
+        last = [self.chunk(None, self.finish_reason())]
         if self.include_usage:
-            yield {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
-                   "usage": self.usage()}
+            last.append({**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
+                         "usage": self.usage()})
+        return last
 
 
 def fit_max_tokens(prompt_tokens: int, max_tokens: int | None, context: int) -> int:

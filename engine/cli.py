@@ -116,6 +116,12 @@ def cmd_chat(args) -> int:
     return run_chat(_load(args, args.dense), args)
 
 
+def cmd_serve(args) -> int:
+    from .serve import run
+
+    return run(args)
+
+
 def _model_args(p, positional: bool = False) -> None:
     if positional:
         p.add_argument("model", nargs="?", default=None, metavar="MODEL",
@@ -192,6 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _run_args(p)
     p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server, concurrent requests decoded together "
+                       "(needs lutengine[serve])")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8080, help="(default: 8080; 0: a free port, printed)")
+    p.add_argument("--parallel", type=int, default=4, help="sequences decoded together, a KV cache each (default: 4)")
+    p.add_argument("--queue", type=int, default=16, help="requests that may wait for a slot before 429 (default: 16)")
+    p.add_argument("--ctx", type=int, default=None, help="context per slot (default: the model's, at most 4096)")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every request but /health")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level (default: warning)")
+    p.add_argument("-t", "--threads", type=int, default=_threads_default(), help="kernel threads (default: all)")
+    p.set_defaults(func=cmd_serve)
 
     from .quantize_cmd import add_arguments
 
