@@ -7,6 +7,11 @@ import os
 
 import numpy as np
 
+try:
+    from numpy.lib.array_utils import byte_bounds
+except ImportError:  # numpy < 2
+    byte_bounds = np.byte_bounds
+
 from ._lut import ffi, lib
 from . import trellis
 from .layout import PackedLinear, check_shape
@@ -110,6 +115,30 @@ def _require(a, dtype, shape, name):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
     if not a.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous")
+    if not _within_its_memory(a):
+        raise ValueError(f"{name} reaches beyond the memory it views (an as_strided array with lying strides?)")
+
+
+def _within_its_memory(a: np.ndarray) -> bool:
+    """Whether a's bytes lie inside every buffer it is a view of. A contiguous view made by
+    as_strided can claim more than its base holds; C would then read past the end."""
+    lo, hi = byte_bounds(a)
+    base = a.base
+    while base is not None:
+        if isinstance(base, np.ndarray):
+            blo, bhi = byte_bounds(base)
+        elif hasattr(base, "__array_interface__"):  # as_strided's wrapper: its interface is the view's own claim
+            base = getattr(base, "base", None)
+            continue
+        else:
+            try:
+                blo, bhi = byte_bounds(np.frombuffer(base, np.uint8))
+            except (TypeError, ValueError, BufferError):
+                return True  # an exporter numpy cannot view: nothing to compare against
+        if lo < blo or hi > bhi:
+            return False
+        base = getattr(base, "base", None)
+    return True
 
 
 def layer(w) -> Layer | TrellisLayer:

@@ -1,6 +1,9 @@
 """Test vectors for the standalone C harness (c/tests/test_lut.c).
 
-    python tests/gen_vectors.py OUT [--cases N] [--seed S]
+    python tests/gen_vectors.py OUT [--cases N] [--random R] [--seed S]
+
+--cases N writes the first N structured cases (plan); --random R appends R
+seeded random shapes (random_plan), the same case writer for both.
 
 Only numpy is needed: the expected values come from lutkernels/layout.py and
 lutkernels/reference.py, loaded without the package's __init__ (which imports
@@ -106,6 +109,37 @@ def plan(ncases, rng):
     return out
 
 
+def random_plan(ncases, rng):
+    """Random shapes on top of plan's structured ones. P and G cycle (periods 8
+    and 5), so any 40 consecutive cases hold every (P, G); the rest is drawn: M
+    mostly 1..70 (odd ones, below one tile, partial tiles), one in ten up to
+    300; K from 32 (one in six the smallest K the group allows) to 1024, and
+    one in fifty 8192, those with M <= 16 and one token to keep the file small;
+    offsets, uniform, 8-bit scales, exact tables and (uniform without offsets)
+    the integer grid each half the time."""
+    out = []
+    for i in range(ncases):
+        P, G = 1 + i % 8, GROUPS[(i // 8) % 5]
+        unit = 32 if G == "K" else G
+        big = rng.random() < 0.02
+        if big:
+            K = 8192
+        elif rng.random() < 1 / 6:
+            K = unit
+        else:
+            K = unit * int(rng.integers(1, 1024 // unit + 1))
+        G = K if G == "K" else G
+        if big:
+            M, N = int(rng.integers(1, 17)), 1
+        else:
+            M = int(rng.integers(71, 301)) if rng.random() < 0.1 else int(rng.integers(1, 71))
+            N = int(rng.choice([1, 1, 1, 2, 3, 5]))
+        off, uniform, scale8, exact, grid = (bool(b) for b in rng.integers(0, 2, 5))
+        out.append(dict(M=M, K=K, P=P, G=G, off=off, N=N, exact=exact, uniform=uniform, scale8=scale8,
+                        int_grid=uniform and not off and grid, kind="random"))
+    return out
+
+
 def make_case(c, rng):
     M, K, P, G, N = c["M"], c["K"], c["P"], c["G"], c["N"]
     planes = rng.integers(0, 2, (P, M, K), dtype=np.int8) * 2 - 1
@@ -156,11 +190,13 @@ def make_case(c, rng):
     return w, x, y, sums, magnitude(w, x, sums, c["exact"])
 
 
-def write(path, ncases=95, seed=0):
+def write(path, ncases=95, seed=0, nrandom=0):
     rng = np.random.default_rng(seed)
+    # the random shapes draw from their own stream: adding them leaves the structured cases as they were
+    cases = plan(ncases, rng) + random_plan(nrandom, np.random.default_rng([seed, 1]))
     with open(path, "wb") as f:
-        f.write(MAGIC + struct.pack("<II", 0x01020304, ncases))
-        for c in plan(ncases, rng):
+        f.write(MAGIC + struct.pack("<II", 0x01020304, len(cases)))
+        for c in cases:
             w, x, y, sums, mag = make_case(c, rng)
             Kb = layout.act_block(w.K, w.G)
             f.write(struct.pack("<11i", w.M, w.K, w.P, w.G, Kb, int(w.offsets is not None), x.shape[0], int(c["exact"]),
@@ -177,11 +213,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
     ap.add_argument("--cases", type=int, default=95)
+    ap.add_argument("--random", type=int, default=0, help="random shapes appended (random_plan)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    if args.cases < 1:
-        ap.error("--cases must be at least 1")
-    write(args.out, args.cases, args.seed)
+    if args.cases < 1 or args.random < 0:
+        ap.error("--cases must be at least 1 and --random at least 0")
+    write(args.out, args.cases, args.seed, args.random)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,27 @@ def test_mismatched_shapes(layer):
         lk.gemm(layer, np.zeros(64, np.float32))
 
 
+def test_lying_strides_are_refused_before_c(layer):
+    """as_strided can make a C-contiguous view that claims more memory than it has."""
+    from numpy.lib.stride_tricks import as_strided
+
+    small = np.zeros(16, np.float32)
+    x = as_strided(small, shape=(1, 64), strides=(256, 4))
+    with pytest.raises(ValueError, match="x reaches beyond the memory it views"):
+        lk.gemm(layer, x)
+    out = as_strided(np.zeros(4, np.float32), shape=(1, 20), strides=(80, 4))
+    with pytest.raises(ValueError, match="out reaches beyond the memory it views"):
+        lk.gemm(layer, np.zeros((1, 64), np.float32), out=out)
+    w = layer.w
+    planes = as_strided(w.planes[:, :1].copy(), shape=w.planes.shape, strides=w.planes.strides)
+    with pytest.raises(ValueError, match="planes reaches beyond"):
+        lk.Layer(lk.PackedLinear(w.M, w.K, w.P, w.G, planes, w.scales, None))
+    # views that stay inside their memory pass, through any chain of bases (a slice of a buffer)
+    buf = bytearray(4 * 64 * 3)
+    x = np.frombuffer(buf, np.float32).reshape(3, 64)[1:2]
+    assert lk.gemm(layer, x).shape == (1, 20)
+
+
 def test_tampered_packed_arrays_are_caught():
     w = lk.pack(*random_layer(np.random.default_rng(8), 20, 64, 2, 32, False))
     bad = lk.PackedLinear(w.M, w.K, w.P, w.G, w.planes[:1], w.scales, None)

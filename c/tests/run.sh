@@ -1,21 +1,42 @@
 #!/usr/bin/env bash
-# Build the standalone C harness (test_lut.c) with the core compiled in, and
-# run it on a vectors file from tests/gen_vectors.py.
+# Build the standalone C harness with the core compiled in and run it:
+# test_trellis.c (trellis-coded layers, self-contained) first, then test_lut.c
+# on a vectors file from tests/gen_vectors.py.
 #
-#   c/tests/run.sh native  VECTORS   host gcc, ASan + UBSan, every ISA of this CPU
+#   c/tests/run.sh MODE VECTORS [--cases N] [--trellis R] [--seed S]
 #
-# test_trellis.c (trellis-coded layers, no vectors file) runs first in both modes.
-#   c/tests/run.sh aarch64 VECTORS   cross gcc, static, run under qemu-aarch64
+#   native    host gcc, ASan + UBSan, every ISA of this CPU
+#   valgrind  host gcc, no sanitizer, under valgrind memcheck (the ISAs its
+#             virtual CPU reports: valgrind has no AVX-512, so not avx512)
+#   aarch64   cross gcc, static, run under qemu-aarch64 (scalar and neon)
 #
-# Binaries go to $LUT_BUILD_DIR (default c/build). The core gets the flags of
+#   --cases N    only the first N cases of VECTORS (default: all)
+#   --trellis R  R seeded random trellis shapes after the fixed ones (default 0)
+#   --seed S     their seed (default 1)
+#
+# The last two lines are test_trellis's and test_lut's counts. Binaries go to
+# $LUT_BUILD_DIR (default c/build). The core gets the flags of
 # lutkernels/_build.py that decide results: C11 and no FMA contraction (an
 # AArch64 compiler would otherwise fuse the table rounding's multiply-add).
 set -euo pipefail
 
-usage() { echo "usage: $0 native|aarch64 VECTORS" >&2; exit 2; }
-[ $# -eq 2 ] || usage
+usage() { echo "usage: $0 native|valgrind|aarch64 VECTORS [--cases N] [--trellis R] [--seed S]" >&2; exit 2; }
+[ $# -ge 2 ] || usage
 mode=$1
 vectors=$2
+shift 2
+cases=()
+trellis=(0 1)
+while [ $# -gt 0 ]; do
+    [ $# -ge 2 ] || usage
+    case $1 in
+    --cases) cases=("$2") ;;
+    --trellis) trellis[0]=$2 ;;
+    --seed) trellis[1]=$2 ;;
+    *) usage ;;
+    esac
+    shift 2
+done
 [ -f "$vectors" ] || { echo "$0: no vectors file $vectors (make one with tests/gen_vectors.py)" >&2; exit 2; }
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -30,33 +51,46 @@ need() {
     done
 }
 
+# host_simd CC: the SIMD kernels for CC's target
+host_simd() {
+    case $("$1" -dumpmachine) in
+    x86_64* | i?86*) echo "$root/c/kernel_avx2.c $root/c/kernel_avx512.c" ;;
+    aarch64*) echo "$root/c/kernel_neon.c" ;;
+    esac
+}
+
+# build_and_run CC "RUNNER..." FLAGS...: both harnesses built with CC and FLAGS, run under RUNNER
+build_and_run() {
+    local cc=$1 runner=$2
+    shift 2
+    # trellis layers first: the caller reads test_lut's count from the last line
+    "$cc" "${flags[@]}" "$@" "$root/c/tests/test_trellis.c" "${core[@]}" -lm -o "$build/test_trellis_$mode"
+    $runner "$build/test_trellis_$mode" "${trellis[@]}"
+    "$cc" "${flags[@]}" "$@" "$root/c/tests/test_lut.c" "${core[@]}" -lm -o "$build/test_lut_$mode"
+    $runner "$build/test_lut_$mode" "$vectors" "${cases[@]}"
+}
+
 case $mode in
 native)
     cc=${CC:-gcc}
     need "$cc"
-    case $("$cc" -dumpmachine) in
-    x86_64* | i?86*) core+=("$root/c/kernel_avx2.c" "$root/c/kernel_avx512.c") ;;
-    aarch64*) core+=("$root/c/kernel_neon.c") ;;
-    esac
-    san=(-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all)
-    # trellis layers first: the caller reads test_lut's count from the last line
-    "$cc" "${flags[@]}" "${san[@]}" "$root/c/tests/test_trellis.c" "${core[@]}" -lm -o "$build/test_trellis_native"
-    "$build/test_trellis_native"
-    exe=$build/test_lut_native
-    "$cc" "${flags[@]}" "${san[@]}" "$root/c/tests/test_lut.c" "${core[@]}" -lm -o "$exe"
-    "$exe" "$vectors"
+    read -ra simd <<<"$(host_simd "$cc")"
+    core+=("${simd[@]}")
+    build_and_run "$cc" "" -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+    ;;
+valgrind)
+    cc=${CC:-gcc}
+    need "$cc" valgrind
+    read -ra simd <<<"$(host_simd "$cc")"
+    core+=("${simd[@]}")
+    build_and_run "$cc" "valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite" -O2 -g
     ;;
 aarch64)
     need aarch64-linux-gnu-gcc qemu-aarch64
-    exe=$build/test_lut_aarch64
+    core+=("$root/c/kernel_neon.c")
     # -march=armv8-a and a Cortex-A53 (ARMv8.0) CPU model: the kernel must not
     # need anything beyond the AArch64 baseline.
-    aarch64-linux-gnu-gcc "${flags[@]}" -O2 -static -march=armv8-a \
-        "$root/c/tests/test_trellis.c" "${core[@]}" "$root/c/kernel_neon.c" -lm -o "$build/test_trellis_aarch64"
-    qemu-aarch64 -cpu cortex-a53 "$build/test_trellis_aarch64"
-    aarch64-linux-gnu-gcc "${flags[@]}" -O2 -static -march=armv8-a \
-        "$root/c/tests/test_lut.c" "${core[@]}" "$root/c/kernel_neon.c" -lm -o "$exe"
-    qemu-aarch64 -cpu cortex-a53 "$exe" "$vectors"
+    build_and_run aarch64-linux-gnu-gcc "qemu-aarch64 -cpu cortex-a53" -O2 -static -march=armv8-a
     ;;
 *)
     usage
