@@ -1,17 +1,27 @@
 """From a name the user typed to a runnable Model.
 
-A catalog name runs from its quantized file in the cache, made on first use
-(pull, convert, quantize to the default format, save); later starts only
-memory-map it, which is what lets `chat` start in about a second. A GGUF file
-or HF folder is quantized in memory on each load; a lutengine quantized file
-runs as it is. `dense=True` runs the float32 reference from the source weights.
+A catalog name, GGUF file or HF folder runs from its quantized file in the
+cache, made on first use (pull, convert, quantize to the default format, save);
+later starts only memory-map it, which is what lets `chat` start in about a
+second. A lutengine quantized file runs as it is. `dense=True` runs the float32
+reference from the source weights.
+
+A local source's cached file is keyed by what would change the conversion
+(source_key): the size, mtime and leading bytes of each file read, and the
+quantizer's version and default settings. One process converts while others
+wait on a lock (models/atomic.py), and the file appears whole or not at all.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
 import sys
 from pathlib import Path
 
 from models import catalog
+from models.atomic import lock, write_error
 from models.config import ModelError
 
 from .api import Model
@@ -48,13 +58,118 @@ def default_qfile(name: str, progress: bool = False) -> Path:
     from models import qfile
     from models.load import open_source
 
-    q = cached_qfile(name)
-    if not q.exists():
+    def convert(q: Path) -> None:
         src = open_source(name, progress=progress)
         _say(progress, f"{name}: quantizing to the default format ({default_tag()}), once")
         qfile.save(q, src)
         _say(progress, f"{name}: saved {q}")
+
+    return _once(cached_qfile(name), name, progress, convert)
+
+
+# a GGUF's header and tensor table, or an HF folder's JSON files, fit in this with room to spare;
+# hashing it costs milliseconds at each start
+HEAD_BYTES = 16 << 20
+SOURCE_SUFFIXES = (".json", ".safetensors", ".jinja")  # what models/hf_loader.py reads from a folder
+
+
+def source_key(path: Path) -> str:
+    """SHA-256 over the quantizer's version and default settings and, for each file the loader
+    reads (a GGUF file; an HF folder's config, tokenizer and safetensors files), its name, size,
+    mtime and the SHA-256 of its header (a safetensors file's header, else its first HEAD_BYTES)."""
+    from .quant import QUANTIZER_VERSION, settings
+
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir()
+                                                 if p.suffix in SOURCE_SUFFIXES and p.is_file())
+    h = hashlib.sha256(json.dumps({"quantizer_version": QUANTIZER_VERSION, "settings": settings()},
+                                  sort_keys=True).encode())
+    try:
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            h.update(hashlib.sha256(_head(f)).digest())
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read: {e.strerror or e}") from None
+    return h.hexdigest()
+
+
+def _head(f: Path) -> bytes:
+    with open(f, "rb") as fh:
+        n = HEAD_BYTES
+        if f.suffix == ".safetensors":
+            size = fh.read(8)
+            n = min(int.from_bytes(size, "little"), HEAD_BYTES) if len(size) == 8 else 0
+            return size + fh.read(n)
+        return fh.read(n)
+
+
+def converted_qfile(path: Path) -> Path:
+    """Where the GGUF file or HF folder at path, converted to the default format, is cached."""
+    from models.qfile import FORMAT_VERSION
+
+    path = path.resolve()
+    stem = path.stem if path.is_file() else path.name
+    return converted_dir() / f"{stem}-{source_key(path)[:16]}.{default_tag()}.v{FORMAT_VERSION}.lut.safetensors"
+
+
+def converted_dir() -> Path:
+    """$LUTENGINE_CONVERTED (a disk with room for them, or a test's own folder), else <cache>/converted."""
+    if os.environ.get("LUTENGINE_CONVERTED"):
+        return Path(os.environ["LUTENGINE_CONVERTED"]).expanduser()
+    return catalog.cache_dir() / "converted"
+
+
+def local_qfile(path: Path, progress: bool = False) -> Path:
+    """The GGUF file or HF folder at path in the default format, converted and cached on first use."""
+    from models import qfile
+    from models.load import open_source
+
+    def convert(q: Path) -> None:
+        src = open_source(path.resolve(), progress=progress)  # the file records where it came from
+        print(f"converting {path} to the default format ({default_tag()}) once; cached at {q}",
+              file=sys.stderr, flush=True)
+        qfile.save(q, src)
+        _prune(q, src.path)
+
+    return _once(converted_qfile(path), str(path), progress, convert)
+
+
+def _once(q: Path, name: str, progress: bool, convert) -> Path:
+    """q, made by convert(q) unless it exists; one process converts while the others wait."""
+    if q.exists():
+        return q
+    try:
+        q.parent.mkdir(parents=True, exist_ok=True)
+        held = lock(q, lambda: _say(progress, f"{name}: waiting for another process converting it"))
+    except OSError as e:
+        raise ModelError(write_error(e, q.parent)) from None
+    with held:
+        if not q.exists():  # made while this one waited
+            convert(q)
     return q
+
+
+CONVERTED_NAME = re.compile(r".+-[0-9a-f]{16}\.[a-z0-9]+\.v\d+\.lut\.safetensors")  # converted_qfile's names
+
+
+def _prune(keep: Path, source: Path) -> None:
+    """Remove cached conversions of a source that changed (same path) or is gone, so the cache
+    holds one file per local model. Only files named as conversions are looked at: the folder may
+    be the user's ($LUTENGINE_CONVERTED)."""
+    from models import qfile
+
+    for other in keep.parent.iterdir():
+        if other == keep or not CONVERTED_NAME.fullmatch(other.name):
+            continue
+        try:
+            made_from = qfile.read_meta(other).get("source")
+        except ModelError:
+            continue  # not ours to judge: left alone
+        was = made_from.get("path") if isinstance(made_from, dict) else None
+        if isinstance(was, str) and (Path(was) == source or not Path(was).exists()):
+            other.unlink(missing_ok=True)
+            # a process still waiting on this lock finds the file made or makes it again, atomically
+            other.with_name(f".{other.name}.lock").unlink(missing_ok=True)
 
 
 def resolve(name_or_path: str | None) -> tuple[str, Path | None]:
@@ -86,8 +201,12 @@ def load(name_or_path: str | None = None, dense: bool = False, threads: int | No
     name, path = resolve(name_or_path)
     if path is not None and dense:
         raise ModelError(f"{path}: a quantized file has no float weights; --dense needs the source model")
-    if path is None and not dense and name in catalog.CATALOG and not Path(name).exists():
-        path = default_qfile(name, progress)
+    if path is None and not dense:
+        local = Path(name).expanduser()
+        if local.exists():
+            path = local_qfile(local, progress)
+        elif name in catalog.CATALOG:
+            path = default_qfile(name, progress)
     if path is not None:
         q = qfile.load(path)
         model = Transformer.from_qfile(q, max_context=max_context)

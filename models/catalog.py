@@ -19,10 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-try:  # only used for exclusive access to the cache; absent on Windows
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
+from .atomic import FULL, lock, write_error
 
 CHUNK = 1 << 20
 
@@ -125,14 +122,14 @@ def pull(name: str, progress: bool = True) -> Path:
     final = model_path(name)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(final, name, progress):
+        with lock(final, lambda: _say(progress, f"{name}: waiting for another pull to finish")):
             _remove_temps(final)
             if final.exists() and _verify_cached(model, final, progress):
                 return final
             _fetch(model, final, progress)
             return final
     except OSError as e:
-        raise CatalogError(f"{name}: {e}") from e
+        raise CatalogError(f"{name}: {write_error(e, final) if e.errno in FULL else e}") from e
 
 
 # The marker lets a repeat pull skip re-hashing: it records the hash the file
@@ -235,27 +232,6 @@ def _remove_temps(final: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-
-
-class _locked:
-    """Exclusive per-model lock, so concurrent pulls never delete each other's temps."""
-
-    def __init__(self, final: Path, name: str, progress: bool):
-        self.path = final.with_name(f".{final.name}.lock")
-        self.name, self.progress = name, progress
-
-    def __enter__(self):
-        self.f = open(self.path, "a")
-        if fcntl is not None:
-            try:
-                fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                _say(self.progress, f"{self.name}: waiting for another pull to finish")
-                fcntl.flock(self.f, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()  # closing releases the flock
 
 
 class _Progress:

@@ -34,12 +34,10 @@ no integer grid; a file of another version is refused, an older one with a reque
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import mmap
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +45,7 @@ import numpy as np
 
 import lutkernels as lk
 
+from . import atomic
 from .config import ModelConfig, ModelError, check_config, check_mlp_rotation
 from .source import ModelSource, TokenizerInfo, check_tokenizer
 
@@ -116,8 +115,9 @@ def save(path, src: ModelSource, quant: dict | None = None) -> Path:
 
 def write(path, config: ModelConfig, weights: dict, tok: TokenizerInfo, *, info: dict | None = None,
           source: dict | None = None, quantizer: dict | None = None) -> Path:
-    """Write weights (name -> PackedLinear or float16/float32 array) atomically: a temp file in
-    the same folder, renamed over path once complete. info: {name: {"method", "bits"}} of packed layers."""
+    """Write weights (name -> PackedLinear or float16/float32 array) atomically (models/atomic.py: path
+    holds its old content or the complete new file, whatever happens). info: {name: {"method", "bits"}}
+    of packed layers."""
     path = Path(path)
     arrays, tensor_meta = _flatten(weights, info or {})
     meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "tokenizer": tok.tokenizer.to_str(),
@@ -125,20 +125,13 @@ def write(path, config: ModelConfig, weights: dict, tok: TokenizerInfo, *, info:
             "chat_template": tok.chat_template, "tensors": tensor_meta, "source": source or {},
             "quantizer": quantizer or {}}
     header, order = _header(arrays, meta)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp makes it private; a model file is not a secret
+        with atomic.writing(path) as f:
             f.write(header)
             for name in order:
                 f.write(memoryview(arrays[name]).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt included: never leave a half file behind
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    except OSError as e:
+        raise ModelError(atomic.write_error(e, path)) from None
     return path
 
 
@@ -211,6 +204,21 @@ def load(path) -> QFile:
     qf = QFile(path, config, packed, arrays, meta)
     _check_complete(qf)
     return qf
+
+
+def read_meta(path) -> dict:
+    """Only the "lutengine" metadata of a quantized file (module docstring): its header is read, its tensors are not."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > MAX_HEADER:
+                raise ModelError(f"{path}: header length {n} is beyond any quantized file's (not safetensors?)")
+            text = f.read(n)
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read: {e.strerror or e}") from None
+    header, _ = _read_header(n.to_bytes(8, "little") + text, 8 + len(text), path)
+    return _read_meta(header.get("__metadata__"), path)
 
 
 def _read_header(buf, size: int, path: Path) -> tuple[dict, int]:

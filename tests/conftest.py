@@ -1,7 +1,16 @@
+import os
+
 import numpy as np
 import pytest
 
 import lutkernels as lk
+
+
+@pytest.fixture(autouse=True, scope="session")
+def converted_cache(tmp_path_factory):
+    """Local models the tests load are converted into the session's own folder, not the user's cache
+    (engine/load.py; subprocesses inherit it)."""
+    os.environ["LUTENGINE_CONVERTED"] = str(tmp_path_factory.mktemp("converted"))
 
 
 @pytest.fixture

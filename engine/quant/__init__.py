@@ -68,6 +68,9 @@ from . import binary, budget, calib, gptq, hlq, msb, rotate, rtn, sample, ternar
 DEFAULT = {"method": "rtn", "bits": 4, "group": 32, "symmetric": False, "scale_bits": None, "head_bits": 8,
            "grid": None, "act_order": None, "rotate": None, "calib": None, "n_calib": 64, "calib_len": 512, "layers": {}, "bpw": None,
            "dense_target": None, "tune": 0}
+# raise when what the same settings make changes: local models converted to the default format
+# and cached (engine/load.py) are then converted again
+QUANTIZER_VERSION = 1
 
 # calibration-free methods: (W, bits, group, symmetric) -> PackedLinear; gptq needs the Hessian of W's inputs
 METHODS: dict[str, Callable | None] = {

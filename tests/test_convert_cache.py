@@ -1,0 +1,176 @@
+"""A GGUF file or HF folder is converted to the default format once and cached (engine/load.py)."""
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import engine.quant
+from engine.load import converted_qfile, load
+from engine.model import Transformer
+from models import qfile
+from models.config import ModelError
+from models.load import open_source
+from tiny_models import write_gguf, write_hf
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENS = [1, 70, 101, 32, 200, 5, 9]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    d = tmp_path / "converted"
+    monkeypatch.setenv("LUTENGINE_CONVERTED", str(d))
+    return d
+
+
+@pytest.fixture
+def saves(monkeypatch):
+    """Every conversion this process makes, by the file it wrote."""
+    made, real = [], qfile.save
+
+    def save(path, src, quant=None):
+        made.append(Path(path))
+        return real(path, src, quant)
+
+    monkeypatch.setattr(qfile, "save", save)
+    return made
+
+
+def source(tmp_path, kind):
+    if kind == "gguf":
+        return write_gguf(tmp_path / "m.gguf", "llama", qtype="Q8_0")
+    return write_hf(tmp_path / "hf", "qwen2")
+
+
+def logits(model) -> np.ndarray:
+    model.reset()
+    return model.forward(TOKENS, 0, all_logits=True).copy()
+
+
+def in_memory(path) -> np.ndarray:
+    """The path loads took before the cache: quantized in memory from the source."""
+    return logits(Transformer.from_source(open_source(path), {}))
+
+
+def touch(path: Path, seconds: int = 5) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 10**9))
+
+
+@pytest.mark.parametrize("kind", ["gguf", "hf"])
+def test_second_load_converts_nothing_and_equals_the_in_memory_path(tmp_path, cache, saves, capsys, kind):
+    src = source(tmp_path, kind)
+    first = load(str(src))
+    err = capsys.readouterr().err
+    q = converted_qfile(src)
+    assert saves == [q] and first.info["path"] == str(q) and q.parent == cache
+    assert err.count("\n") == 1 and f"converting {src} to the default format" in err and f"cached at {q}" in err
+    mtime = q.stat().st_mtime_ns
+
+    second = load(str(src))
+    assert saves == [q] and q.stat().st_mtime_ns == mtime  # mapped, not made again
+    assert capsys.readouterr().err == ""
+    want = in_memory(src)
+    assert np.array_equal(logits(first.transformer), want)
+    assert np.array_equal(logits(second.transformer), want)
+    assert second.tokenizer.encode("the weather") == load(str(src), dense=True).tokenizer.encode("the weather")
+
+
+def test_dense_reads_the_source_and_converts_nothing(tmp_path, cache, saves):
+    src = source(tmp_path, "gguf")
+    assert load(str(src), dense=True).info["format"] == "gguf"
+    assert saves == [] and not cache.exists()
+
+
+@pytest.mark.parametrize("kind", ["gguf", "hf"])
+def test_touched_source_converts_again_and_replaces_the_old_file(tmp_path, cache, saves, kind):
+    src = source(tmp_path, kind)
+    load(str(src))
+    touch(src / "config.json" if kind == "hf" else src)
+    load(str(src))
+    assert len(saves) == 2 and saves[0] != saves[1]
+    assert sorted(cache.glob("*.safetensors")) == [saves[1]]  # the stale conversion is gone
+
+
+def test_changed_header_with_the_same_size_and_mtime_converts_again(tmp_path, cache):
+    src = source(tmp_path, "gguf")
+    before, st, data = converted_qfile(src), src.stat(), bytearray(src.read_bytes())
+
+    def rewrite():
+        src.write_bytes(bytes(data))
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    rewrite()
+    assert converted_qfile(src) == before  # the same bytes and stat: the same key
+    data[data.index(b"smollm")] = ord("S")  # a metadata string (the tokenizer's pre) changed in place
+    rewrite()
+    assert src.stat().st_size == st.st_size and converted_qfile(src) != before
+
+
+def test_a_new_quantizer_version_converts_again(tmp_path, cache, saves, monkeypatch):
+    src = source(tmp_path, "gguf")
+    load(str(src))
+    monkeypatch.setattr(engine.quant, "QUANTIZER_VERSION", engine.quant.QUANTIZER_VERSION + 1)
+    load(str(src))
+    assert len(saves) == 2 and saves[0] != saves[1]
+
+
+def test_only_stale_conversions_are_pruned(tmp_path, cache, saves):
+    """Only conversions of the same source path, or of a source that is gone, are removed."""
+    a, b = write_gguf(tmp_path / "a.gguf", "llama"), write_gguf(tmp_path / "b.gguf", "llama", seed=1)
+    load(str(a))
+    load(str(b))
+    assert sorted(cache.glob("*.safetensors")) == sorted(saves)
+    mine = cache / "mine-0123456789abcdef.lut.safetensors"  # a user's file, not named as a conversion
+    mine.write_bytes(saves[1].read_bytes())
+    b.unlink()
+    touch(a)
+    load(str(a))
+    assert sorted(cache.glob("*.safetensors")) == sorted([saves[2], mine])
+    assert sorted(p.name for p in cache.glob(".*.lock")) == [f".{saves[2].name}.lock"]
+
+
+def test_unreadable_cache_folder_is_a_clear_error(tmp_path, monkeypatch):
+    src = source(tmp_path, "gguf")
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    monkeypatch.setenv("LUTENGINE_CONVERTED", str(blocker / "converted"))
+    with pytest.raises(ModelError, match=f"cannot write {blocker}"):
+        load(str(src))
+
+
+CHILD = """
+import hashlib, os, sys, time
+sys.path.insert(0, {tests!r})
+from engine.load import load
+print("ready", flush=True)
+while not os.path.exists({go!r}):
+    time.sleep(0.001)
+m = load({src!r})
+print(hashlib.sha256(m.transformer.forward({tokens!r}, 0, all_logits=True).tobytes()).hexdigest(), flush=True)
+"""
+
+
+def test_two_processes_loading_at_once_make_one_file(tmp_path, cache):
+    # large enough that the conversion takes a while, so the second process finds it under way
+    src = write_gguf(tmp_path / "m.gguf", "llama", qtype="Q8_0", hidden=256, ffn=1024, n_layers=4)
+    go = tmp_path / "go"
+    code = CHILD.format(tests=str(ROOT / "tests"), go=str(go), src=str(src), tokens=TOKENS)
+    env = {**os.environ, "LUTENGINE_CONVERTED": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        assert p.stdout.readline() == "ready\n"
+    go.write_bytes(b"")
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum(err.count("converting ") for _, err in outs) == 1, outs
+    assert len({out for out, _ in outs}) == 1
+    files = sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
+    assert files == [converted_qfile(src).name]
+    want = hashlib.sha256(np.ascontiguousarray(in_memory(src), np.float32).tobytes()).hexdigest()
+    assert outs[0][0].strip() == want
