@@ -78,25 +78,26 @@ class Model:
 
     def create_completion(self, prompt: str, max_tokens: int | None = 16, temperature: float = 0.8,
                           top_p: float = 0.95, seed: int | None = None, stop: str | Sequence[str] | None = None,
-                          stream: bool = False, response_format: dict | None = None, **sampling):
+                          stream: bool = False, response_format: dict | None = None, ignore_eos: bool = False,
+                          **sampling):
         """What POST /v1/completions returns (a dict, or an iterator of chunk dicts with stream=True),
         as llama-cpp-python's Llama.create_completion. sampling: the other SamplingParams fields."""
         return self._create("text_completion", self.tokenize(prompt), max_tokens, stop, stream, response_format,
-                            dict(temperature=temperature, top_p=top_p, seed=seed, **sampling))
+                            ignore_eos, dict(temperature=temperature, top_p=top_p, seed=seed, **sampling))
 
     def create_chat_completion(self, messages: Sequence[dict], max_tokens: int | None = None,
                                temperature: float = 0.8, top_p: float = 0.95, seed: int | None = None,
                                stop: str | Sequence[str] | None = None, stream: bool = False,
-                               response_format: dict | None = None, **sampling):
+                               response_format: dict | None = None, ignore_eos: bool = False, **sampling):
         """What POST /v1/chat/completions returns; max_tokens None: until the context is full."""
         return self._create("chat.completion", self.chat_ids(messages), max_tokens, stop, stream, response_format,
-                            dict(temperature=temperature, top_p=top_p, seed=seed, **sampling))
+                            ignore_eos, dict(temperature=temperature, top_p=top_p, seed=seed, **sampling))
 
-    def _create(self, kind, ids, max_tokens, stop, stream, response_format, sampling):
+    def _create(self, kind, ids, max_tokens, stop, stream, response_format, ignore_eos, sampling):
         check_response_format(response_format)
         max_tokens = fit_max_tokens(len(ids), max_tokens, self.max_context)
         params, stops, stats = SamplingParams(**sampling), stop_list(stop), Stats()
-        pieces = self._locked(lambda st: self._session.stream(ids, params, max_tokens, stops, st), stats)
+        pieces = self._locked(lambda st: self._session.stream(ids, params, max_tokens, stops, st, ignore_eos), stats)
         reply = Reply(kind, self.info.get("name", "lutengine"), len(ids), stats)
         return reply.chunks(pieces) if stream else reply.result(pieces)
 
