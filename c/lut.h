@@ -81,14 +81,25 @@ double lut_stream_read(const float *buf, int64_t n);
 /* Decode-step helpers (c/ops.c), one token, float32, no allocation.
  * x += delta (delta may be NULL); y = w * x / sqrt(mean(x^2) + eps). */
 void lut_add_rmsnorm(float *x, const float *delta, const float *w, int32_t n, float eps, float *y);
+/* Element types of the KV cache. LUT_KV_Q8: int8 per (position, kv head) row of d
+ * values, symmetric, with a float32 scale max|x|/127 per row (x = q * scale). */
+#define LUT_KV_F32 0
+#define LUT_KV_F16 1
+#define LUT_KV_Q8 2
+/* Cache rows one attention step converts at a time (the size of its work buffer). */
+#define LUT_ATTN_ROWS 4
 /* q [heads*d], k and v [kv_heads*d]: add the biases (each may be NULL), apply
  * RoPE (HF rotate-half; cos/sin tables [positions][d/2]) at `pos`, store k and v
- * in row `pos` of the caches [positions][kv_heads*d], then grouped-query
- * attention of q over rows 0..pos into out [heads*d]. scores: heads*(pos+1) floats. */
+ * in row `pos` of the caches [positions][kv_heads*d] of type kv_type (float,
+ * IEEE half bits rounded to nearest even, or int8; k_scale and v_scale
+ * [positions][kv_heads] are used by LUT_KV_Q8 only and may be NULL otherwise),
+ * then grouped-query attention of q over rows 0..pos into out [heads*d].
+ * scores: heads*(pos+1) floats; work: LUT_ATTN_ROWS*d + heads floats. */
 void lut_attention_step(float *q, float *k, float *v, const float *q_bias, const float *k_bias,
-                        const float *v_bias, const float *cos, const float *sin, float *k_cache,
-                        float *v_cache, int32_t pos, int32_t heads, int32_t kv_heads, int32_t d,
-                        float *scores, float *out);
+                        const float *v_bias, const float *cos, const float *sin, int32_t kv_type,
+                        void *k_cache, void *v_cache, float *k_scale, float *v_scale, int32_t pos,
+                        int32_t heads, int32_t kv_heads, int32_t d, float *scores, float *work,
+                        float *out);
 /* g = silu(g) * u */
 void lut_silu_mul(float *g, const float *u, int32_t n);
 /* Each of `rows` rows of x [rows][a*n] (n a power of two) in place: x <- R x for

@@ -7,8 +7,9 @@
  * Plain C (GNU vector types for the dot products), written so the compiler
  * vectorises it without fast-math: dot products keep 8 partial sums in one
  * vector, attention walks 4 cache rows at a time (independent add chains
- * instead of one latency-bound chain), and exp is a branch-free polynomial
- * instead of a libm call. An AVX2 clone only widens the vectors (no FMA
+ * instead of one latency-bound chain; a float16 or int8 cache converts those 4
+ * rows to floats once for all the query heads of their kv head), and exp is a
+ * branch-free polynomial instead of a libm call. An AVX2 clone only widens the vectors (no FMA
  * contraction: -ffp-contract=off), so both clones give the same floats. */
 #include <math.h>
 #include <string.h>
@@ -23,7 +24,7 @@
 #define INLINE static inline __attribute__((always_inline))
 
 #define LANES 8
-#define ROWS 4
+#define ROWS LUT_ATTN_ROWS
 
 typedef float v8f __attribute__((vector_size(LANES * sizeof(float))));
 
@@ -142,10 +143,121 @@ INLINE float softmax_unnormalised(float *s, int32_t T) {
     return sum;
 }
 
+/* Half-precision bits to float, exactly and without subnormal arithmetic (slow on
+ * x86): the 15 magnitude bits shifted into a float's place and rebiased; infinities
+ * and NaNs take the top exponent, subnormal halves get an implicit one that is then
+ * subtracted (an exact difference). Integer selects, so it vectorises. */
+INLINE float half_to_float(uint16_t h) {
+    const uint32_t mag = (uint32_t)(h & 0x7fffu) << 13, exp = mag & 0x0f800000u;
+    uint32_t u = mag + (112u << 23), sub = u + (1u << 23), two_m14 = 113u << 23;
+    float f, fs, m14;
+    memcpy(&fs, &sub, sizeof fs);
+    memcpy(&m14, &two_m14, sizeof m14);
+    fs -= m14;
+    memcpy(&sub, &fs, sizeof sub);
+    u = exp == 0x0f800000u ? u + (112u << 23) : u;
+    u = exp == 0 ? sub : u;
+    u |= (uint32_t)(h & 0x8000u) << 16;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Float to half bits, rounded to nearest even as numpy's astype(float16) does,
+ * so the prompt path (numpy) and this one store the same cache. Normal halves
+ * round on the bits (the carry may ripple into the exponent, up to infinity);
+ * subnormal ones by a float add that leaves the value in the low mantissa bits;
+ * NaN stays a quiet NaN. */
+INLINE uint16_t float_to_half(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu, h;
+    if (a > 0x7f800000u) {
+        h = 0x7e00u;
+    } else if (a >= 0x477ff000u) { /* 65520 and above round to infinity */
+        h = 0x7c00u;
+    } else if (a >= 0x38800000u) { /* 2^-14, the smallest normal half */
+        h = (a - (112u << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+    } else {
+        float x, half = 0.5f;
+        memcpy(&x, &a, sizeof x);
+        x += half; /* 0.5 + |f|: one ulp of 0.5 is 2^-24, the half subnormal step */
+        memcpy(&h, &x, sizeof h);
+        h -= 0x3f000000u;
+    }
+    return (uint16_t)(sign | h);
+}
+
+/* Round to nearest even for |x| < 2^22 (the quantised values are within 127). */
+INLINE float round_even(float x) {
+    const float big = 12582912.0f; /* 1.5 * 2^23 */
+    return (x + big) - big;
+}
+
+/* The cache row of one position: kv_heads heads of d values, stored in the cache's type.
+ * q8: symmetric int8 per (position, kv head) with a float32 scale, max|x| / 127. */
+INLINE void store_row(int32_t type, void *cache, float *scale, int64_t pos, const float *x, int32_t kv_heads,
+                      int32_t d) {
+    const int64_t kv = (int64_t)kv_heads * d;
+    if (type == LUT_KV_F32) {
+        memcpy((float *)cache + pos * kv, x, (size_t)kv * sizeof(float));
+    } else if (type == LUT_KV_F16) {
+        uint16_t *row = (uint16_t *)cache + pos * kv;
+        for (int64_t i = 0; i < kv; i++)
+            row[i] = float_to_half(x[i]);
+    } else {
+        int8_t *row = (int8_t *)cache + pos * kv;
+        for (int32_t g = 0; g < kv_heads; g++) {
+            const float *xg = x + (int64_t)g * d;
+            float m = 0.0f;
+            for (int32_t i = 0; i < d; i++)
+                m = fabsf(xg[i]) > m ? fabsf(xg[i]) : m;
+            const float s = m / 127.0f;
+            scale[pos * kv_heads + g] = s;
+            for (int32_t i = 0; i < d; i++) {
+                /* NaN fails both compares and becomes -127: never an out-of-range conversion */
+                float r = s > 0.0f ? round_even(xg[i] / s) : 0.0f;
+                r = r >= -127.0f ? r : -127.0f;
+                r = r <= 127.0f ? r : 127.0f;
+                row[(int64_t)g * d + i] = (int8_t)r;
+            }
+        }
+    }
+}
+
+/* n (<= ROWS) rows t0.. of kv head g as floats: for float32 the cache itself (stride kv),
+ * for the other types converted into buf (stride d). Returns the first row; *stride is set. */
+INLINE const float *load_rows(int32_t type, const void *cache, const float *scale, int64_t t0, int32_t n,
+                              int32_t g, int32_t kv_heads, int32_t d, float *buf, int64_t *stride) {
+    const int64_t kv = (int64_t)kv_heads * d, first = t0 * kv + (int64_t)g * d;
+    if (type == LUT_KV_F32) {
+        *stride = kv;
+        return (const float *)cache + first;
+    }
+    *stride = d;
+    for (int32_t r = 0; r < n; r++) {
+        float *o = buf + (int64_t)r * d;
+        if (type == LUT_KV_F16) {
+            const uint16_t *h = (const uint16_t *)cache + first + r * kv;
+            for (int32_t i = 0; i < d; i++)
+                o[i] = half_to_float(h[i]);
+        } else {
+            const int8_t *c = (const int8_t *)cache + first + r * kv;
+            const float s = scale[(t0 + r) * kv_heads + g];
+            for (int32_t i = 0; i < d; i++)
+                o[i] = (float)c[i] * s;
+        }
+    }
+    return buf;
+}
+
+/* Per kv head, each block of ROWS cache rows is converted once and serves all the
+ * query heads of its group; every (head, position) is summed in the same order
+ * whatever the type, so float32 gives the floats it gave before the types. */
 OPS_CLONES void lut_attention_step(float *q, float *k, float *v, const float *q_bias, const float *k_bias,
-                                   const float *v_bias, const float *cos, const float *sin, float *k_cache,
-                                   float *v_cache, int32_t pos, int32_t heads, int32_t kv_heads, int32_t d,
-                                   float *scores, float *out) {
+                                   const float *v_bias, const float *cos, const float *sin, int32_t kv_type,
+                                   void *k_cache, void *v_cache, float *k_scale, float *v_scale, int32_t pos,
+                                   int32_t heads, int32_t kv_heads, int32_t d, float *scores, float *work,
+                                   float *out) {
     int32_t kv = kv_heads * d, rep = heads / kv_heads, T = pos + 1;
     const float *c = cos + (int64_t)pos * (d / 2), *sn = sin + (int64_t)pos * (d / 2);
     add_bias(q, q_bias, heads * d);
@@ -153,34 +265,53 @@ OPS_CLONES void lut_attention_step(float *q, float *k, float *v, const float *q_
     add_bias(v, v_bias, kv);
     rope(q, heads, d, c, sn);
     rope(k, kv_heads, d, c, sn);
-    memcpy(k_cache + (int64_t)pos * kv, k, (size_t)kv * sizeof(float));
-    memcpy(v_cache + (int64_t)pos * kv, v, (size_t)kv * sizeof(float));
-    float scale = 1.0f / sqrtf((float)d);
-    for (int32_t h = 0; h < heads; h++) {
-        const float *qh = q + (int64_t)h * d, *kh = k_cache + (int64_t)(h / rep) * d;
-        const float *vh = v_cache + (int64_t)(h / rep) * d;
-        float *s = scores + (int64_t)h * T, *o = out + (int64_t)h * d;
-        int32_t t = 0;
-        for (; t + ROWS <= T; t += ROWS)
-            dot_rows(qh, kh + (int64_t)t * kv, kv, d, s + t);
-        for (; t < T; t++)
-            s[t] = dot(qh, kh + (int64_t)t * kv, d);
-        for (t = 0; t < T; t++)
-            s[t] *= scale;
-        float inv = 1.0f / softmax_unnormalised(s, T);
-        memset(o, 0, (size_t)d * sizeof(float));
-        for (t = 0; t + ROWS <= T; t += ROWS) {
-            const float *v0 = vh + (int64_t)t * kv, *v1 = v0 + kv, *v2 = v1 + kv, *v3 = v2 + kv;
-            for (int32_t i = 0; i < d; i++)
-                o[i] += ((s[t] * v0[i] + s[t + 1] * v1[i]) + s[t + 2] * v2[i]) + s[t + 3] * v3[i];
+    store_row(kv_type, k_cache, k_scale, pos, k, kv_heads, d);
+    store_row(kv_type, v_cache, v_scale, pos, v, kv_heads, d);
+    const float scale = 1.0f / sqrtf((float)d);
+    float *rows = work, *inv = work + (int64_t)ROWS * d;
+    int64_t stride;
+    for (int32_t g = 0; g < kv_heads; g++) {
+        const int32_t h0 = g * rep;
+        for (int32_t t = 0; t < T; t += ROWS) {
+            const int32_t n = T - t < ROWS ? T - t : ROWS;
+            const float *kr = load_rows(kv_type, k_cache, k_scale, t, n, g, kv_heads, d, rows, &stride);
+            for (int32_t h = h0; h < h0 + rep; h++) {
+                const float *qh = q + (int64_t)h * d;
+                float *s = scores + (int64_t)h * T + t;
+                if (n == ROWS)
+                    dot_rows(qh, kr, stride, d, s);
+                else
+                    for (int32_t r = 0; r < n; r++)
+                        s[r] = dot(qh, kr + r * stride, d);
+            }
         }
-        for (; t < T; t++) {
-            const float *vt = vh + (int64_t)t * kv;
-            for (int32_t i = 0; i < d; i++)
-                o[i] += s[t] * vt[i];
+        for (int32_t h = h0; h < h0 + rep; h++) {
+            float *s = scores + (int64_t)h * T;
+            for (int32_t t = 0; t < T; t++)
+                s[t] *= scale;
+            inv[h] = 1.0f / softmax_unnormalised(s, T);
+            memset(out + (int64_t)h * d, 0, (size_t)d * sizeof(float));
         }
-        for (int32_t i = 0; i < d; i++)
-            o[i] *= inv;
+        for (int32_t t = 0; t < T; t += ROWS) {
+            const int32_t n = T - t < ROWS ? T - t : ROWS;
+            const float *vr = load_rows(kv_type, v_cache, v_scale, t, n, g, kv_heads, d, rows, &stride);
+            for (int32_t h = h0; h < h0 + rep; h++) {
+                const float *s = scores + (int64_t)h * T + t;
+                float *o = out + (int64_t)h * d;
+                if (n == ROWS) {
+                    const float *v0 = vr, *v1 = v0 + stride, *v2 = v1 + stride, *v3 = v2 + stride;
+                    for (int32_t i = 0; i < d; i++)
+                        o[i] += ((s[0] * v0[i] + s[1] * v1[i]) + s[2] * v2[i]) + s[3] * v3[i];
+                } else {
+                    for (int32_t r = 0; r < n; r++)
+                        for (int32_t i = 0; i < d; i++)
+                            o[i] += s[r] * vr[r * stride + i];
+                }
+            }
+        }
+        for (int32_t h = h0; h < h0 + rep; h++)
+            for (int32_t i = 0; i < d; i++)
+                out[(int64_t)h * d + i] *= inv[h];
     }
 }
 

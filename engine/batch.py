@@ -44,7 +44,7 @@ class QueueFull(Exception):
 def fork(m: Transformer) -> Transformer:
     """A Transformer on the same weights and kernels' descriptors with its own KV cache and buffers."""
     s = copy.copy(m)
-    s.k_cache, s.v_cache = np.zeros_like(m.k_cache), np.zeros_like(m.v_cache)
+    s.kv = m.kv.fresh()
     s.filled = 0
     s._decoder = _Decoder(s)
     return s
@@ -91,9 +91,9 @@ class BatchedStep:
         if key not in self._attention:
             c, slot = self.m.config, self.slots[s]
             self._attention[key] = [
-                ops.bind_attention(self.q[r], self.k[r], self.v[r],
-                                   (b.q_bias, b.k_bias, b.v_bias) if c.qkv_bias else None, self.m.cos, self.m.sin,
-                                   slot.k_cache[i], slot.v_cache[i], c.n_heads, self.scores, self.att[r])
+                slot.kv.bind(i, self.q[r], self.k[r], self.v[r],
+                             (b.q_bias, b.k_bias, b.v_bias) if c.qkv_bias else None, self.m.cos, self.m.sin,
+                             c.n_heads, self.scores, self.att[r])
                 for i, b in enumerate(self.m.blocks)]
         return self._attention[key]
 

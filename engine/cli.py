@@ -11,6 +11,8 @@ import sys
 
 from models import catalog
 
+from . import memory
+
 
 class UsageError(ValueError):
     """Bad command-line input that argparse cannot see (a prompt file that is not UTF-8, ...)."""
@@ -41,8 +43,13 @@ def _sampling(args) -> dict:
 def _load(args, dense: bool = False):
     from .load import load
 
-    return load(args.model, dense=dense, threads=args.threads, max_context=getattr(args, "ctx_size", None),
-                progress=True)
+    ctx = getattr(args, "ctx_size", None)
+    memory.check(args.model, ctx, args.kv_type, dense)  # before any weight is read
+    model = load(args.model, dense=dense, threads=args.threads, max_context=ctx, kv_type=args.kv_type,
+                 progress=True)
+    if getattr(args, "verbose", False):
+        print(model.transformer.kv.describe(), file=sys.stderr)
+    return model
 
 
 def cmd_pull(args) -> int:
@@ -68,7 +75,7 @@ def cmd_tokenize(args) -> int:
 def cmd_info(args) -> int:
     from .info import describe
 
-    info = describe(args.model)
+    info = describe(args.model, args.ctx_size, args.kv_type)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -134,6 +141,12 @@ def _model_args(p, positional: bool = False) -> None:
 def _run_args(p) -> None:
     p.add_argument("-t", "--threads", type=int, default=_threads_default(), help="kernel threads (default: all)")
     p.add_argument("--dense", action="store_true", help="run the float32 reference path instead of the quantized one")
+    _kv_args(p)
+
+
+def _kv_args(p) -> None:
+    p.add_argument("--kv-type", choices=memory.KV_TYPES, default=memory.DEFAULT_KV_TYPE,
+                   help=f"KV cache element type; q8: int8 rows with a scale each (default: {memory.DEFAULT_KV_TYPE})")
 
 
 def _sampling_args(p, max_tokens: int) -> None:
@@ -171,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="architecture, parameters, format and honest bits per weight of a model")
     _model_args(p, positional=True)
     p.add_argument("--json", action="store_true")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="context of the KV cache size (default: the model's, at most 4096)")
+    _kv_args(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="continue a prompt, streaming the text")
@@ -179,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", help="UTF-8 file holding the prompt")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="go on past end-of-sequence tokens")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the KV cache's type and size")
     _run_args(p)
     _sampling_args(p, 128)
     p.set_defaults(func=cmd_generate)

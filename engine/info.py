@@ -18,7 +18,7 @@ def _linear_names(config: ModelConfig) -> list[str]:
     return [f"model.layers.{i}.{n}" for i in range(config.n_layers) for n in config.linear_shapes()]
 
 
-def _params(config: ModelConfig) -> int:
+def parameters(config: ModelConfig) -> int:
     return sum(int(_prod(s)) for s in config.expected_shapes().values())
 
 
@@ -37,7 +37,7 @@ def _bpw(bits: dict[str, tuple[float, int]], names) -> float | None:
 
 def summary(path: Path, fmt: str, config: ModelConfig, bits: dict[str, tuple[float, int]], extra: dict) -> dict:
     return {
-        "path": str(path), "format": fmt, "architecture": config.arch, "parameters": _params(config),
+        "path": str(path), "format": fmt, "architecture": config.arch, "parameters": parameters(config),
         "layers": config.n_layers, "hidden": config.hidden, "heads": f"{config.n_heads} (kv {config.n_kv_heads})",
         "ffn": config.ffn, "vocab": config.vocab, "context": config.max_context, **extra,
         "bpw_linear": _bpw(bits, _linear_names(config)), "bpw_embedding": _bpw(bits, [EMBED]),
@@ -89,8 +89,27 @@ def describe_hf(path: Path) -> dict:
     return summary(path, "hf", config, bits, {})
 
 
-def describe(name_or_path: str | None) -> dict:
-    """A catalog name describes what runs by default: its cached quantized file (made if missing)."""
+def describe(name_or_path: str | None, max_context: int | None = None, kv_type: str | None = None) -> dict:
+    """A catalog name describes what runs by default: its cached quantized file (made if missing,
+    unless it will not fit). kv_cache and memory: what generate would need for the context, the
+    model's own at most 4096 positions unless max_context says (engine/memory.py)."""
+    from . import memory
+    from .load import cached_qfile
+
+    kv_type = kv_type or memory.DEFAULT_KV_TYPE
+    est = memory.for_model(name_or_path, max_context, kv_type)
+    name = name_or_path or catalog.DEFAULT
+    if est is not None and not est.fits and name in catalog.CATALOG and not cached_qfile(name).exists():
+        raise est.refusal(name)  # before converting
+    info = _describe(name_or_path)
+    est = est or memory.for_model(name_or_path, max_context, kv_type)  # a catalog model pulled just now
+    if est is not None:
+        info["kv_cache"] = f"{est.kv_type}, {est.positions} positions: {est.kv:,} bytes"
+        info["memory"] = est.line()
+    return info
+
+
+def _describe(name_or_path: str | None) -> dict:
     from .load import default_qfile, is_qfile
 
     name = name_or_path or catalog.DEFAULT

@@ -25,6 +25,7 @@ from models.atomic import lock, write_error
 from models.config import ModelError
 
 from .api import Model
+from .memory import DEFAULT_KV_TYPE
 from .tokenizer import Tokenizer
 
 
@@ -187,8 +188,9 @@ def _say(progress: bool, msg: str) -> None:
 
 
 def load(name_or_path: str | None = None, dense: bool = False, threads: int | None = None,
-         max_context: int | None = None, progress: bool = False) -> Model:
-    """Load a catalog model, GGUF file, HF folder or lutengine quantized file, ready to generate."""
+         max_context: int | None = None, progress: bool = False, kv_type: str = DEFAULT_KV_TYPE) -> Model:
+    """Load a catalog model, GGUF file, HF folder or lutengine quantized file, ready to generate.
+    kv_type: the KV cache's element type (engine/memory.py KV_TYPES)."""
     from models import qfile
     from models.load import open_source
 
@@ -209,11 +211,11 @@ def load(name_or_path: str | None = None, dense: bool = False, threads: int | No
             path = default_qfile(name, progress)
     if path is not None:
         q = qfile.load(path)
-        model = Transformer.from_qfile(q, max_context=max_context)
+        model = Transformer.from_qfile(q, max_context=max_context, kv_type=kv_type)
         return Model(model, Tokenizer(q.tok), {"name": name, "path": str(path), "format": "lutengine",
                                                "quantization": tag(q.meta.get("quantizer", {}))})
     src = open_source(name, progress=progress)
-    model = Transformer.from_source(src, None if dense else {}, max_context=max_context)
+    model = Transformer.from_source(src, None if dense else {}, max_context=max_context, kv_type=kv_type)
     return Model(model, Tokenizer(src.tok), {"name": name, "path": str(src.path), "format": src.format,
                                              "quantization": "float32 (dense)" if dense else default_tag()})
 

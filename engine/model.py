@@ -5,7 +5,9 @@ float32 reference) or a PackedLinear (quantized path: the LUT kernels). A
 prompt goes through in one batched numpy pass (GEMM over all its tokens). A
 single token takes the decode path: buffers allocated once at construction and
 C calls bound to them once (lutkernels.ops), because per-op numpy calls cost
-about as much as the matmuls of a small model.
+about as much as the matmuls of a small model. The KV cache holds float32,
+float16 or int8 rows (KVCache); both paths store it and read it back in that
+type, so a prompt and its decoded continuation see the same keys and values.
 """
 from __future__ import annotations
 
@@ -20,9 +22,12 @@ import lutkernels as lk
 from lutkernels import ops, rotation
 from models.config import MLP_MIX, MLP_SIGNS, ModelConfig, ModelError, check_mlp_rotation
 
+from .memory import check_kv_type
+
 EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 DEFAULT_MAX_CONTEXT = 4096
 ATTN_BLOCK = 256  # queries per attention block of a prompt: scores stay [heads, 256, T]
+KV_DTYPES = {"f32": np.float32, "f16": np.float16, "q8": np.int8}  # the names of memory.KV_TYPES
 
 Weight = np.ndarray | lk.PackedLinear | lk.TrellisLinear
 
@@ -126,13 +131,85 @@ def rope_tables(config: ModelConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
+class KVCache:
+    """Keys and values [layers, positions, kv_heads, head_dim] of one type (memory.KV_TYPES):
+    float32, float16 (rounded to nearest even), or q8: int8 per (position, kv head)
+    row, symmetric, with one float32 scale max|x|/127 per row (lut.h LUT_KV_Q8; the
+    C decode step stores the same bits as write)."""
+
+    def __init__(self, kv_type: str, layers: int, positions: int, kv_heads: int, head_dim: int):
+        self.kv_type = check_kv_type(kv_type)
+        shape = (layers, positions, kv_heads, head_dim)
+        self.k, self.v = np.zeros(shape, KV_DTYPES[kv_type]), np.zeros(shape, KV_DTYPES[kv_type])
+        q8 = kv_type == "q8"
+        self.k_scale = np.zeros(shape[:3], np.float32) if q8 else None
+        self.v_scale = np.zeros(shape[:3], np.float32) if q8 else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.k, self.v, self.k_scale, self.v_scale) if a is not None)
+
+    def describe(self) -> str:
+        layers, positions = self.k.shape[:2]
+        return f"KV cache {self.kv_type}, {positions} positions x {layers} layers: {self.nbytes:,} bytes"
+
+    def write(self, layer: int, pos: int, k: np.ndarray, v: np.ndarray) -> None:
+        """k, v float32 [n, kv_heads, head_dim] into positions pos..pos+n-1."""
+        end = pos + len(k)
+        for cache, scale, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            if scale is None:
+                cache[layer, pos:end] = x  # float16: numpy rounds to nearest even
+            else:
+                cache[layer, pos:end], scale[layer, pos:end] = quantize_rows(x)
+
+    def read(self, layer: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of positions 0..end-1 as float32 (views for f32)."""
+        if self.kv_type == "f32":
+            return self.k[layer, :end], self.v[layer, :end]
+        if self.kv_type == "f16":
+            return self.k[layer, :end].astype(np.float32), self.v[layer, :end].astype(np.float32)
+        return (dequantize_rows(self.k[layer, :end], self.k_scale[layer, :end]),
+                dequantize_rows(self.v[layer, :end], self.v_scale[layer, :end]))
+
+    def layer(self, i: int) -> tuple:
+        """(k, v, k_scale, v_scale) of layer i, as ops.bind_attention takes them."""
+        scales = (None, None) if self.k_scale is None else (self.k_scale[i], self.v_scale[i])
+        return self.k[i], self.v[i], *scales
+
+    def bind(self, i: int, q, k, v, biases, cos, sin, heads: int, scores, out):
+        """ops.bind_attention's step(pos) over layer i of this cache."""
+        kc, vc, ks, vs = self.layer(i)
+        return ops.bind_attention(q, k, v, biases, cos, sin, kc, vc, heads, scores, out, ks, vs)
+
+    def fresh(self) -> "KVCache":
+        """An empty cache of the same type and size."""
+        layers, positions, kv_heads, d = self.k.shape
+        return KVCache(self.kv_type, layers, positions, kv_heads, d)
+
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x float32 [..., d] -> int8 [..., d] and float32 scales [...]: q = rint(x / s), s = max|x| / 127."""
+    s = np.abs(x).max(-1) / np.float32(127)
+    nonzero = s[..., None] > 0
+    q = np.where(nonzero, np.rint(x / np.where(nonzero, s[..., None], np.float32(1))), 0)
+    return np.clip(q, -127, 127).astype(np.int8), s
+
+
+def dequantize_rows(q: np.ndarray, s: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) * s[..., None]
+
+
 class Transformer:
     """One model with one KV cache and one set of decode buffers: not for concurrent calls."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, Weight], max_context: int | None = None, tok=None):
+    def __init__(self, config: ModelConfig, weights: dict[str, Weight], max_context: int | None = None, tok=None,
+                 kv_type: str = "f32"):
         """weights: HF names (models/config.py); linear layers float32 or PackedLinear, the embedding
         float32 or float16, norms and biases float32. lm_head.weight, when present, is the head
-        even for a tied model (a packed copy of the embedding)."""
+        even for a tied model (a packed copy of the embedding). kv_type: one of memory.KV_TYPES;
+        f32 here, the exact reference the tests compare against, while load(), the API and the
+        command line default to memory.DEFAULT_KV_TYPE."""
+        check_kv_type(kv_type)
         _check_weights(config, weights)
         self.config = config
         self.tok = tok  # models.source.TokenizerInfo of the source, when known
@@ -146,30 +223,29 @@ class Transformer:
         self.blocks = [_block(config, weights, i, self.exact) for i in range(config.n_layers)]
         self.mlp_rotation = mlp_rotation(weights)
         self.cos, self.sin = rope_tables(config, self.max_context)
-        shape = (config.n_layers, self.max_context, config.n_kv_heads, config.head_dim)
-        self.k_cache = np.zeros(shape, np.float32)
-        self.v_cache = np.zeros(shape, np.float32)
+        self.kv = KVCache(kv_type, config.n_layers, self.max_context, config.n_kv_heads, config.head_dim)
         self.filled = 0  # positions 0..filled-1 of the cache hold keys and values
         self._decoder = _Decoder(self)
 
     @classmethod
-    def from_source(cls, src, quant: dict | None, max_context: int | None = None) -> "Transformer":
+    def from_source(cls, src, quant: dict | None, max_context: int | None = None,
+                    kv_type: str = "f32") -> "Transformer":
         """quant None: the dense float32 reference; else every linear layer quantized (engine.quant settings)."""
         if quant is None:
-            return cls(src.config, src.tensors, max_context, src.tok)
+            return cls(src.config, src.tensors, max_context, src.tok, kv_type)
         from .quant import calibration, quantize_model, settings
 
         weights, _ = quantize_model(src.config, src.tensors, quant, calibration(settings(quant), src))
-        return cls(src.config, weights, max_context, src.tok)
+        return cls(src.config, weights, max_context, src.tok, kv_type)
 
     @classmethod
-    def from_qfile(cls, qf, max_context: int | None = None) -> "Transformer":
+    def from_qfile(cls, qf, max_context: int | None = None, kv_type: str = "f32") -> "Transformer":
         """qf: a path, or what models.qfile.load returned."""
         from models import qfile
 
         if not isinstance(qf, qfile.QFile):
             qf = qfile.load(qf)
-        return cls(qf.config, qf.weights, max_context, qf.tok)
+        return cls(qf.config, qf.weights, max_context, qf.tok, kv_type)
 
     def reset(self) -> None:
         self.filled = 0
@@ -214,12 +290,12 @@ class Transformer:
         n, end = len(ids), pos + len(ids)
         x = self.embed[ids].astype(np.float32)
         cos, sin = self.cos[pos:end, None], self.sin[pos:end, None]
-        for b, kc, vc in zip(self.blocks, self.k_cache, self.v_cache):
+        for i, b in enumerate(self.blocks):
             h = rmsnorm(x, b.attn_norm, c.norm_eps)
             q = _add(b.q(h), b.q_bias).reshape(n, c.n_heads, c.head_dim)
-            kc[pos:end] = rope(_add(b.k(h), b.k_bias).reshape(n, c.n_kv_heads, c.head_dim), cos, sin)
-            vc[pos:end] = _add(b.v(h), b.v_bias).reshape(n, c.n_kv_heads, c.head_dim)
-            x += b.o(attend(rope(q, cos, sin), kc[:end], vc[:end], pos))
+            self.kv.write(i, pos, rope(_add(b.k(h), b.k_bias).reshape(n, c.n_kv_heads, c.head_dim), cos, sin),
+                          _add(b.v(h), b.v_bias).reshape(n, c.n_kv_heads, c.head_dim))
+            x += b.o(attend(rope(q, cos, sin), *self.kv.read(i, end), pos))
             h = rmsnorm(x, b.mlp_norm, c.norm_eps)
             act = silu(b.gate(h)) * b.up(h)
             if self.mlp_rotation is not None:
@@ -246,8 +322,7 @@ class _Decoder:
             biases = (b.q_bias, b.k_bias, b.v_bias) if c.qkv_bias else None
             pre = (ops.bind_add_rmsnorm(self.x, delta if i else None, b.attn_norm, c.norm_eps, h),
                    b.q.bind(h, q), b.k.bind(h, k), b.v.bind(h, v))
-            attn = ops.bind_attention(q, k, v, biases, m.cos, m.sin, m.k_cache[i], m.v_cache[i], c.n_heads,
-                                      scores, att)
+            attn = m.kv.bind(i, q, k, v, biases, m.cos, m.sin, c.n_heads, scores, att)
             rotate = () if m.mlp_rotation is None else (ops.bind_rotate(gate, *m.mlp_rotation),)
             post = (b.o.bind(att, delta), ops.bind_add_rmsnorm(self.x, delta, b.mlp_norm, c.norm_eps, h),
                     b.gate.bind(h, gate), b.up.bind(h, up), ops.bind_silu_mul(gate, up), *rotate,

@@ -40,10 +40,15 @@ int lut_set_threads(int32_t n);
 int32_t lut_threads(void);
 double lut_stream_read(const float *buf, int64_t n);
 void lut_add_rmsnorm(float *x, const float *delta, const float *w, int32_t n, float eps, float *y);
+#define LUT_KV_F32 ...
+#define LUT_KV_F16 ...
+#define LUT_KV_Q8 ...
+#define LUT_ATTN_ROWS ...
 void lut_attention_step(float *q, float *k, float *v, const float *q_bias, const float *k_bias,
-                        const float *v_bias, const float *cos, const float *sin, float *k_cache,
-                        float *v_cache, int32_t pos, int32_t heads, int32_t kv_heads, int32_t d,
-                        float *scores, float *out);
+                        const float *v_bias, const float *cos, const float *sin, int32_t kv_type,
+                        void *k_cache, void *v_cache, float *k_scale, float *v_scale, int32_t pos,
+                        int32_t heads, int32_t kv_heads, int32_t d, float *scores, float *work,
+                        float *out);
 void lut_silu_mul(float *g, const float *u, int32_t n);
 void lut_rotate_rows(float *x, int64_t rows, int32_t a, int32_t n, const float *signs,
                      const float *mix, float *tmp);

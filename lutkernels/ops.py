@@ -67,25 +67,48 @@ def bind_rotate(x: np.ndarray, signs: np.ndarray, mix: np.ndarray) -> Callable[[
     return lambda keep=(x, signs, mix, tmp): fn(*args)
 
 
+KV_TYPES = {np.dtype(np.float32): lib.LUT_KV_F32, np.dtype(np.float16): lib.LUT_KV_F16,
+            np.dtype(np.int8): lib.LUT_KV_Q8}
+
+
+def _cache_ptr(a: np.ndarray, shape: tuple, name: str):
+    _require(a, a.dtype, shape, name)
+    return ffi.cast("void *", ffi.from_buffer(a))
+
+
 def bind_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, biases, cos: np.ndarray, sin: np.ndarray,
                    k_cache: np.ndarray, v_cache: np.ndarray, heads: int, scores: np.ndarray,
-                   out: np.ndarray) -> Callable[[int], None]:
+                   out: np.ndarray, k_scale: np.ndarray | None = None,
+                   v_scale: np.ndarray | None = None) -> Callable[[int], None]:
     """step(pos): biases (q, k, v; or None), RoPE at pos, k and v into row pos of the
-    caches [positions, kv_heads, d], attention of q over rows 0..pos into out."""
+    caches [positions, kv_heads, d], attention of q over rows 0..pos into out. The caches'
+    dtype is their type (lut.h): float32, float16, or int8 with float32 scales
+    [positions, kv_heads] (k_scale, v_scale; only for int8)."""
     positions, kv_heads, d = k_cache.shape
     if cos.shape != (positions, d // 2) or sin.shape != cos.shape or v_cache.shape != k_cache.shape:
         raise ValueError("RoPE tables and caches must cover the same positions and head size")
     if heads % kv_heads:
         raise ValueError(f"{heads} heads do not group over {kv_heads} kv heads")
+    kind = KV_TYPES.get(k_cache.dtype)
+    if kind is None or v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"KV caches must both be float32, float16 or int8, got {k_cache.dtype} and {v_cache.dtype}")
+    quantized = kind == lib.LUT_KV_Q8
+    if quantized != (k_scale is not None) or quantized != (v_scale is not None):
+        raise ValueError("scales go with an int8 cache, and only with one")
     qb, kb, vb = biases if biases is not None else (None, None, None)
     kv = kv_heads * d
+    work = np.empty(lib.LUT_ATTN_ROWS * d + heads, np.float32)
+    caches = (_cache_ptr(k_cache, k_cache.shape, "k_cache"), _cache_ptr(v_cache, k_cache.shape, "v_cache"),
+              _ptr(k_scale, positions * kv_heads, "k_scale"), _ptr(v_scale, positions * kv_heads, "v_scale"))
     args = (_ptr(q, heads * d, "q"), _ptr(k, kv, "k"), _ptr(v, kv, "v"), _ptr(qb, heads * d, "q_bias"),
             _ptr(kb, kv, "k_bias"), _ptr(vb, kv, "v_bias"), _ptr(cos, cos.size, "cos"), _ptr(sin, sin.size, "sin"),
-            _ptr(k_cache, k_cache.size, "k_cache"), _ptr(v_cache, v_cache.size, "v_cache"))
-    tail = (heads, kv_heads, d, _ptr(scores, heads * positions, "scores"), _ptr(out, heads * d, "out"))
+            kind, *caches)
+    tail = (heads, kv_heads, d, _ptr(scores, heads * positions, "scores"), _ptr(work, work.size, "work"),
+            _ptr(out, heads * d, "out"))
     fn = lib.lut_attention_step
 
-    def step(pos: int, keep=(q, k, v, biases, cos, sin, k_cache, v_cache, scores, out)) -> None:
+    def step(pos: int, keep=(q, k, v, biases, cos, sin, k_cache, v_cache, k_scale, v_scale, scores, work,
+                             out)) -> None:
         if not 0 <= pos < positions:
             raise ValueError(f"position {pos} outside the cache of {positions}")
         fn(*args, pos, *tail)
