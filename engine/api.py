@@ -64,7 +64,8 @@ class Model:
 
     def conversation(self, messages: Sequence[dict] = ()) -> Conversation:
         """A conversation on this model's cache (one at a time per Model): what `lutengine chat` drives."""
-        return Conversation(self._session, template_for(self.tokenizer), [dict(m) for m in messages])
+        return Conversation(self._session, template_for(self.tokenizer, self.info.get("path")),
+                            [dict(m) for m in messages])
 
     def reset(self) -> None:
         self._session.reset()
@@ -94,12 +95,23 @@ class Model:
                             ignore_eos, dict(temperature=temperature, top_p=top_p, seed=seed, **sampling))
 
     def _create(self, kind, ids, max_tokens, stop, stream, response_format, ignore_eos, sampling):
-        check_response_format(response_format)
+        json_mode = check_response_format(response_format)
         max_tokens = fit_max_tokens(len(ids), max_tokens, self.max_context)
         params, stops, stats = SamplingParams(**sampling), stop_list(stop), Stats()
-        pieces = self._locked(lambda st: self._session.stream(ids, params, max_tokens, stops, st, ignore_eos), stats)
+        pieces = self._locked(lambda st: self._session_for(json_mode).stream(ids, params, max_tokens, stops, st,
+                                                                             ignore_eos), stats)
         reply = Reply(kind, self.info.get("name", "lutengine"), len(ids), stats)
         return reply.chunks(pieces) if stream else reply.result(pieces)
+
+    def _session_for(self, json_mode: bool) -> Session:
+        """The model's session, or for JSON mode one on the constrained model (the cache then holds
+        other tokens than the session remembers: it starts again)."""
+        if not json_mode:
+            return self._session
+        from .jsonmode import JsonConstraint
+
+        self._session.reset()
+        return Session(JsonConstraint(self.transformer, json_vocabulary(self)), self.tokenizer)
 
     def _locked(self, start, stats: Stats | None = None) -> Iterator[str]:
         with self._lock:
@@ -210,7 +222,20 @@ def check_messages(messages) -> list[dict]:
     return out
 
 
-def check_response_format(fmt) -> None:
+def check_response_format(fmt) -> bool:
+    """Whether the reply must be a JSON object (engine/jsonmode.py)."""
     if fmt is None or fmt == {"type": "text"}:
-        return
-    raise ValueError(f"response_format {fmt!r} is not supported (only {{'type': 'text'}})")
+        return False
+    if fmt == {"type": "json_object"}:
+        return True
+    raise ValueError(f"response_format {fmt!r} is not supported (only {{'type': 'text'}} and "
+                     f"{{'type': 'json_object'}})")
+
+
+def json_vocabulary(model) -> "Vocabulary":
+    """The model's vocabulary for JSON mode, built on first use and kept (its mask cache goes with it)."""
+    from .jsonmode import Vocabulary
+
+    if getattr(model, "_json_vocabulary", None) is None:
+        model._json_vocabulary = Vocabulary(model.tokenizer, model.transformer.config.vocab)
+    return model._json_vocabulary

@@ -249,9 +249,10 @@ class Request:
     emit(None) once the Stats are final. error holds what failed it, if anything."""
 
     def __init__(self, ids: Sequence[int], params: SamplingParams, max_tokens: int, stop: Sequence[str],
-                 emit: Callable[[str | None], None], ignore_eos: bool = False):
+                 emit: Callable[[str | None], None], ignore_eos: bool = False, wrap: Callable | None = None):
+        """wrap: what the slot's model is seen through (engine/jsonmode.py's JsonConstraint), if anything."""
         self.ids, self.params, self.max_tokens, self.stop = list(ids), params, max_tokens, list(stop)
-        self.emit, self.ignore_eos = emit, ignore_eos
+        self.emit, self.ignore_eos, self.wrap = emit, ignore_eos, wrap
         self.stats = Stats()
         self.cancelled = False
         self.error: BaseException | None = None
@@ -325,11 +326,10 @@ class Scheduler:
             return self.waiting.pop(0)
 
     def _work(self, slot: SlotModel) -> None:
-        session = Session(slot, self.model.tokenizer)
         while (req := self._take()) is not None:
-            # A fresh cache per request: the reused prefix of a previous reply would hold keys computed on
-            # the decode path instead of the prompt path, and the same request could then give other tokens.
-            session.reset()
+            # A fresh session (an empty cache) per request: the reused prefix of a previous reply would hold
+            # keys computed on the decode path instead of the prompt path, and could tip a token.
+            session = Session(slot if req.wrap is None else req.wrap(slot), self.model.tokenizer)
             slot.request = req
             try:
                 if not req.cancelled:

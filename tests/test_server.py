@@ -282,3 +282,68 @@ def test_serve_without_the_extra_says_how_to_install():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=DEADLINE_S)
     assert proc.returncode == 2 and "pip install 'lutengine[serve]'" in proc.stderr
+
+
+def _random_json(rng, depth=0) -> str:
+    r = rng.random()
+    if depth > 3 or r < 0.3:
+        return rng.choice(["1", "-0.5e+3", '"a\\"b\\u00e9"', "true", "null", "false", "0", '"x y"', "12.25E-1", "[]"])
+    if r < 0.65:
+        keys = rng.sample("abcd", rng.randint(0, 3))
+        return "{" + ",".join(f' "{k}" :{_random_json(rng, depth + 1)}' for k in keys) + "}"
+    return "[" + ", ".join(_random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))) + "]"
+
+
+def test_json_automaton_agrees_with_json_loads():
+    import random
+
+    from engine.jsonmode import DONE, INITIAL, walk
+
+    rng = random.Random(0)
+    alphabet = b'{}[]:,"\\ \n-0123456789.eE+tfnrulsa\x01'
+    for _ in range(600):
+        doc = '{"k": ' + _random_json(rng) + "}"
+        end = walk(INITIAL, doc.encode())
+        assert end is not None and end[0] == DONE, doc
+        broken = bytearray(doc.encode())
+        broken[rng.randrange(len(broken))] = rng.choice(alphabet)
+        try:
+            valid = isinstance(json.loads(broken.decode()), dict)
+        except ValueError:
+            valid = False
+        end = walk(INITIAL, bytes(broken))
+        assert (end is not None and end[0] == DONE) == valid, broken
+
+
+def test_json_masks_match_token_by_token_checks(model):
+    from engine.api import json_vocabulary
+    from engine.jsonmode import INITIAL, walk
+
+    v = json_vocabulary(model)
+    for text in ["", "{", '{"a', '{"a\\', '{"a": -', '{"a": 1', '{"a": [tr', '{"a": [1, {"b": 2.5e', '{"a": "x"}']:
+        state = walk(INITIAL, text.encode())
+        want = [i for i in range(v.vocab) if v.pieces[i] and walk(state, v.pieces[i]) is not None]
+        if text.endswith("}"):
+            want = v.eos
+        assert sorted(map(int, v.mask(state).nonzero()[0])) == sorted(want), text
+
+
+def test_json_object_mode_over_http_and_in_process(model):
+    fmt = {"type": "json_object"}
+    with live(model) as (port, _):
+        c = client(port)
+        closed = 0
+        for seed in range(6):
+            r = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=200, temperature=1.0, seed=seed,
+                                          response_format=fmt)
+            model.reset()
+            want = model.create_chat_completion(CHAT, max_tokens=200, temperature=1.0, seed=seed, response_format=fmt)
+            text = r.choices[0].message.content
+            assert text == want["choices"][0]["message"]["content"]
+            if r.choices[0].finish_reason == "stop":
+                assert isinstance(json.loads(text), dict)
+                closed += 1
+        assert closed >= 2
+        with pytest.raises(openai.UnprocessableEntityError) as e:
+            c.chat.completions.create(model="tiny", messages=CHAT, response_format={"type": "yaml"})
+        assert e.value.body["param"] == "response_format"
