@@ -50,7 +50,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench.llamacpp_ref import WINDOW, catalog_name, command_line, load, tokenize_text, window_nlls  # noqa: E402
-from bench.llamacpp_speed import quantize  # noqa: E402
+import importlib.util  # noqa: E402
+
+# engine/llamacpp_peer.py by its path: this venv has llama-cpp-python, not the engine package's dependencies
+_spec = importlib.util.spec_from_file_location("llamacpp_peer", os.path.join(REPO, "engine", "llamacpp_peer.py"))
+_peer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_peer)
+quantize = _peer.quantize
 from models.gguf_loader import _file_type_name, read_gguf  # noqa: E402
 
 MODELS = ["/work/cache/models/smollm2-135m-instruct.gguf",

@@ -15,9 +15,10 @@ Engines
   model.transformer.forward(tokens, pos) in this process.
 * llama.cpp: llama-cpp-python in its own venv (--llama-python), driven as a
   long-lived worker subprocess (this file with --llama-worker, which reuses
-  bench/llamacpp_speed.py's Runner, Interference and model_info) that takes one
-  JSON command per line on stdin and answers one JSON line on stdout. Both
-  engines therefore alternate run by run inside one script. Default peers: the
+  engine/llamacpp_peer.py, the same worker `lutengine bench --vs-llama-cpp` uses)
+  that takes one JSON command per line on stdin and answers one JSON line on
+  stdout. Both engines therefore alternate run by run inside one script, and both
+  are timed by the same code (engine/bench.py's Ours and llamacpp_peer.timed). Default peers: the
   catalog GGUF as is, plus <LUTENGINE_HOME>/llamacpp/<model>-Q4_0.gguf
   (llama.cpp's own requantization) where it exists. n_threads = n_threads_batch
   = T, n_batch = n_ubatch = 512, n_ctx = 512.
@@ -78,113 +79,15 @@ COLUMNS = ["engine / format", "bpw linear", "threads", "tg128 tok/s", "pp128 tok
 LINEAR_GGUF = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
-# ------------------------------------------------------------------ llama.cpp worker (llama venv) ----
-
-def llama_worker() -> int:
-    """JSON command loop on stdin, one JSON answer line per command on the original stdout.
-    Everything llama.cpp prints goes to stderr (fd 1 is pointed at fd 2)."""
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    import llama_cpp
-
-    from bench import llamacpp_speed as ls
-
-    runners = {}
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        cmd = json.loads(line)
-        op = cmd.get("op")
-        try:
-            if op == "hello":
-                out = {"version": llama_cpp.__version__,
-                       "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
-            elif op == "info":
-                out = ls.model_info(cmd["path"])
-            elif op == "load":
-                runners.pop(cmd["key"], None)
-                runners[cmd["key"]] = ls.Runner(cmd["path"], int(cmd["threads"]))
-                out = {}
-            elif op == "unload":
-                runners.pop(cmd["key"], None)
-                out = {}
-            elif op == "wait_quiet":
-                out = {"waited_s": ls.wait_quiet(cmd["limit"], cmd["max_wait"])}
-            elif op == "run":
-                r, test, ids = runners[cmd["key"]], cmd["test"], cmd["ids"]
-                toks = None
-                with ls.Interference() as it:
-                    if test == "tg128":
-                        dt, toks = r.tg(ids[0], 128)
-                    else:
-                        dt = r.pp(ids[:NTOK[test]])
-                out = {"seconds": dt, "other_cores": it.other_cores, "steal_pct": it.steal_pct, "tokens": toks}
-            elif op == "quit":
-                proto.write(json.dumps({"ok": True}) + "\n")
-                break
-            else:
-                raise ValueError(f"unknown op {op!r}")
-            out["ok"] = True
-        except Exception as e:  # answered, so the parent can say what went wrong
-            out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        proto.write(json.dumps(out) + "\n")
-    return 0
-
-
-class LlamaPeer:
-    """The parent's handle on the worker."""
-
-    def __init__(self, python: str):
-        self.log = tempfile.NamedTemporaryFile(prefix="bench-speed-llama-", suffix=".log", delete=False)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        self.proc = subprocess.Popen([python, "-m", "bench.speed", "--llama-worker"], cwd=ROOT, env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     bufsize=1)
-        self.hello = self.call(op="hello")
-
-    def call(self, **cmd) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"llama.cpp worker died (exit {self.proc.poll()}); log: {self.tail()}")
-        out = json.loads(line)
-        if not out.get("ok"):
-            raise RuntimeError(f"llama.cpp worker: {out.get('error')}; log: {self.tail()}")
-        return out
-
-    def tail(self) -> str:
-        try:
-            with open(self.log.name, errors="replace") as f:
-                return f.read()[-2000:]
-        except OSError:
-            return "?"
-
-    def close(self) -> None:
-        try:
-            self.call(op="quit")
-            self.proc.wait(timeout=30)
-        except Exception:
-            self.proc.kill()
-        os.unlink(self.log.name)
-
-
 # ------------------------------------------------------------------------------- measurements ----
 
 def machine() -> dict:
-    import lutkernels as lk
-
-    from bench import llamacpp_speed as ls
     from bench.kernels import cache_bytes
+    from engine.bench import machine as bench_machine
 
-    m = ls.machine_line()
-    feats = lk.cpu_features()
+    m = bench_machine()
     l3 = cache_bytes(3, 0)
-    return {"cpu": m["cpu_model"], "logical_cpus": m["logical_cpus"], "available": m["cpus_available"],
-            "isa_supported": feats["supported"], "isa": feats["isa"], "l3_mib": l3 >> 20,
-            "flags": m["isa_flags"]}
+    return {**m, "l3_mib": l3 >> 20}
 
 
 def stream_bandwidth(mib: int, quiet: float, max_steal: float, max_wait: float, tries: int = 3) -> dict:
@@ -192,8 +95,8 @@ def stream_bandwidth(mib: int, quiet: float, max_steal: float, max_wait: float, 
     count); repeated (up to `tries` times) while other processes disturbed it."""
     import numpy as np
 
-    from bench import llamacpp_speed as ls
     from bench.kernels import stream_seconds
+    from engine.measure import Interference, wait_quiet
     from lutkernels import kernels as lkk
 
     buf = np.empty((mib << 20) // 4, np.float32)
@@ -201,8 +104,8 @@ def stream_bandwidth(mib: int, quiet: float, max_steal: float, max_wait: float, 
     stream_seconds(lkk, buf)  # wakes the pool
     out = None
     for attempt in range(tries):
-        waited = ls.wait_quiet(quiet, max_wait) if max_wait > 0 else 0.0
-        with ls.Interference() as it:
+        waited = wait_quiet(quiet, max_wait) if max_wait > 0 else 0.0
+        with Interference() as it:
             best = max(buf.nbytes / stream_seconds(lkk, buf) for _ in range(3))
         r = {"bytes_per_s": best, "mib": mib, "other_cores": it.other_cores, "steal_pct": it.steal_pct,
              "waited_s": waited, "attempts": attempt + 1}
@@ -213,71 +116,6 @@ def stream_bandwidth(mib: int, quiet: float, max_steal: float, max_wait: float, 
     out["attempts"] = attempt + 1
     del buf
     return out
-
-
-def ours_bytes(tr) -> dict:
-    """Bytes the decode step reads: every linear layer as the kernels see it, the head, one embedding row."""
-    def nbytes(lin):
-        return lin.layer.w.nbytes() if hasattr(lin, "layer") else lin.wt.nbytes
-
-    def weights(lin):
-        return lin.layer.w.M * lin.layer.w.K if hasattr(lin, "layer") else lin.wt.size
-
-    lins = [getattr(b, n) for b in tr.blocks for n in ("q", "k", "v", "o", "gate", "up", "down")]
-    linear = sum(nbytes(x) for x in lins)
-    head = nbytes(tr.head)
-    row = tr.embed.nbytes // tr.embed.shape[0]
-    return {"linear": linear, "head": head, "embed_row": row, "total": linear + head + row,
-            "bpw_linear": 8.0 * linear / sum(weights(x) for x in lins),
-            "bpw_head": 8.0 * head / weights(tr.head)}
-
-
-def gguf_bytes(path: str) -> dict:
-    """The same count from a GGUF's tensor sizes: blk.*.{attn_q..ffn_down}, output (or the tied
-    token_embd), one token_embd row."""
-    from models.gguf_loader import read_gguf
-
-    md, raw = read_gguf(path)
-    lin = [t for n, t in raw.items() if n.startswith("blk.") and n.split(".")[2] in LINEAR_GGUF
-           and n.endswith(".weight")]
-    linear = sum(t.data.nbytes for t in lin)
-    nweights = sum(t.shape[0] * t.shape[1] for t in lin)
-    emb = raw["token_embd.weight"]
-    head_t = raw.get("output.weight", emb)
-    head = head_t.data.nbytes
-    row = emb.data.nbytes // emb.shape[0]
-    types = {}
-    for t in lin:
-        types[t.type.name] = types.get(t.type.name, 0) + 1
-    from models.gguf_loader import _file_type_name
-
-    return {"linear": linear, "head": head, "embed_row": row, "total": linear + head + row,
-            "bpw_linear": 8.0 * linear / nweights, "bpw_head": 8.0 * head / (head_t.shape[0] * head_t.shape[1]),
-            "linear_types": types, "head_type": head_t.type.name, "tied": "output.weight" not in raw,
-            "file_type": str(_file_type_name(md.get("general.file_type"))).replace("MOSTLY_", "")}
-
-
-def ours_run(tr, test: str, ids: list) -> dict:
-    import numpy as np
-
-    from bench import llamacpp_speed as ls
-
-    toks = None
-    with ls.Interference() as it:
-        tr.reset()
-        if test == "tg128":
-            tok = int(np.argmax(tr.forward([ids[0]], 0)))
-            toks = []
-            t0 = time.perf_counter()
-            for i in range(128):
-                tok = int(np.argmax(tr.forward([tok], i + 1)))
-                toks.append(tok)
-            dt = time.perf_counter() - t0
-        else:
-            t0 = time.perf_counter()
-            tr.forward(ids[:NTOK[test]], 0)
-            dt = time.perf_counter() - t0
-    return {"seconds": dt, "other_cores": it.other_cores, "steal_pct": it.steal_pct, "tokens": toks}
 
 
 def profile_decode(tr, ids: list, steps: int = 32) -> dict | None:
@@ -357,21 +195,8 @@ def profile_prompt(tr, ids: list, n: int = 512) -> dict:
 
 # -------------------------------------------------------------------------------------- driver ----
 
-def tokenize(model, text_path: str) -> list:
-    from engine.tokenizer import read_text_file
-
-    text = read_text_file(text_path)
-    # The first 512 ids need only the text's start; a long prefix keeps the cut far from them.
-    for n in (20_000, 200_000, len(text)):
-        ids = model.tokenizer.encode(text[:n], add_bos=False, special=False)
-        if len(ids) > MAX_CONTEXT + 64 or n >= len(text):
-            break
-    if len(ids) < MAX_CONTEXT:
-        raise SystemExit(f"{text_path}: only {len(ids)} tokens, pp512 needs {MAX_CONTEXT}")
-    return [int(t) for t in ids[:MAX_CONTEXT]]
-
-
-def default_peers(name: str) -> list:
+def default_peers(name: str, peer) -> list:
+    """The catalog GGUF as is and llama.cpp's own Q4_0 of it (requantized by the worker if missing)."""
     from models import catalog
 
     out = []
@@ -379,8 +204,10 @@ def default_peers(name: str) -> list:
         p = catalog.model_path(name)
         if p.exists():
             out.append(str(p))
-        q = catalog.cache_dir() / "llamacpp" / f"{name}-Q4_0.gguf"
-        if q.exists():
+            q = catalog.cache_dir() / "llamacpp" / f"{name}-Q4_0.gguf"
+            if not q.exists():
+                print(f"[{name}] requantizing {p} to Q4_0 with llama.cpp -> {q}", file=sys.stderr)
+                peer.call(op="quantize", src=str(p), dst=str(q), threads=os.cpu_count())
             out.append(str(q))
     elif name.endswith(".gguf") and os.path.exists(name):
         out.append(name)
@@ -397,12 +224,12 @@ def pick(runs: list, n: int, quiet: float, max_steal: float) -> tuple:
 def bench_model(args, name: str, peer_paths: list, peer) -> dict:
     import engine
     import lutkernels as lk
-
-    from bench import llamacpp_speed as ls
+    from engine.bench import Ours, Test, bench_ids, gguf_bytes, ours_bytes
+    from engine.measure import wait_quiet
 
     log = lambda msg: print(f"[{name}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     tok_model = engine.load(name, threads=args.threads[0], max_context=MAX_CONTEXT, progress=True)
-    ids = tokenize(tok_model, args.text)
+    ids = bench_ids(tok_model, MAX_CONTEXT, args.text, 0)
     ours_label = f"lutengine {tok_model.info.get('quantization')}"
     ours_info = {"label": ours_label, "path": tok_model.info.get("path"), "bytes": ours_bytes(tok_model.transformer)}
     del tok_model
@@ -426,12 +253,14 @@ def bench_model(args, name: str, peer_paths: list, peer) -> dict:
         model = engine.load(name, threads=T, max_context=MAX_CONTEXT)
         tr = model.transformer
         for p in peers:
-            peer.call(op="load", key=p["key"], path=p["path"], threads=T)
+            peer.call(op="load", key=p["key"], path=p["path"], threads=T, n_ctx=MAX_CONTEXT)
+        ours = Ours(tr)
 
         def run(e, test):
+            t = Test(test[:2], NTOK[test])
             if e == "ours":
-                return ours_run(tr, test, ids)
-            return peer.call(op="run", key=e, test=test, ids=ids)
+                return ours.run(t, ids)
+            return peer.call(op="run", key=e, kind=t.kind, n=t.n, ids=ids)
 
         runs = {(e, k): [] for e in engines for k in TESTS}
         gen = {}
@@ -448,7 +277,7 @@ def bench_model(args, name: str, peer_paths: list, peer) -> dict:
                         continue
                     # the waiting process is the one about to run, so its own idle threads do not count
                     if args.max_wait > 0:
-                        waited += (ls.wait_quiet(args.quiet, args.max_wait) if e == "ours" else
+                        waited += (wait_quiet(args.quiet, args.max_wait) if e == "ours" else
                                    peer.call(op="wait_quiet", limit=args.quiet, max_wait=args.max_wait)["waited_s"])
                     r = run(e, k)
                     if r.get("tokens") is not None:
@@ -480,7 +309,7 @@ def bench_model(args, name: str, peer_paths: list, peer) -> dict:
                 agree[p["key"]] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
         result["threads"].append({"T": T, "bandwidth": bw, "rows": rows, "profile": prof, "waited_s": waited,
                                   "greedy_agree": agree})
-        del model, tr
+        del model, tr, ours
     result["labels"] = labels
     result["engines"] = engines
     return result
@@ -682,7 +511,6 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="smoke run: 1 run, no waiting, small roofline buffer")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     p.add_argument("--no-write", action="store_true", help="print only")
-    p.add_argument("--llama-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     q = a.quick
     a.runs = a.runs or (1 if q else 3)
@@ -698,10 +526,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--llama-worker" in argv:
-        return llama_worker()
     args = parse_args(argv)
     import engine  # noqa: F401  (sets OPENBLAS_NUM_THREADS before numpy, too)
+    from engine.llamacpp_peer import LlamaPeer
 
     t0 = time.perf_counter()
     peer, note = None, None
@@ -717,7 +544,7 @@ def main(argv=None) -> int:
         mach = machine()
         results = []
         for name in args.model:
-            paths = [] if peer is None else (args.peer_gguf or default_peers(name))
+            paths = [] if peer is None else (args.peer_gguf or default_peers(name, peer))
             if peer is not None and not paths:
                 print(f"[{name}] no llama.cpp GGUF found for it (--peer-gguf): our engine only", file=sys.stderr)
             results.append(bench_model(args, name, paths, peer))

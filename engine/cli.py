@@ -123,6 +123,12 @@ def cmd_chat(args) -> int:
     return run_chat(_load(args, args.dense), args)
 
 
+def cmd_bench(args) -> int:
+    from .bench import command
+
+    return command(args)
+
+
 def cmd_serve(args) -> int:
     from .serve import run
 
@@ -228,6 +234,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default: warning)")
     p.add_argument("-t", "--threads", type=int, default=_threads_default(), help="kernel threads (default: all)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="tokens per second of prompts (ppN) and generation (tgN), like llama-bench",
+                       description="Tokens per second: ppN = one forward over N prompt tokens, tgN = N greedy "
+                       "decode steps. Tables go to stdout, progress to stderr.")
+    p.add_argument("-m", "--model", action="append", default=None,
+                   help=f"catalog name, GGUF file, HF folder or lutengine file; repeat for several "
+                   f"(default: {catalog.DEFAULT})")
+    p.add_argument("-p", "--n-prompt", dest="prompts", default="512", metavar="N[,N...]",
+                   help="prompt sizes, 0 = none (default: 512)")
+    p.add_argument("-n", "--n-gen", dest="gens", default="128", metavar="N[,N...]",
+                   help="generated tokens, 0 = none (default: 128)")
+    p.add_argument("-t", "--threads", default=str(_threads_default()), metavar="T[,T...]",
+                   help=f"kernel threads (default: {_threads_default()})")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="timed runs per test (default: 5)")
+    p.add_argument("--text", default=None, metavar="FILE",
+                   help="take the tokens from the start of this text (default: seeded random ids)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random ids (default: 0)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print JSON")
+    out.add_argument("--md", action="store_true", help="print a markdown table (the default)")
+    p.add_argument("--vs-llama-cpp", nargs="+", metavar="GGUF",
+                   help="also run llama.cpp (llama-cpp-python) on these GGUF files, alternating run by run")
+    p.add_argument("--llama-python", default=os.environ.get("LUTENGINE_LLAMA_PYTHON"), metavar="PATH",
+                   help="python that has llama-cpp-python, if not this one (default: $LUTENGINE_LLAMA_PYTHON)")
+    p.set_defaults(func=cmd_bench)
 
     from .quantize_cmd import add_arguments
 
