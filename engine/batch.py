@@ -24,6 +24,7 @@ import numpy as np
 
 import lutkernels as lk
 from lutkernels import ops
+from lutkernels._lut import ffi
 
 from .generate import Session, Stats
 from .model import Packed, Transformer, _Decoder
@@ -50,11 +51,23 @@ def fork(m: Transformer) -> Transformer:
     return s
 
 
-def _matmul(lin, x: np.ndarray, y: np.ndarray) -> None:
-    if isinstance(lin, Packed):
-        lk.gemm(lin.layer, x, out=y, exact=lin.exact)
-    else:
-        np.matmul(x, lin.wt, out=y)
+def _bind_gemm(lin, x: np.ndarray, y: np.ndarray) -> Callable[[int], None]:
+    """mm(n): y[:n] = x[:n] @ W.T. Checked once here, its pointers cast once: lk.gemm's checks on
+    every call cost a third of a step of a small model (seven GEMMs a layer)."""
+    if not isinstance(lin, Packed):
+        wt = lin.wt
+        return lambda n: np.matmul(x[:n], wt, out=y[:n])
+    L = lin.layer
+    lk.gemm(L, x, out=y, exact=lin.exact)  # the shapes and dtypes checked (and the kernels warmed)
+    xp, yp = ffi.cast("const float *", ffi.from_buffer(x)), ffi.cast("float *", ffi.from_buffer(y))
+    exact = int(bool(lin.exact))
+
+    def mm(n: int, keep=(x, y)) -> None:
+        rc = L.call(xp, n, yp, ffi.NULL, exact)
+        if rc:
+            raise lk.KernelError(f"{L.C_NAME} failed with code {rc}")
+
+    return mm
 
 
 class BatchedStep:
@@ -83,6 +96,11 @@ class BatchedStep:
                                (ops.bind_silu_mul(self.gate[r], self.up[r]), *rotate)))
             final = ops.bind_add_rmsnorm(x, d if model.blocks else None, model.norm, eps, h)
             self.rows.append((blocks, final))
+        self.mm = [tuple(_bind_gemm(lin, a, b) for lin, a, b in (
+            (blk.q, self.h, self.q), (blk.k, self.h, self.k), (blk.v, self.h, self.v), (blk.o, self.att, self.delta),
+            (blk.gate, self.h, self.gate), (blk.up, self.h, self.up), (blk.down, self.gate, self.delta)))
+            for blk in model.blocks]
+        self.head = _bind_gemm(model.head, self.h, self.logits)
         self._attention: dict[tuple[int, int], list[Callable[[int], None]]] = {}
 
     def attention(self, r: int, s: int) -> list[Callable[[int], None]]:
@@ -103,28 +121,26 @@ class BatchedStep:
         attn = [self.attention(r, s) for r, (s, _, _) in enumerate(work)]
         for r, (_, token, _) in enumerate(work):
             np.copyto(self.x[r], self.m.embed[token])
-        x, h, delta, q, k, v, att = (a[:n] for a in (self.x, self.h, self.delta, self.q, self.k, self.v, self.att))
-        gate, up = self.gate[:n], self.up[:n]
-        for i, b in enumerate(self.m.blocks):
+        for i, (q, k, v, o, gate, up, down) in enumerate(self.mm):
             for blocks, _ in self.rows[:n]:
                 blocks[i][0]()
-            _matmul(b.q, h, q)
-            _matmul(b.k, h, k)
-            _matmul(b.v, h, v)
+            q(n)
+            k(n)
+            v(n)
             for r, (_, _, pos) in enumerate(work):
                 attn[r][i](pos)
-            _matmul(b.o, att, delta)
+            o(n)
             for blocks, _ in self.rows[:n]:
                 blocks[i][1]()
-            _matmul(b.gate, h, gate)
-            _matmul(b.up, h, up)
+            gate(n)
+            up(n)
             for blocks, _ in self.rows[:n]:
                 for f in blocks[i][2]:
                     f()
-            _matmul(b.down, gate, delta)
+            down(n)
         for _, final in self.rows[:n]:
             final()
-        _matmul(self.m.head, h, self.logits[:n])
+        self.head(n)
         return self.logits[:n]
 
 
