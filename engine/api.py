@@ -95,23 +95,23 @@ class Model:
                             ignore_eos, dict(temperature=temperature, top_p=top_p, seed=seed, **sampling))
 
     def _create(self, kind, ids, max_tokens, stop, stream, response_format, ignore_eos, sampling):
-        json_mode = check_response_format(response_format)
+        grammar = check_response_format(response_format)
         max_tokens = fit_max_tokens(len(ids), max_tokens, self.max_context)
         params, stops, stats = SamplingParams(**sampling), stop_list(stop), Stats()
-        pieces = self._locked(lambda st: self._session_for(json_mode).stream(ids, params, max_tokens, stops, st,
+        pieces = self._locked(lambda st: self._session_for(grammar).stream(ids, params, max_tokens, stops, st,
                                                                              ignore_eos), stats)
         reply = Reply(kind, self.info.get("name", "lutengine"), len(ids), stats)
         return reply.chunks(pieces) if stream else reply.result(pieces)
 
-    def _session_for(self, json_mode: bool) -> Session:
-        """The model's session, or for JSON mode one on the constrained model (the cache then holds
-        other tokens than the session remembers: it starts again)."""
-        if not json_mode:
+    def _session_for(self, grammar) -> Session:
+        """The model's session, or for a JSON grammar one on the constrained model (the cache then
+        holds other tokens than the session remembers: it starts again)."""
+        if grammar is None:
             return self._session
         from .jsonmode import JsonConstraint
 
         self._session.reset()
-        return Session(JsonConstraint(self.transformer, json_vocabulary(self)), self.tokenizer)
+        return Session(JsonConstraint(self.transformer, json_vocabulary(self), grammar), self.tokenizer)
 
     def _locked(self, start, stats: Stats | None = None) -> Iterator[str]:
         with self._lock:
@@ -222,14 +222,15 @@ def check_messages(messages) -> list[dict]:
     return out
 
 
-def check_response_format(fmt) -> bool:
-    """Whether the reply must be a JSON object (engine/jsonmode.py)."""
+def check_response_format(fmt):
+    """The grammar the reply must follow (engine/jsonmode.py), or None for free text."""
     if fmt is None or fmt == {"type": "text"}:
-        return False
-    if fmt == {"type": "json_object"}:
-        return True
-    raise ValueError(f"response_format {fmt!r} is not supported (only {{'type': 'text'}} and "
-                     f"{{'type': 'json_object'}})")
+        return None
+    if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+        from .jsonmode import grammar_for
+
+        return grammar_for(fmt)
+    raise ValueError(f"response_format {fmt!r} is not supported (type text, json_object or json_schema)")
 
 
 def json_vocabulary(model) -> "Vocabulary":

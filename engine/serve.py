@@ -86,15 +86,15 @@ def _field(check, param: str):
         raise ApiError(422, f"{param}: {e}", param) from None
 
 
-def prepare(model, body: dict, kind: str, context: int) -> tuple[list[int], int, SamplingParams, list[str], bool]:
-    """Prompt ids, max_tokens, sampling, stop strings and JSON mode of a checked body (ApiError on what
-    does not fit)."""
+def prepare(model, body: dict, kind: str, context: int) -> tuple[list[int], int, SamplingParams, list[str], object]:
+    """Prompt ids, max_tokens, sampling, stop strings and JSON grammar (or None) of a checked body
+    (ApiError on what does not fit)."""
     if body.get("n", 1) != 1:
         raise ApiError(422, "only n=1 is supported", "n")
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name, 0) != 0:
             raise ApiError(422, f"{name} is not supported (use repeat_penalty)", name)
-    json_mode = _field(lambda: check_response_format(body.get("response_format")), "response_format")
+    grammar = _field(lambda: check_response_format(body.get("response_format")), "response_format")
     if kind == "chat.completion":
         try:
             ids = model.chat_ids(_field(lambda: check_messages(body["messages"]), "messages"))
@@ -129,7 +129,7 @@ def prepare(model, body: dict, kind: str, context: int) -> tuple[list[int], int,
         params = SamplingParams(**sampling)
     except ValueError as e:
         raise ApiError(422, str(e), next((k for k in sampling if k.replace("_", "-") in str(e)), None)) from None
-    return ids, max_tokens, params, stops, json_mode
+    return ids, max_tokens, params, stops, grammar
 
 
 def build_app(model, scheduler: Scheduler, api_key: str | None = None, model_id: str | None = None):
@@ -175,13 +175,13 @@ def build_app(model, scheduler: Scheduler, api_key: str | None = None, model_id:
 
     async def generate(request, kind: str):
         body = parse_body(await request.body(), kind)
-        ids, max_tokens, params, stops, json_mode = prepare(model, body, kind, context)
+        ids, max_tokens, params, stops, grammar = prepare(model, body, kind, context)
         wrap = None
-        if json_mode:
+        if grammar is not None:
             from .jsonmode import JsonConstraint
 
             vocabulary = await asyncio.get_running_loop().run_in_executor(None, json_vocabulary, model)
-            wrap = lambda m: JsonConstraint(m, vocabulary)  # noqa: E731
+            wrap = lambda m: JsonConstraint(m, vocabulary, grammar)  # noqa: E731
         loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(item):  # from a slot's thread; the loop may be gone once the server stops

@@ -297,35 +297,100 @@ def _random_json(rng, depth=0) -> str:
 def test_json_automaton_agrees_with_json_loads():
     import random
 
-    from engine.jsonmode import DONE, INITIAL, walk
+    from engine.jsonmode import JsonObject, walk
 
     rng = random.Random(0)
     alphabet = b'{}[]:,"\\ \n-0123456789.eE+tfnrulsa\x01'
     for _ in range(600):
         doc = '{"k": ' + _random_json(rng) + "}"
-        end = walk(INITIAL, doc.encode())
-        assert end is not None and end[0] == DONE, doc
+        end = walk(JsonObject, JsonObject.initial, doc.encode())
+        assert end is not None and JsonObject.done(end), doc
         broken = bytearray(doc.encode())
         broken[rng.randrange(len(broken))] = rng.choice(alphabet)
         try:
             valid = isinstance(json.loads(broken.decode()), dict)
         except ValueError:
             valid = False
-        end = walk(INITIAL, bytes(broken))
-        assert (end is not None and end[0] == DONE) == valid, broken
+        end = walk(JsonObject, JsonObject.initial, bytes(broken))
+        assert (end is not None and JsonObject.done(end)) == valid, broken
+
+
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string"}, "age": {"type": "integer"}, "score": {"type": "number"},
+    "ok": {"type": "boolean"}, "tags": {"type": "array", "items": {"enum": ["red", "green", 7]}},
+    "pet": {"type": "object", "properties": {"kind": {"const": "cat"}, "none": {"type": "null"}}}},
+    "required": ["name", "age"], "additionalProperties": False}
+
+
+def conforms(v, schema) -> bool:
+    """The test's own check of SCHEMA's keywords (every property present, as the grammar writes them)."""
+    if "enum" in schema or "const" in schema:
+        return any(v == e and type(v) is type(e) for e in schema.get("enum", [schema.get("const")]))
+    t = schema["type"]
+    if t == "object":
+        return isinstance(v, dict) and list(v) == list(schema["properties"]) and \
+            all(conforms(v[k], sub) for k, sub in schema["properties"].items())
+    if t == "array":
+        return isinstance(v, list) and all(conforms(x, schema["items"]) for x in v)
+    types = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "null": (type(None),)}
+    return isinstance(v, types[t]) and (t in ("boolean", "null") or not isinstance(v, bool))
+
+
+def _sample(rng, schema):
+    if "enum" in schema or "const" in schema:
+        return rng.choice(schema.get("enum", [schema.get("const")]))
+    t = schema["type"]
+    if t == "object":
+        return {k: _sample(rng, sub) for k, sub in schema["properties"].items()}
+    if t == "array":
+        return [_sample(rng, schema["items"]) for _ in range(rng.randint(0, 3))]
+    return {"string": lambda: rng.choice(["", "a b", 'q"\\\u00e9']), "integer": lambda: rng.randint(-50, 50),
+            "number": lambda: rng.choice([0.5, -3, 1e-7, 12]), "boolean": lambda: rng.random() < 0.5,
+            "null": lambda: None}[t]()
+
+
+def test_json_schema_grammar_accepts_only_conforming_documents():
+    import random
+
+    from engine.jsonmode import JsonSchema, walk
+
+    g = JsonSchema(SCHEMA)
+    rng = random.Random(1)
+    alphabet = b'{}[]:,"\\ -0123456789.eEtruefalsnbdgc7'
+    for _ in range(400):
+        doc = json.dumps(_sample(rng, SCHEMA), indent=rng.choice([None, 1]))
+        end = walk(g, g.initial, doc.encode())
+        assert end is not None and g.done(end), doc
+        broken = bytearray(doc.encode())
+        for _ in range(rng.randint(1, 2)):
+            broken[rng.randrange(len(broken))] = rng.choice(alphabet)
+        end = walk(g, g.initial, bytes(broken))
+        if end is not None and g.done(end):
+            assert conforms(json.loads(broken.decode()), SCHEMA), broken
+    for bad, word in [({"type": "string"}, "root"), ({"type": "object", "properties": {"a": {"type": "string",
+                      "pattern": "x"}}}, "pattern"), ({"type": "object", "properties": {"a": {"anyOf": []}}}, "anyOf")]:
+        with pytest.raises(ValueError, match=word):
+            JsonSchema(bad)
 
 
 def test_json_masks_match_token_by_token_checks(model):
     from engine.api import json_vocabulary
-    from engine.jsonmode import INITIAL, walk
+    from engine.jsonmode import JsonObject, JsonSchema, walk
 
     v = json_vocabulary(model)
-    for text in ["", "{", '{"a', '{"a\\', '{"a": -', '{"a": 1', '{"a": [tr', '{"a": [1, {"b": 2.5e', '{"a": "x"}']:
-        state = walk(INITIAL, text.encode())
-        want = [i for i in range(v.vocab) if v.pieces[i] and walk(state, v.pieces[i]) is not None]
+    cases = [(JsonObject, t) for t in ["", "{", '{"a', '{"a\\', '{"a": -', '{"a": 1', '{"a": [tr', '{"a": [1, {"b": 2.5e',
+                                       '{"a": "x"}']]
+    g = JsonSchema(SCHEMA)
+    cases += [(g, t) for t in ["", '{"na', '{"name": "x', '{"name": "x", "age": 1', '{"name": "", "age": 3, "score": -',
+                               '{"name": "", "age": 3, "score": 1, "ok": f', '{"name": "", "age": 3, "score": 1, '
+                               '"ok": true, "tags": [7, "re']]
+    for grammar, text in cases:
+        state = walk(grammar, grammar.initial, text.encode())
+        assert state is not None, text
+        want = [i for i in range(v.vocab) if v.pieces[i] and walk(grammar, state, v.pieces[i]) is not None]
         if text.endswith("}"):
             want = v.eos
-        assert sorted(map(int, v.mask(state).nonzero()[0])) == sorted(want), text
+        assert sorted(map(int, v.mask(grammar, state).nonzero()[0])) == sorted(want), text
 
 
 def test_json_object_mode_over_http_and_in_process(model):
@@ -344,6 +409,18 @@ def test_json_object_mode_over_http_and_in_process(model):
                 assert isinstance(json.loads(text), dict)
                 closed += 1
         assert closed >= 2
-        with pytest.raises(openai.UnprocessableEntityError) as e:
-            c.chat.completions.create(model="tiny", messages=CHAT, response_format={"type": "yaml"})
-        assert e.value.body["param"] == "response_format"
+        schema = {"type": "json_schema", "json_schema": {"name": "t", "strict": True, "schema": {
+            "type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"},
+                                             "tags": {"type": "array", "items": {"enum": ["red", "green"]}}}}}}
+        closed = 0
+        for seed in range(4):
+            r = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=100, temperature=1.0, seed=seed,
+                                          response_format=schema)
+            if r.choices[0].finish_reason == "stop":
+                assert conforms(json.loads(r.choices[0].message.content), schema["json_schema"]["schema"])
+                closed += 1
+        assert closed >= 2
+        for bad in ({"type": "yaml"}, {"type": "json_schema", "json_schema": {"schema": {"type": "string"}}}):
+            with pytest.raises(openai.UnprocessableEntityError) as e:
+                c.chat.completions.create(model="tiny", messages=CHAT, response_format=bad)
+            assert e.value.body["param"] == "response_format"
