@@ -424,3 +424,38 @@ def test_json_object_mode_over_http_and_in_process(model):
             with pytest.raises(openai.UnprocessableEntityError) as e:
                 c.chat.completions.create(model="tiny", messages=CHAT, response_format=bad)
             assert e.value.body["param"] == "response_format"
+
+
+@pytest.mark.slow
+def test_catalog_model_served_greedy_and_as_json():
+    from models import catalog
+
+    m = load(catalog.DEFAULT, max_context=1024)
+    questions = ["What is the capital of Japan?", "Name a color of the sky."]
+    alone_texts = []
+    for q in questions:
+        m.reset()
+        alone_texts.append(m.create_chat_completion([{"role": "user", "content": q}], max_tokens=24,
+                                                    temperature=0)["choices"][0]["message"]["content"])
+    assert "Tokyo" in alone_texts[0]
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+              "required": ["city", "country"], "additionalProperties": False}
+    with live(m, parallel=2, queue=2) as (port, _):
+        c = client(port)
+        got = [None, None]
+
+        def ask(i):
+            got[i] = c.chat.completions.create(model="x", messages=[{"role": "user", "content": questions[i]}],
+                                               max_tokens=24, temperature=0).choices[0].message.content
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert got == alone_texts
+        r = c.chat.completions.create(model="x", max_tokens=64, temperature=0, messages=[
+            {"role": "user", "content": "Give the capital of Japan and its country as JSON."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": schema}})
+        assert r.choices[0].finish_reason == "stop"
+        assert conforms(json.loads(r.choices[0].message.content), schema)
