@@ -24,6 +24,7 @@ from .sampling import SamplingParams
 
 INSTALL = "pip install 'lutengine[serve]'"
 RETRY_AFTER_S = 1
+MAX_BODY = 8 << 20  # bytes of a request body: a prompt of a full 128k context is a few hundred KB
 
 _NUM = (int, float)
 # Accepted fields and their JSON types (None: null allowed). top_k, min_p, repeat_penalty and ignore_eos are
@@ -174,7 +175,12 @@ def build_app(model, scheduler: Scheduler, api_key: str | None = None, model_id:
         return PlainTextResponse(metrics_text(scheduler.snapshot()), media_type="text/plain; version=0.0.4")
 
     async def generate(request, kind: str):
-        body = parse_body(await request.body(), kind)
+        raw = b""
+        async for part in request.stream():
+            raw += part
+            if len(raw) > MAX_BODY:
+                raise ApiError(413, f"the request body is over {MAX_BODY} bytes", code="body_too_large")
+        body = parse_body(raw, kind)
         ids, max_tokens, params, stops, grammar = prepare(model, body, kind, context)
         wrap = None
         if grammar is not None:
@@ -200,13 +206,18 @@ def build_app(model, scheduler: Scheduler, api_key: str | None = None, model_id:
         reply = Reply(kind, model_id, len(ids), req.stats, include_usage)
         if body.get("stream", False):
             return EventStream(reply, req, pieces)
+        watcher = asyncio.ensure_future(cancel_on_disconnect(request.receive, req))
         try:
             text = []
-            while (piece := await pieces.get()) is not None:
+            while (piece := await pieces.get()) is not None:  # a cancelled request still ends with None
                 text.append(piece)
-        except BaseException:  # the client went away (the task is cancelled): free the slot
+        except BaseException:  # the task itself cancelled (the server stopping): free the slot
             req.cancel()
             raise
+        finally:
+            watcher.cancel()
+        if req.cancelled:
+            return Response(status_code=499)  # nobody reads it: the client went away
         if req.error is not None:
             raise ApiError(500, f"generation failed: {type(req.error).__name__}: {req.error}", kind="server_error")
         return JSONResponse(reply.result(text))
@@ -229,6 +240,13 @@ def build_app(model, scheduler: Scheduler, api_key: str | None = None, model_id:
     from starlette.exceptions import HTTPException
 
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+
+
+async def cancel_on_disconnect(receive, req: Request) -> None:
+    """Once the request's body is read, what the server receives next is the client's disconnect."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    req.cancel()
 
 
 class EventStream:
@@ -257,12 +275,7 @@ class EventStream:
         yield self.event(b"[DONE]")
 
     async def __call__(self, scope, receive, send):
-        async def watch():
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            self.req.cancel()
-
-        watcher = asyncio.ensure_future(watch())
+        watcher = asyncio.ensure_future(cancel_on_disconnect(receive, self.req))
         finished = False
         try:
             await send({"type": "http.response.start", "status": 200, "headers": [
@@ -341,6 +354,9 @@ def run(args) -> int:
     sock = listen(args.host, args.port)
     scheduler = Scheduler(model, args.parallel, args.queue)
     host, port = sock.getsockname()[:2]
+    if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"lutengine: warning: serving on {args.host} without --api-key: anyone who can reach it may use it",
+              file=sys.stderr)
     print(f"lutengine: serving {model.info['name']} on http://{host}:{port}/v1 ({args.parallel} slots, "
           f"context {model.max_context}{', API key required' if args.api_key else ''})", file=sys.stderr, flush=True)
     try:

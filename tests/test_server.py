@@ -215,6 +215,16 @@ def test_disconnect_frees_the_slot_and_a_full_queue_is_429(model):
         assert m["tokens_predicted_total"] < CTX // 2  # the long request stopped early
         assert m["requests_processing"] == 0 and m["requests_deferred"] == 0
 
+        # a client that goes away before a non-streamed answer frees the slot as well
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "the", "max_tokens": CTX - 8,
+                                                            "ignore_eos": True}))
+        wait_for(lambda: metrics(port)["requests_processing"] == 1, "the request to start")
+        conn.close()
+        wait_for(lambda: metrics(port)["requests_cancelled_total"] == 2, "the request to be cancelled")
+        m = metrics(port)
+        assert m["requests_processing"] == 0 and m["tokens_predicted_total"] < CTX
+
 
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(model):
     with live(model) as (port, _):
