@@ -29,6 +29,10 @@ MLP_SIGNS, MLP_MIX = "model.mlp_rotation.signs", "model.mlp_rotation.mix"
 class ModelError(ValueError):
     """A model file or folder that cannot be used; the message is one line naming the file."""
 
+    def __init__(self, message: str):
+        # names and values quoted from a file may hold line breaks: the message stays one line
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
+
 
 @dataclass(frozen=True)
 class Architecture:

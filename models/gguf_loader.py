@@ -133,6 +133,8 @@ def read_gguf(path) -> tuple[dict, dict[str, GGUFTensor]]:
         infos = {}
         for _ in range(n_tensors):
             name, n_dims = c.string(), c.scalar("I")
+            if not name.isprintable():
+                raise ModelError(f"{path}: tensor name {name!r} holds control characters (corrupt header?)")
             if n_dims > _MAX_DIMS:
                 raise ModelError(f"{path}: tensor {name} has {n_dims} dimensions (corrupt header?)")
             if name in infos:
