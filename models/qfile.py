@@ -120,9 +120,11 @@ def write(path, config: ModelConfig, weights: dict, tok: TokenizerInfo, *, info:
     of packed layers."""
     path = Path(path)
     arrays, tensor_meta = _flatten(weights, info or {})
+    # sorted, as the data is: layers quantized in parallel finish in any order, and the same
+    # model and settings should give the same bytes
     meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "tokenizer": tok.tokenizer.to_str(),
             "bos_id": tok.bos_id, "eos_ids": list(tok.eos_ids), "add_bos": tok.add_bos,
-            "chat_template": tok.chat_template, "tensors": tensor_meta, "source": source or {},
+            "chat_template": tok.chat_template, "tensors": dict(sorted(tensor_meta.items())), "source": source or {},
             "quantizer": quantizer or {}}
     header, order = _header(arrays, meta)
     try:

@@ -10,6 +10,7 @@ import pytest
 
 import engine.quant
 from engine.load import converted_qfile, load
+from engine.memory import DEFAULT_KV_TYPE
 from engine.model import Transformer
 from models import qfile
 from models.config import ModelError
@@ -53,7 +54,7 @@ def logits(model) -> np.ndarray:
 
 def in_memory(path) -> np.ndarray:
     """The path loads took before the cache: quantized in memory from the source."""
-    return logits(Transformer.from_source(open_source(path), {}))
+    return logits(Transformer.from_source(open_source(path), {}, kv_type=DEFAULT_KV_TYPE))
 
 
 def touch(path: Path, seconds: int = 5) -> None:
