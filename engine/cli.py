@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=4, help="sequences decoded together, a KV cache each (default: 4)")
     p.add_argument("--queue", type=int, default=16, help="requests that may wait for a slot before 429 (default: 16)")
     p.add_argument("--ctx", type=int, default=None, help="context per slot (default: the model's, at most 4096)")
+    p.add_argument("--kv-type", choices=memory.KV_TYPES, default=memory.DEFAULT_KV_TYPE,
+                   help=f"KV cache element type of every slot (default: {memory.DEFAULT_KV_TYPE})")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every request but /health")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default: warning)")
     p.add_argument("-t", "--threads", type=int, default=_threads_default(), help="kernel threads (default: all)")

@@ -9,6 +9,7 @@ Every failure of a request becomes an OpenAI-style error body
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import math
@@ -346,11 +347,18 @@ def run(args) -> int:
     except ImportError:
         print(f"lutengine: error: serve needs Starlette and uvicorn: {INSTALL}", file=sys.stderr)
         return 2
+    from . import memory
     from .load import load
 
     if args.parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
-    model = load(args.model, threads=args.threads, max_context=args.ctx, progress=True)
+    est = memory.for_model(args.model, args.ctx, args.kv_type)
+    if est is not None:  # before any weight is read; the model's own cache and one per slot
+        est = dataclasses.replace(est, kv=est.kv * (args.parallel + 1))
+        if not est.fits:
+            raise memory.MemoryLimitError(f"{args.model or 'the default model'} with --parallel {args.parallel}: "
+                                          f"{est.line()}; fewer slots, a smaller --ctx or --kv-type q8 need less")
+    model = load(args.model, threads=args.threads, max_context=args.ctx, kv_type=args.kv_type, progress=True)
     sock = listen(args.host, args.port)
     scheduler = Scheduler(model, args.parallel, args.queue)
     host, port = sock.getsockname()[:2]

@@ -286,6 +286,14 @@ def test_serve_command_starts_on_loopback_with_a_key(gguf):
         proc.wait(DEADLINE_S)
 
 
+def test_serve_refuses_slots_that_will_not_fit(gguf):
+    proc = subprocess.run([sys.executable, "-m", "engine", "serve", "-m", str(gguf), "--parallel", "64"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=DEADLINE_S,
+                          env={**os.environ, "LUTENGINE_MEMORY_LIMIT_MB": "1"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--parallel 64" in lines[0] and "will not fit" in lines[0]
+
+
 def test_serve_without_the_extra_says_how_to_install():
     code = ("import sys; sys.modules['starlette'] = None; from engine.cli import main; "
             "sys.exit(main(['serve']))")
