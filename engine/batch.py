@@ -295,8 +295,8 @@ class Scheduler:
         self.active = 0
         self.closed = False
         self.counts = {"requests": 0, "rejected": 0, "cancelled": 0, "failed": 0, "prompt_tokens": 0,
-                       "generated_tokens": 0}
-        self.prompt_s = self.gen_s = 0.0
+                       "generated_tokens": 0, "first_tokens": 0}
+        self.prompt_s = self.gen_s = self.ttft_s = 0.0  # ttft: from submission (queueing included)
         self.started = time.monotonic()
         self.workers = [threading.Thread(target=self._work, args=(SlotModel(s, i, self.batcher),),
                                          name=f"lutengine-slot-{i}", daemon=True) for i, s in enumerate(slots)]
@@ -328,7 +328,8 @@ class Scheduler:
     def snapshot(self) -> dict:
         with self.cond:
             return {**self.counts, "queue": len(self.waiting), "active": self.active, "slots": self.parallel,
-                    "prompt_s": self.prompt_s, "gen_s": self.gen_s, "steps": self.batcher.steps,
+                    "prompt_s": self.prompt_s, "gen_s": self.gen_s, "ttft_s": self.ttft_s,
+                    "steps": self.batcher.steps,
                     "step_rows": self.batcher.rows, "decode_busy_s": self.batcher.busy_s,
                     "uptime_s": time.monotonic() - self.started}
 
@@ -371,4 +372,7 @@ class Scheduler:
                     self.counts["generated_tokens"] += req.stats.gen_tokens
                     self.prompt_s += req.stats.prompt_s
                     self.gen_s += req.stats.gen_s
+                    if req.t_first is not None:
+                        self.counts["first_tokens"] += 1
+                        self.ttft_s += req.t_first - req.t_submit
                 req.emit(None)

@@ -307,6 +307,8 @@ def metrics_text(s: dict) -> str:
          rate(s["generated_tokens"], s["gen_s"])),
         ("decode_tokens_seconds", "gauge", "generated tokens per second of the decode thread's busy time, "
          "all streams together", rate(s["step_rows"], s["decode_busy_s"])),
+        ("time_to_first_token_seconds", "gauge", "seconds from a request's arrival to its first text (mean)",
+         rate(s["ttft_s"], s["first_tokens"])),
         ("decode_steps_total", "counter", "batched decode steps", s["steps"]),
         ("decode_rows_per_step", "gauge", "sequences per decode step (mean)", rate(s["step_rows"], s["steps"])),
         ("requests_processing", "gauge", "requests in a slot", s["active"]),

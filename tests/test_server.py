@@ -396,8 +396,8 @@ def test_json_masks_match_token_by_token_checks(model):
     from engine.jsonmode import JsonObject, JsonSchema, walk
 
     v = json_vocabulary(model)
-    cases = [(JsonObject, t) for t in ["", "{", '{"a', '{"a\\', '{"a": -', '{"a": 1', '{"a": [tr', '{"a": [1, {"b": 2.5e',
-                                       '{"a": "x"}']]
+    cases = [(JsonObject, t) for t in ["", "{", '{"a', '{"a\\', '{"a": -', '{"a": 1', '{"a": [tr',
+                                       '{"a": [1, {"b": 2.5e', '{"a": "x"}']]
     g = JsonSchema(SCHEMA)
     cases += [(g, t) for t in ["", '{"na', '{"name": "x', '{"name": "x", "age": 1', '{"name": "", "age": 3, "score": -',
                                '{"name": "", "age": 3, "score": 1, "ok": f', '{"name": "", "age": 3, "score": 1, '
