@@ -125,6 +125,8 @@ def prepare(model, body: dict, kind: str, context: int) -> tuple[list[int], int,
     for k, v in sampling.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise ApiError(422, f"{k} must be finite", k)
+    if sampling.get("seed") is not None and not 0 <= sampling["seed"] < 2 ** 64:
+        raise ApiError(422, f"seed must be in [0, 2**64), got {sampling['seed']}", "seed")
     if "temperature" in sampling and not 0 <= sampling["temperature"] <= 2:
         raise ApiError(422, f"temperature must be in [0, 2], got {sampling['temperature']}", "temperature")
     try:

@@ -254,6 +254,35 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(model):
         assert r.usage.completion_tokens == 3
 
 
+def test_random_request_bodies_never_get_a_server_error(model):
+    import random
+
+    rng = random.Random(3)
+    values = [None, True, 0, -1, 2 ** 70, 0.5, float("inf"), "", "x", [], ["a", 1], {}, {"role": "user"},
+              [{"role": "user", "content": "hi"}], [{"role": 1, "content": "x"}], {"type": "json_object"},
+              {"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {"a": 1}}}}]
+    fields = ["messages", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "n",
+              "response_format", "top_k", "min_p", "repeat_penalty", "stream_options", "bogus"]
+    with live(model) as (port, _):
+        for i in range(80):
+            if rng.random() < 0.7:  # a good request with one field changed, so each check gets reached
+                body = {"messages": [{"role": "user", "content": "hi"}], "prompt": "the", "max_tokens": 2,
+                        rng.choice(fields): rng.choice(values)}
+            else:
+                body = {f: rng.choice(values) for f in rng.sample(fields, rng.randint(0, 5))}
+            if body.get("max_tokens") is None:  # null means up to the context: thousands of tokens
+                body["max_tokens"] = 2
+            path = "/v1/chat/completions" if "messages" in body and rng.random() < 0.5 else "/v1/completions"
+            body.pop("prompt" if path == "/v1/chat/completions" else "messages", None)
+            status, _, text = raw(port, "POST", path, json.dumps(body))
+            assert status in (200, 400, 413, 422), (status, body, text)
+            if status != 200:
+                err = json.loads(text)["error"]
+                assert set(err) == {"message", "type", "param", "code"} and err["message"], (body, err)
+        r = client(port).completions.create(model="tiny", prompt="the", max_tokens=2, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 2
+
+
 def test_api_key_is_required_when_set(model):
     with live(model, api_key="s3cret") as (port, _):
         for key in ("none", "s3cret-not"):
