@@ -74,7 +74,7 @@ class Model:
         """Token ids of messages in the model's chat template with the generation prompt (no trimming:
         an OpenAI request that does not fit is refused, not shortened)."""
         if not hasattr(self, "_template"):
-            self._template = template_for(self.tokenizer)
+            self._template = template_for(self.tokenizer, self.info.get("path"))
         return Conversation(self._session, self._template).encode(check_messages(messages))
 
     def create_completion(self, prompt: str, max_tokens: int | None = 16, temperature: float = 0.8,
