@@ -60,7 +60,7 @@ def default_qfile(name: str, progress: bool = False) -> Path:
     from models.load import open_source
 
     def convert(q: Path) -> None:
-        src = open_source(name, progress=progress)
+        src = open_source(name, progress=progress, lazy=True)
         _say(progress, f"{name}: quantizing to the default format ({default_tag()}), once")
         qfile.save(q, src)
         _say(progress, f"{name}: saved {q}")
@@ -126,7 +126,8 @@ def local_qfile(path: Path, progress: bool = False) -> Path:
     from models.load import open_source
 
     def convert(q: Path) -> None:
-        src = open_source(path.resolve(), progress=progress)  # the file records where it came from
+        # the file records where it came from; lazy: converted a tensor at a time (bounded memory)
+        src = open_source(path.resolve(), progress=progress, lazy=True)
         print(f"converting {path} to the default format ({default_tag()}) once; cached at {q}",
               file=sys.stderr, flush=True)
         qfile.save(q, src)

@@ -107,7 +107,7 @@ def run(args) -> int:
     from models import qfile
     from models.load import open_source
 
-    from .quant import calib, check_model, method_label, sampled, settings
+    from .quant import calib, check_model, method_label, reads_once, sampled, settings
 
     start = time.perf_counter()
     s = settings(quant_settings(args))
@@ -115,8 +115,8 @@ def run(args) -> int:
     check_output(out)
     if s["calib"] is not None:
         calib.read_text(s["calib"])  # an unreadable text fails before the model loads
-    src = open_source(args.source, progress=True)
     calibrated = sampled(s) or s["calib"] is not None
+    src = open_source(args.source, progress=True, lazy=reads_once(s, calibrated))
     check_model(s, src.config, s["calib_len"] if calibrated else None)
     label = (f"{method_label(s)} {s['bpw']} bpw" if s["bpw"] is not None
              else f"{method_label(s)} {s['bits']}-bit g{s['group']}")

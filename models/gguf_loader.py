@@ -19,7 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFil
 from gguf.quants import dequantize
 
 from .config import ARCHITECTURES, ModelConfig, ModelError, check_architecture, check_config, check_tensors
-from .source import ModelSource
+from .source import LazyTensors, ModelSource
 
 # GGUF tensor names -> HF names (models/config.py); a ".weight"/".bias" suffix follows both.
 GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -186,7 +186,8 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path, tokenizer: bool = True) -> ModelSource:
+def load_gguf(path, tokenizer: bool = True, lazy: bool = False) -> ModelSource:
+    """lazy: tensors dequantized when read, one at a time (models/source.py LazyTensors), not all now."""
     path = Path(path)
     metadata, raw = read_gguf(path)
     arch = metadata.get("general.architecture")
@@ -207,20 +208,20 @@ def load_gguf(path, tokenizer: bool = True) -> ModelSource:
                 heads[f"model.layers.{i}.self_attn.q_proj.{kind}"] = config.n_heads
                 heads[f"model.layers.{i}.self_attn.k_proj.{kind}"] = config.n_kv_heads
 
-    def convert(item):
-        name, t = item
-        try:
-            a = dequantize(t.data, t.type)
-        except NotImplementedError:
-            raise ModelError(f"{path}: tensor {name} has unsupported type {t.type.name}") from None
-        a = a.reshape(t.shape)
+    def convert(name: str):
+        t = named[name]
+        a = _dequantize(t.data, t.type, name, path).reshape(t.shape)
         if t.type == GGMLQuantizationType.F32:
             a = a.copy()  # own the memory rather than view the read-only map
         return unpermute_rows(a, heads[name]) if name in heads else a
 
-    # numpy releases the GIL in the dequantizers' array operations
-    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
-        tensors = dict(zip(named, pool.map(convert, named.items())))
+    if lazy:
+        for name, t in named.items():  # an unsupported type fails now, not at first use: one block of it
+            _dequantize(np.zeros(GGML_QUANT_SIZES[t.type][1], np.uint8), t.type, name, path)
+        tensors = LazyTensors(convert, named)
+    else:  # numpy releases the GIL in the dequantizers' array operations
+        with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+            tensors = dict(zip(named, pool.map(convert, named)))
 
     if tokenizer:
         from .gguf_tokenizer import tokenizer_from_gguf
@@ -233,6 +234,13 @@ def load_gguf(path, tokenizer: bool = True) -> ModelSource:
         "metadata": metadata,
     }
     return ModelSource(path, "gguf", config, tensors, tok, None, meta)
+
+
+def _dequantize(data: np.ndarray, qtype: GGMLQuantizationType, name: str, path: Path) -> np.ndarray:
+    try:
+        return dequantize(data, qtype)
+    except NotImplementedError:
+        raise ModelError(f"{path}: tensor {name} has unsupported type {qtype.name}") from None
 
 
 def gguf_config(md: dict, raw: dict, arch: str, path: Path) -> ModelConfig:

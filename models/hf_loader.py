@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import ARCHITECTURES, ModelConfig, ModelError, check_architecture, check_config, check_tensors
-from .source import ModelSource, TokenizerInfo, check_tokenizer
+from .source import LazyTensors, ModelSource, TokenizerInfo, check_tokenizer
 
 # BF16 is read as its raw uint16 bits: numpy has no bfloat16
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
@@ -94,7 +94,8 @@ def _entry(entry, name: str, path: Path):
     return dtype, shape, offsets
 
 
-def load_hf(folder, tokenizer: bool = True) -> ModelSource:
+def load_hf(folder, tokenizer: bool = True, lazy: bool = False) -> ModelSource:
+    """lazy: tensors converted to float32 when read, one at a time (models/source.py LazyTensors)."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -110,7 +111,8 @@ def load_hf(folder, tokenizer: bool = True) -> ModelSource:
     if config.tied_embeddings:  # some tied checkpoints still store a copy of the head
         raw.pop("lm_head.weight", None)
     check_tensors(config, raw, folder)
-    tensors = {name: raw[name].float32() for name in config.expected_shapes()}
+    names = config.expected_shapes()
+    tensors = LazyTensors(lambda name: raw[name].float32(), names) if lazy else {n: raw[n].float32() for n in names}
     meta = {"tensor_types": {name: raw[name].dtype for name in tensors}}
     tok = hf_tokenizer(folder, cfg) if tokenizer else None
     return ModelSource(folder, "hf", config, tensors, tok, None, meta)

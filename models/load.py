@@ -11,19 +11,21 @@ from .hf_loader import hf_tokenizer, load_hf, read_json
 from .source import ModelSource, TokenizerInfo
 
 
-def open_source(name_or_path: str | os.PathLike, progress: bool = True, tokenizer: bool = True) -> ModelSource:
+def open_source(name_or_path: str | os.PathLike, progress: bool = True, tokenizer: bool = True,
+                lazy: bool = False) -> ModelSource:
     """Load a model to float32 HF-named tensors; every failure is a one-line ModelError.
 
     A folder is read as a Hugging Face checkpoint, a file as GGUF, and anything
     else that names a catalog entry is pulled into the cache first.
-    tokenizer=False skips the tokenizer (ModelSource.tok is None).
+    tokenizer=False skips the tokenizer (ModelSource.tok is None). lazy=True makes each
+    tensor when it is read (models/source.py LazyTensors), for converting in bounded memory.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return load_hf(path, tokenizer=tokenizer)
+        return load_hf(path, tokenizer=tokenizer, lazy=lazy)
     if path.is_file():
-        return load_gguf(path, tokenizer=tokenizer)
-    source = load_gguf(_pull(str(name_or_path), progress), tokenizer=tokenizer)
+        return load_gguf(path, tokenizer=tokenizer, lazy=lazy)
+    source = load_gguf(_pull(str(name_or_path), progress), tokenizer=tokenizer, lazy=lazy)
     source.sha256 = catalog.lookup(str(name_or_path)).sha256
     return source
 

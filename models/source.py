@@ -1,6 +1,7 @@
 """What every loader returns: a model's config, float32 weights and tokenizer, whatever file it came from."""
 from __future__ import annotations
 
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +22,45 @@ class TokenizerInfo:
     chat_template: str | None
 
 
+class LazyTensors(MutableMapping):
+    """name -> float32 array, each made when it is read and not kept (the source's file is
+    memory-mapped): a consumer that reads a tensor, uses it and lets it go holds one at a time.
+    Assigned values are kept, as a dict keeps them."""
+
+    def __init__(self, make: Callable[[str], np.ndarray], names):
+        self._make, self._names, self._set = make, dict.fromkeys(names), {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._set:
+            return self._set[name]
+        if name not in self._names:
+            raise KeyError(name)
+        return self._make(name)
+
+    def __setitem__(self, name: str, value) -> None:
+        self._names[name] = None
+        self._set[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self._names[name]
+        self._set.pop(name, None)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(list(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 @dataclass
 class ModelSource:
     path: Path
     format: str  # "gguf" | "hf"
     config: ModelConfig
-    tensors: dict[str, np.ndarray]  # HF names (models/config.py), float32
+    tensors: dict[str, np.ndarray] | LazyTensors  # HF names (models/config.py), float32
     tok: TokenizerInfo
     sha256: str | None = None  # of the source file, when known (catalog models)
     meta: dict = field(default_factory=dict)  # format-specific extras (GGUF file type, ...)

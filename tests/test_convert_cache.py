@@ -175,3 +175,110 @@ def test_two_processes_loading_at_once_make_one_file(tmp_path, cache):
     assert files == [converted_qfile(src).name]
     want = hashlib.sha256(np.ascontiguousarray(in_memory(src), np.float32).tobytes()).hexdigest()
     assert outs[0][0].strip() == want
+
+
+# ---- bounded memory (29.1): a lazy source is converted a tensor at a time -----------------------
+
+@pytest.mark.parametrize("arch,qtype", [("llama", "Q8_0"), ("llama", "Q4_0"), ("qwen2", "F16")])
+def test_a_lazy_gguf_reads_as_the_eager_one(tmp_path, arch, qtype):
+    path = write_gguf(tmp_path / "m.gguf", arch, qtype=qtype)
+    eager, lazy = open_source(path), open_source(path, lazy=True)
+    assert list(lazy.tensors) == list(eager.tensors) and len(lazy.tensors) == len(eager.tensors)
+    for name, a in eager.tensors.items():
+        assert np.array_equal(lazy.tensors[name], a) and lazy.tensors[name].dtype == np.float32, name
+
+
+def test_a_lazy_hf_folder_reads_as_the_eager_one(tmp_path):
+    path = write_hf(tmp_path / "hf", "qwen2", dtype="bfloat16")
+    eager, lazy = open_source(path), open_source(path, lazy=True)
+    assert list(lazy.tensors) == list(eager.tensors)
+    assert all(np.array_equal(lazy.tensors[n], a) for n, a in eager.tensors.items())
+
+
+def test_lazy_tensors_keep_what_is_assigned(tmp_path):
+    lazy = open_source(write_gguf(tmp_path / "m.gguf", "llama"), lazy=True).tensors
+    name = "model.norm.weight"
+    lazy[name] = np.zeros(3, np.float32)
+    assert lazy[name].tolist() == [0, 0, 0]
+    del lazy[name]
+    assert name not in lazy
+    with pytest.raises(KeyError):
+        lazy[name]
+
+
+def test_a_lazy_file_quantizes_to_the_same_bytes(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", "llama", qtype="Q8_0")
+    eager = qfile.save(tmp_path / "eager.lut.safetensors", open_source(path))
+    lazy = qfile.save(tmp_path / "lazy.lut.safetensors", open_source(path, lazy=True))
+    assert lazy.read_bytes() == eager.read_bytes()
+
+
+def test_an_unsupported_tensor_type_fails_at_a_lazy_load(tmp_path):
+    import gguf
+
+    from models import gguf_loader
+
+    path = write_gguf(tmp_path / "m.gguf", "llama", qtype="Q8_0")
+    real = gguf_loader.dequantize
+
+    def no_q8(data, qtype):
+        if qtype == gguf.GGMLQuantizationType.Q8_0:
+            raise NotImplementedError
+        return real(data, qtype)
+
+    gguf_loader.dequantize = no_q8
+    try:
+        with pytest.raises(ModelError, match="unsupported type Q8_0"):
+            open_source(path, lazy=True)
+    finally:
+        gguf_loader.dequantize = real
+
+
+MEMORY_CHILD = """
+import os, resource, sys
+sys.path.insert(0, {tests!r})
+from models import qfile
+from models.load import open_source
+from tiny_models import write_gguf
+lazy = {lazy!r}
+# every import, and the thread pools' first use, before the limit: it bounds the conversion alone
+qfile.save({warm!r} + ".lut.safetensors", open_source(write_gguf({warm!r} + ".gguf", "llama"), lazy=lazy))
+size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + {budget}, resource.RLIM_INFINITY))
+try:
+    qfile.save({out!r}, open_source({src!r}, lazy=lazy))
+except BaseException as e:
+    print(type(e).__name__, flush=True)
+    os._exit(3)
+print("ok", flush=True)
+"""
+BIG = dict(hidden=256, ffn=1024, n_layers=40)  # 39M weights: float32 157 MB, Q8_0 42 MB, the file 21 MB
+BUDGET = 110 << 20  # over the warm process, measured: lazy needs 40-50 MB of address space (the map), eager 175
+
+
+@pytest.mark.slow
+def test_conversion_fits_a_memory_limit_the_float32_model_would_exceed(tmp_path):
+    src = write_gguf(tmp_path / "big.gguf", "llama", qtype="Q8_0", **BIG)
+    floats = sum(np.prod(s) for s in tiny_config_shapes(BIG)) * 4
+    assert floats > BUDGET + (20 << 20)  # the float32 model alone would not fit
+
+    def convert(lazy: bool) -> tuple[int, str, Path]:
+        out = tmp_path / f"{'lazy' if lazy else 'eager'}.lut.safetensors"
+        code = MEMORY_CHILD.format(tests=str(ROOT / "tests"), lazy=lazy, warm=str(tmp_path / f"warm{lazy}"),
+                                   budget=BUDGET, out=str(out), src=str(src))
+        p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "MALLOC_ARENA_MAX": "2"})  # glibc's per-thread arenas are address space
+        return p.returncode, p.stdout + p.stderr, out
+
+    code, said, lazy = convert(True)
+    assert code == 0 and said.strip() == "ok", said
+    code, said, _ = convert(False)
+    assert code == 3 and said.strip() == "MemoryError", said  # the limit binds: the eager load does not fit
+    whole = qfile.save(tmp_path / "whole.lut.safetensors", open_source(src))  # no limit in this process
+    assert lazy.read_bytes() == whole.read_bytes()
+
+
+def tiny_config_shapes(dims):
+    from tiny_models import tiny_config
+
+    return tiny_config("llama", **dims).expected_shapes().values()

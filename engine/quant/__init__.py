@@ -55,6 +55,7 @@ Settings are a plain dict (stored verbatim in the quantized model file):
 from __future__ import annotations
 
 import os
+from collections import ChainMap
 from fnmatch import fnmatchcase
 from typing import Callable
 
@@ -237,7 +238,9 @@ def quantize_model(config: ModelConfig, tensors: dict[str, np.ndarray], quant: d
     quantized before it. on_layer hears about each block when it is done."""
     s = settings(quant)
     check_model(s, config, None if tokens is None else tokens.shape[1])
-    tensors = dict(tensors)  # block tuning replaces norm gains
+    # block tuning replaces norm gains, in a copy; where each tensor is read once, a lazy source
+    # (models/source.py) stays lazy: each is made, quantized and let go in turn (bounded memory)
+    tensors = ChainMap({}, tensors) if reads_once(s, tokens is not None) else dict(tensors)
     workers = calib.Workers(_cores())
     try:
         if s["rotate"]:
@@ -253,17 +256,24 @@ def quantize_model(config: ModelConfig, tensors: dict[str, np.ndarray], quant: d
     finally:
         workers.close()
     weights: dict[str, np.ndarray | lk.PackedLinear] = {}
-    for name, t in tensors.items():
-        if name not in packed and name != HEAD:
-            weights[name] = np.asarray(t, np.float32)
+    for name in tensors:  # by name: reading a lazy source's linear layers again would dequantize them
+        if name not in packed and name not in (HEAD, EMBED):
+            weights[name] = np.asarray(tensors[name], np.float32)
     weights.update(packed)
     info = {name: {"method": method_label(s), "bits": w.P} for name, w in packed.items()}
     head = tensors[HEAD] if HEAD in tensors else tensors[EMBED]  # rotation gives a tied model its own head
     weights[HEAD] = rtn.quantize(np.asarray(head, np.float32), s["head_bits"], s["group"], s["symmetric"],
                                  int_grid=s["grid"] == "int" and s["head_bits"] >= 2)
+    del head  # before the embedding is read: one float copy of the largest tensor at a time
     info[HEAD] = {"method": "rtn", "bits": s["head_bits"]}
     weights[EMBED] = _to_f16(tensors[EMBED])
     return weights, info
+
+
+def reads_once(s: dict, calibrated: bool) -> bool:
+    """Whether quantize_model with settings s (checked) reads each source tensor once: no calibration,
+    rotation or budget plan, which read them again and again."""
+    return not calibrated and not s["rotate"] and s["bpw"] is None
 
 
 def _linear_layers(config, tensors, s, tokens, workers, on_layer) -> dict[str, lk.PackedLinear]:
