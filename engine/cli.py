@@ -105,7 +105,7 @@ def cmd_ppl(args) -> int:
     if args.json:
         print(json.dumps({"model": args.model or catalog.DEFAULT, "text": args.text, "ppl": round(result.ppl, 3),
                           "n_scored": result.n_scored, "ctx": args.ctx, "windows": args.windows,
-                          "dense": args.dense}))
+                          "dense": args.dense, "kv_type": args.kv_type}))
     else:
         print(result.line())
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import lutkernels as lk
 from engine import cli, memory
 from engine.model import KVCache, Transformer, dequantize_rows, quantize_rows, rope_tables
 from engine.perplexity import perplexity
@@ -52,6 +53,29 @@ def test_f16_store_rounds_like_numpy_and_reads_every_half_exactly():
     np.testing.assert_array_equal(out, cache.astype(f32))  # the read: half to float, exactly
     # NaNs are stored as one quiet NaN, without their payloads; -0 reads as -0, which out's sum from 0 makes +0
     np.testing.assert_array_equal(out[:1 << 16], every_half)
+
+
+def test_f16_reads_of_every_half_agree_on_every_isa(restore_kernel_state):
+    """Row 0 holds every half bit pattern (signalling NaNs too, which no store makes) and row 1
+    zeros; with q = 0 both rows weigh 1/2. F16C (x86 ISAs) and the bit conversion (scalar) must
+    give the same bits, and the floats numpy reads."""
+    d = 1 << 16
+    halves = np.arange(d, dtype=np.uint16)
+    outs = {}
+    for isa in lk.supported_isas():
+        lk.set_isa(isa)
+        kv = KVCache("f16", 1, 2, 1, d)
+        kv.k[0, 0, 0].view(np.uint16)[:] = 0
+        kv.v[0, 0, 0].view(np.uint16)[:] = halves
+        q, k, out = np.zeros(d, f32), np.zeros(d, f32), np.zeros(d, f32)
+        cos = np.zeros((2, d // 2), f32)
+        kv.bind(0, q, k, np.zeros(d, f32), None, cos, cos.copy(), 1, np.zeros(2, f32), out)(1)
+        outs[isa] = out
+    first = next(iter(outs.values()))
+    for isa, out in outs.items():
+        np.testing.assert_array_equal(out.view(np.uint32), first.view(np.uint32), err_msg=isa)
+    want = halves.view(np.float16).astype(f32)
+    np.testing.assert_array_equal(first * 2, want)  # NaN where numpy has NaN, every other value exact
 
 
 def test_q8_store_is_the_numpy_quantizer():
