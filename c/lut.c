@@ -4,6 +4,7 @@
  * byte-identical tables and must produce identical integer sums. */
 #define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include "lut_internal.h"
 
@@ -41,7 +42,8 @@ int32_t lut_isa_supported(void) {
 }
 
 pthread_mutex_t lut_call_mu = PTHREAD_MUTEX_INITIALIZER;
-static int32_t cur_isa = -1;
+/* Atomic: read outside the call lock (trellis path choice, lut_isa from any thread). */
+static _Atomic int32_t cur_isa = -1;
 
 static int32_t best_isa(void) {
     int32_t m = lut_isa_supported();
@@ -63,15 +65,17 @@ int lut_set_isa(int32_t isa) {
 /* The first call settles the ISA: LUTENGINE_ISA if set (validated by the
  * Python layer, which reports a clear error), else the best supported. */
 int32_t lut_isa(void) {
-    if (cur_isa < 0) {
+    if (atomic_load(&cur_isa) < 0) {
         const char *env = getenv("LUTENGINE_ISA");
-        cur_isa = best_isa();
+        int32_t isa = best_isa(), unset = -1;
         if (env)
             for (int32_t i = 0; i < LUT_ISA_COUNT; i++)
                 if (!strcmp(env, isa_names[i]) && (lut_isa_supported() & (1 << i)))
-                    cur_isa = i;
+                    isa = i;
+        /* only if still unset: a concurrent lut_set_isa wins over the default */
+        atomic_compare_exchange_strong(&cur_isa, &unset, isa);
     }
-    return cur_isa;
+    return atomic_load(&cur_isa);
 }
 
 int lut_set_threads(int32_t n) {
@@ -114,7 +118,9 @@ static inline float bits_float(uint32_t u) {
 
 /* Same C, compiled twice on x86: the AVX2 clone only widens the vectors, and
  * without FMA contraction it computes the identical IEEE results. */
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#ifdef TABLE_CLONES
+/* defined by the build (empty for ThreadSanitizer: it cannot run ifunc resolvers before it starts) */
+#elif (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #define TABLE_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define TABLE_CLONES

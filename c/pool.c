@@ -150,4 +150,10 @@ int lut_pool_resize(int32_t n) {
     return LUT_OK;
 }
 
-int32_t lut_pool_size(void) { return pool.n; }
+/* Under the call lock: lut_set_threads may be resizing the pool from another thread. */
+int32_t lut_pool_size(void) {
+    pthread_mutex_lock(&lut_call_mu);
+    int32_t n = pool.n;
+    pthread_mutex_unlock(&lut_call_mu);
+    return n;
+}

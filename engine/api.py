@@ -1,7 +1,8 @@
 """The Python API for apps: `engine.load(name)` and a Model with generate, stream and chat.
 
 Thread safety: a Model owns one KV cache, so its calls are serialised by a
-lock (two threads may share a Model; they take turns). For parallel
+lock (two threads may share a Model; they take turns; a thread's call while
+its own stream is open is refused, as it would wait for itself). For parallel
 generation, load one Model per thread; the LUT kernels themselves are safe to
 call from several threads (the C core serialises matmuls on its thread pool).
 """
@@ -28,6 +29,7 @@ class Model:
         self.last_stats = Stats()
         self._session = Session(transformer, tokenizer)
         self._lock = threading.Lock()
+        self._owner = None  # the thread holding the lock (while one of its streams is open)
 
     @property
     def max_context(self) -> int:
@@ -114,9 +116,16 @@ class Model:
         return Session(JsonConstraint(self.transformer, json_vocabulary(self), grammar), self.tokenizer)
 
     def _locked(self, start, stats: Stats | None = None) -> Iterator[str]:
+        if self._owner == threading.get_ident():
+            # the lock is not re-entrant: waiting here would be waiting for ourselves, forever
+            raise RuntimeError("this Model is in use by this thread's own stream: finish or close it first")
         with self._lock:
-            self.last_stats = Stats() if stats is None else stats
-            yield from start(self.last_stats)
+            self._owner = threading.get_ident()
+            try:
+                self.last_stats = Stats() if stats is None else stats
+                yield from start(self.last_stats)
+            finally:
+                self._owner = None
 
 
 class Reply:
