@@ -378,6 +378,9 @@ def _environment():
             # str's methods, and Markup's (Python wrappers around them): bound by str's own signatures
             if isinstance(__obj, (types.BuiltinMethodType, types.MethodType)) and isinstance(__obj.__self__, str):
                 s, name = __obj.__self__, __obj.__name__
+                if name in ("format", "format_map"):
+                    # reached without getattr (jinja before 3.1.6 let the attr filter return it raw)
+                    return __self.call(__context, __self.wrap_str_format(__obj), *args, **kwargs)
                 if name == "join" and len(args) == 1 and not kwargs:
                     args = (list(args[0]),)
                     _check_join(s, args[0])

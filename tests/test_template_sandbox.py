@@ -49,6 +49,15 @@ ATTRIBUTE_WALKS = [
     "{{ '{x.__class__}'.format_map({'x': 1}) }}",
     "{{ '%s'|format(messages.__class__) }}",
     "{{ ''['__class__'] }}",
+    "{{ messages|map(attribute='__class__')|list }}",
+    "{{ messages|selectattr('__class__')|list }}",
+    "{{ messages|sort(attribute='__class__') }}",
+    "{{ '{0[__class__]}'.format(messages) }}",
+    "{% set f = '{0.__globals__}'.format %}{{ f(raise_exception) }}",  # a format method held, called later
+    "{{ ('{0.__class__}'|attr('format'))(1) }}",
+    "{{ ''.join.__self__ }}",
+    "{{ self._TemplateReference__context }}",
+    "{{ loop.__class__ }}{% for x in [1] %}{{ loop.__class__ }}{% endfor %}",
 ]
 
 
@@ -161,6 +170,18 @@ def test_default_deadline_is_seconds():
     assert chat.MAX_SECONDS <= seconds < chat.MAX_SECONDS + 15
 
 
+def test_a_raw_format_method_is_sandboxed_too():
+    """jinja before 3.1.6 let the attr filter hand out str.format unwrapped (CVE-2025-27516); a call
+    of one is sandboxed however it was reached."""
+    t = ChatTemplate("{{ f(messages) }}")
+    with pytest.raises(TemplateError, match="unsafe"):
+        t._bounded(lambda: t._stream(1 << 20, f="{0.__class__}".format, messages=[]), 1 << 20, "failed")
+
+
+def test_endless_recursion_is_refused():
+    refused("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "nested too deeply")
+
+
 def test_bad_source_is_refused_at_load():
     for source, match in [("x" * (chat.MAX_SOURCE + 1), "over the limit"),
                           ("{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}", "does not compile"),
@@ -268,7 +289,7 @@ def test_limits_grow_with_the_messages():
 
 def test_one_template_in_many_threads(monkeypatch):
     """Limits are per render: a template stopped in one thread does not stop the others."""
-    monkeypatch.setattr(chat, "MAX_SECONDS", 1.0)
+    monkeypatch.setattr(chat, "MAX_SECONDS", 2.0)  # the other renders, beside the loop, take milliseconds
     looping = ChatTemplate("{% if messages[0].content == 'loop' %}{% for i in range(100000) %}"
                            "{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}{{ messages[0].content }}")
     want = [f"m{i}" for i in range(8)]
