@@ -28,7 +28,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 MAX_OUTPUT = 2 << 20  # characters of a prompt beyond twice the messages' own: more than any context holds
 MAX_BUILT = 8  # a render may build this many times its output limit, all values together
 MAX_SECONDS = 4.0  # wall clock of one render (or compile); real templates take milliseconds
-MAX_SOURCE = 256 << 10  # characters of template source; real ones are under 20 KB
+MAX_SOURCE = 64 << 10  # characters of template source: real ones are under 20 KB; 256 KB take 3 s to compile
 MAX_COUNT = 100_000  # widths, batch and slice counts: jinja's own bound on range()
 MAX_INDENT = 64  # tojson(indent=...)
 MAX_INT_BITS = 1 << 14
@@ -441,18 +441,21 @@ class ChatTemplate:
             _SANDBOX, _Namespace = _environment(), Namespace
         env = _SANDBOX()
         env.globals["raise_exception"] = self._raise
-        self.template = self._bounded(lambda: env.from_string(source), MAX_OUTPUT, "does not compile")
+        self.template = self._bounded(lambda: env.from_string(source), MAX_OUTPUT, "does not compile",
+                                      f"does not compile in {MAX_SECONDS:g} s")
 
     def _raise(self, message):
         _fits(_extent(message))
         raise TemplateError(f"{self.where}: {' '.join(str(message).splitlines())}")
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        # twice the messages: a template may write a message twice (a system prompt, say)
-        limit = MAX_OUTPUT + 2 * _extent(messages)
-        return self._bounded(lambda: self._stream(limit, messages=messages,
-                                                  add_generation_prompt=add_generation_prompt,
-                                                  bos_token=self.bos, eos_token=self.eos), limit, "failed")
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+        """extra: more variables for the template (tools=[...], as HF's apply_chat_template)."""
+        # twice the input: a template may write a message twice (a system prompt, say)
+        limit = MAX_OUTPUT + 2 * _extent([messages, extra])
+        context = dict(extra, messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos,
+                       eos_token=self.eos)
+        return self._bounded(lambda: self._stream(limit, **context), limit, "failed",
+                             f"stopped after {MAX_SECONDS:g} s (a loop that does not end?)")
 
     def _stream(self, limit: int, **context) -> str:
         parts, n = [], 0
@@ -467,7 +470,7 @@ class ChatTemplate:
             chunks.close()
         return "".join(parts)
 
-    def _bounded(self, run, chars: int, failed: str):
+    def _bounded(self, run, chars: int, failed: str, late: str):
         outer = getattr(_state, "budget", None)
         _state.budget = _Budget(chars)
         tracer = sys.gettrace()
@@ -477,8 +480,7 @@ class ChatTemplate:
         except TemplateError:
             raise
         except _OutOfTime:
-            raise TemplateError(f"{self.where}: stopped after {MAX_SECONDS:g} s (a loop that does not end?)") \
-                from None
+            raise TemplateError(f"{self.where} {late}") from None
         except _Refused as e:
             raise TemplateError(f"{self.where}: refused: {e}") from None
         except RecursionError:

@@ -160,7 +160,7 @@ LOOPS = [  # each would run for hours; the outer range's calls, or the trace of 
 @pytest.mark.parametrize("source", LOOPS)
 def test_endless_loops_stop_at_the_deadline(source, monkeypatch):
     monkeypatch.setattr(chat, "MAX_SECONDS", 0.5)
-    seconds, _ = refused(source, "stopped after 0.5 s")
+    seconds, _ = refused(source, "chat template stopped after 0.5 s (a loop that does not end?)")
     assert seconds < 15  # generous: a loaded 2-core machine
 
 
@@ -175,11 +175,17 @@ def test_a_raw_format_method_is_sandboxed_too():
     of one is sandboxed however it was reached."""
     t = ChatTemplate("{{ f(messages) }}")
     with pytest.raises(TemplateError, match="unsafe"):
-        t._bounded(lambda: t._stream(1 << 20, f="{0.__class__}".format, messages=[]), 1 << 20, "failed")
+        t.render([], f="{0.__class__}".format)
 
 
 def test_endless_recursion_is_refused():
     refused("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "nested too deeply")
+
+
+def test_compiling_has_the_deadline_too(monkeypatch):
+    monkeypatch.setattr(chat, "MAX_SECONDS", 0.05)  # the largest source allowed takes a second or more
+    with pytest.raises(TemplateError, match=r"^chat template does not compile in 0\.05 s$"):
+        ChatTemplate("{{ 1 }}" * (chat.MAX_SOURCE // 7))
 
 
 def test_bad_source_is_refused_at_load():
@@ -264,16 +270,14 @@ def test_tools_and_content_parts_render_as_jinja_does():
                                              {"type": "text", "text": "part two"}]}]
     tools = [{"type": "function", "function": {"name": "f", "description": "does f", "parameters": {
         "type": "object", "properties": {"x": {"type": "string"}}}}}]
-    context = dict(tools=tools, add_generation_prompt=True, bos_token="<s>", eos_token="")
     for source in (RICH, *_catalog_templates()):
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         for ms in (messages, MESSAGES):
             if source != RICH and ms is messages:
                 continue  # content parts are RICH's own convention
-            want = env.from_string(source).render(messages=ms, **context)
-            # render() passes no tools: the bounded path by hand
-            ours = ChatTemplate(source, bos="<s>")
-            assert ours._bounded(lambda: ours._stream(1 << 20, messages=ms, **context), 1 << 20, "failed") == want
+            want = env.from_string(source).render(messages=ms, tools=tools, add_generation_prompt=True,
+                                                  bos_token="<s>", eos_token="")
+            assert ChatTemplate(source, bos="<s>").render(ms, tools=tools) == want
 
 
 def test_limits_grow_with_the_messages():
