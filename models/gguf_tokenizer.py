@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from os import PathLike
 
 from .config import ModelError
-from .source import TokenizerInfo, check_tokenizer
+from .source import TokenizerInfo, check_tokenizer, tokenizers_errors
 
 CONTROL, USER_DEFINED = 3, 4
 
@@ -116,11 +116,8 @@ def tokenizer_from_gguf(metadata: dict, path: str | PathLike) -> TokenizerInfo:
         pairs = [(m[:(k := m.index(" ", 1))], m[k + 1:]) for m in merges]
     except ValueError:
         raise ModelError(f"{path}: bad tokenizer.ggml.merges: an entry without a space") from None
-    try:
+    with tokenizers_errors(f"{path}: bad tokenizer.ggml.merges"):  # a merge of or into a token the vocabulary lacks
         bpe = models.BPE(vocab, pairs, ignore_merges=pre.ignore_merges)
-    except Exception as e:  # a merge of or into a token the vocabulary lacks
-        reason = str(e).splitlines()[0][:200] if str(e) else repr(e)
-        raise ModelError(f"{path}: bad tokenizer.ggml.merges: {reason}") from None
     tok = Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import ARCHITECTURES, ModelConfig, ModelError, check_architecture, check_config, check_tensors
-from .source import LazyTensors, ModelSource, TokenizerInfo, check_tokenizer
+from .source import LazyTensors, ModelSource, TokenizerInfo, check_tokenizer, tokenizers_errors
 
 # BF16 is read as its raw uint16 bits: numpy has no bfloat16
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
@@ -166,7 +166,11 @@ def _weight_files(folder: Path) -> list[Path]:
         names = set(weight_map.values())
         files = [folder / name for name in sorted(names)]
         for file in files:
-            if not file.is_file():
+            try:
+                present = file.is_file()
+            except OSError as e:  # a name longer than the file system allows, say
+                raise ModelError(f"{index}: shard {file.name[:80]!r}: {e.strerror}") from None
+            if not present:
                 raise ModelError(f"{index}: shard {file.name} is missing")
         return files
     files = sorted(folder.glob("*.safetensors"))
@@ -181,10 +185,8 @@ def hf_tokenizer(folder: Path, cfg: dict) -> TokenizerInfo:
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise ModelError(f"{folder}: no tokenizer.json")
-    try:
+    with tokenizers_errors(f"{path}: cannot load tokenizer"):
         tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # the Rust side raises its own exception type
-        raise ModelError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else e!r})") from None
     tc_path, gc_path = folder / "tokenizer_config.json", folder / "generation_config.json"
     tc = read_json(tc_path) if tc_path.is_file() else {}
     gc = read_json(gc_path) if gc_path.is_file() else {}

@@ -47,7 +47,7 @@ import lutkernels as lk
 
 from . import atomic
 from .config import ModelConfig, ModelError, check_config, check_mlp_rotation
-from .source import ModelSource, TokenizerInfo, check_tokenizer
+from .source import ModelSource, TokenizerInfo, check_tokenizer, tokenizers_errors
 
 FORMAT_VERSION = 6
 OLDEST_READ = 2  # versions 3 to 6 only added things whose absence means what version 2 stored
@@ -80,11 +80,8 @@ class QFile:
             from tokenizers import Tokenizer
 
             m = self.meta
-            try:
+            with tokenizers_errors(f"{self.path}: tokenizer does not load"):
                 tokenizer = Tokenizer.from_str(m["tokenizer"])
-            except Exception as e:
-                reason = str(e).splitlines()[0][:200] if str(e) else repr(e)
-                raise ModelError(f"{self.path}: tokenizer does not load: {reason}") from None
             check_tokenizer(tokenizer, self.path)
             bos, eos, template = m.get("bos_id"), m.get("eos_ids", []), m.get("chat_template")
             n = tokenizer.get_vocab_size()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,13 +67,20 @@ class ModelSource:
     meta: dict = field(default_factory=dict)  # format-specific extras (GGUF file type, ...)
 
 
-def check_tokenizer(tokenizer, path) -> None:
-    """Refuse a tokenizer that loads but cannot encode and decode: the tokenizers library raises
-    its own exceptions, or panics (PanicException, not an Exception), on some malformed files."""
+@contextmanager
+def tokenizers_errors(message: str):
+    """What the tokenizers library raises on a malformed file, its own exceptions or a Rust panic
+    (PanicException, which is not an Exception), as ModelError(message (first line of the reason))."""
     try:
-        tokenizer.decode(tokenizer.encode(_PROBE).ids)
+        yield
     except BaseException as e:
         if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
             raise  # KeyboardInterrupt and its kind
         reason = str(e).splitlines()[0][:200] if str(e) else repr(e)
-        raise ModelError(f"{path}: the tokenizer loads but cannot encode text ({reason})") from None
+        raise ModelError(f"{message} ({reason})") from None
+
+
+def check_tokenizer(tokenizer, path) -> None:
+    """Refuse a tokenizer that loads but cannot encode and decode."""
+    with tokenizers_errors(f"{path}: the tokenizer loads but cannot encode text"):
+        tokenizer.decode(tokenizer.encode(_PROBE).ids)
