@@ -59,7 +59,8 @@ class Estimate:
         return f"{verdict}: needs {parts}, {self.available / MIB:,.0f} MiB available ({self.available_from})"
 
     def refusal(self, name: str) -> MemoryLimitError:
-        return MemoryLimitError(f"{name}: {self.line()}; a smaller --ctx-size or --kv-type q8 needs less "
+        smaller = "a smaller --ctx-size" + (" or --kv-type q8" if self.kv_type != "q8" else "")
+        return MemoryLimitError(f"{name}: {self.line()}; {smaller} needs less "
                                 f"({LIMIT_ENV} overrides the available figure)")
 
 
