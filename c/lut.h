@@ -93,15 +93,21 @@ void lut_add_rmsnorm(float *x, const float *delta, const float *w, int32_t n, fl
  * in row `pos` of the caches [positions][kv_heads*d] of type kv_type (float,
  * IEEE half bits rounded to nearest even, or int8; k_scale and v_scale
  * [positions][kv_heads] are used by LUT_KV_Q8 only and may be NULL otherwise),
- * then grouped-query attention of q over rows 0..pos into out [heads*d].
+ * then grouped-query attention of q over rows 0..pos (window > 0: only the last
+ * `window` of them) into out [heads*d], scores scaled by 1/sqrt(query_scale)
+ * (d, unless the model sets its own).
  * scores: heads*(pos+1) floats; work: LUT_ATTN_ROWS*d + heads floats. */
 void lut_attention_step(float *q, float *k, float *v, const float *q_bias, const float *k_bias,
                         const float *v_bias, const float *cos, const float *sin, int32_t kv_type,
                         void *k_cache, void *v_cache, float *k_scale, float *v_scale, int32_t pos,
-                        int32_t heads, int32_t kv_heads, int32_t d, float *scores, float *work,
-                        float *out);
+                        int32_t heads, int32_t kv_heads, int32_t d, float query_scale, int32_t window,
+                        float *scores, float *work, float *out);
 /* g = silu(g) * u */
 void lut_silu_mul(float *g, const float *u, int32_t n);
+/* g = gelu_tanh(g) * u (GELU's tanh approximation) */
+void lut_gelu_tanh_mul(float *g, const float *u, int32_t n);
+/* each of the `heads` runs of d floats of x in place: x = w * x / sqrt(mean(x^2) + eps) */
+void lut_head_rmsnorm(float *x, int32_t heads, int32_t d, const float *w, float eps);
 /* Each of `rows` rows of x [rows][a*n] (n a power of two) in place: x <- R x for
  * the orthogonal R = (mix (x) H_n / sqrt(n)) diag(signs); tmp holds a*n floats.
  * lutkernels/reference.py rotate_rows is its definition. */

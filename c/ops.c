@@ -1,5 +1,6 @@
 /* The non-matmul work of one decode step (one token): RMSNorm with the
- * residual add, RoPE + KV-cache write + attention, SiLU gating. In numpy these
+ * residual add, RoPE + KV-cache write + attention, SiLU gating (and gemma3's GELU
+ * gating and RMSNorm of each q and k head). In numpy these
  * are dozens of small calls per layer, which cost more than the layer's
  * matmuls; here they are three calls per layer (four in a model whose MLP
  * output is rotated: lut_rotate_rows).
@@ -295,9 +296,11 @@ INLINE const float *load_rows(int32_t type, const void *cache, const float *scal
 OPS_CLONES void lut_attention_step(float *q, float *k, float *v, const float *q_bias, const float *k_bias,
                                    const float *v_bias, const float *cos, const float *sin, int32_t kv_type,
                                    void *k_cache, void *v_cache, float *k_scale, float *v_scale, int32_t pos,
-                                   int32_t heads, int32_t kv_heads, int32_t d, float *scores, float *work,
-                                   float *out) {
-    int32_t kv = kv_heads * d, rep = heads / kv_heads, T = pos + 1;
+                                   int32_t heads, int32_t kv_heads, int32_t d, float query_scale, int32_t window,
+                                   float *scores, float *work, float *out) {
+    /* keys t0..pos: the last `window` positions, or all of them (window 0); scores of head h at h*n_keys */
+    const int32_t T = pos + 1, t0 = window > 0 && T > window ? T - window : 0, n_keys = T - t0;
+    int32_t kv = kv_heads * d, rep = heads / kv_heads;
     const float *c = cos + (int64_t)pos * (d / 2), *sn = sin + (int64_t)pos * (d / 2);
     add_bias(q, q_bias, heads * d);
     add_bias(k, k_bias, kv);
@@ -306,18 +309,18 @@ OPS_CLONES void lut_attention_step(float *q, float *k, float *v, const float *q_
     rope(k, kv_heads, d, c, sn);
     store_row(kv_type, k_cache, k_scale, pos, k, kv_heads, d);
     store_row(kv_type, v_cache, v_scale, pos, v, kv_heads, d);
-    const float scale = 1.0f / sqrtf((float)d);
+    const float scale = 1.0f / sqrtf(query_scale);
     float *rows = work, *inv = work + (int64_t)ROWS * d;
     const int f16c = kv_type == LUT_KV_F16 && use_f16c();
     int64_t stride;
     for (int32_t g = 0; g < kv_heads; g++) {
         const int32_t h0 = g * rep;
-        for (int32_t t = 0; t < T; t += ROWS) {
+        for (int32_t t = t0; t < T; t += ROWS) {
             const int32_t n = T - t < ROWS ? T - t : ROWS;
             const float *kr = load_rows(kv_type, k_cache, k_scale, t, n, g, kv_heads, d, f16c, rows, &stride);
             for (int32_t h = h0; h < h0 + rep; h++) {
                 const float *qh = q + (int64_t)h * d;
-                float *s = scores + (int64_t)h * T + t;
+                float *s = scores + (int64_t)h * n_keys + (t - t0);
                 if (n == ROWS)
                     dot_rows(qh, kr, stride, d, s);
                 else
@@ -326,17 +329,17 @@ OPS_CLONES void lut_attention_step(float *q, float *k, float *v, const float *q_
             }
         }
         for (int32_t h = h0; h < h0 + rep; h++) {
-            float *s = scores + (int64_t)h * T;
-            for (int32_t t = 0; t < T; t++)
+            float *s = scores + (int64_t)h * n_keys;
+            for (int32_t t = 0; t < n_keys; t++)
                 s[t] *= scale;
-            inv[h] = 1.0f / softmax_unnormalised(s, T);
+            inv[h] = 1.0f / softmax_unnormalised(s, n_keys);
             memset(out + (int64_t)h * d, 0, (size_t)d * sizeof(float));
         }
-        for (int32_t t = 0; t < T; t += ROWS) {
+        for (int32_t t = t0; t < T; t += ROWS) {
             const int32_t n = T - t < ROWS ? T - t : ROWS;
             const float *vr = load_rows(kv_type, v_cache, v_scale, t, n, g, kv_heads, d, f16c, rows, &stride);
             for (int32_t h = h0; h < h0 + rep; h++) {
-                const float *s = scores + (int64_t)h * T + t;
+                const float *s = scores + (int64_t)h * n_keys + (t - t0);
                 float *o = out + (int64_t)h * d;
                 if (n == ROWS) {
                     const float *v0 = vr, *v1 = v0 + stride, *v2 = v1 + stride, *v3 = v2 + stride;
@@ -358,6 +361,25 @@ OPS_CLONES void lut_attention_step(float *q, float *k, float *v, const float *q_
 OPS_CLONES void lut_silu_mul(float *g, const float *u, int32_t n) {
     for (int32_t i = 0; i < n; i++)
         g[i] = g[i] / (1.0f + exp_poly(-g[i])) * u[i];
+}
+
+/* GELU's tanh approximation, 0.5 x (1 + tanh(z)), is x sigmoid(2z): the same branch-free
+ * exp as silu, no libm call. exp_poly's clamp at |87| leaves the sigmoid 0 or 1 there. */
+OPS_CLONES void lut_gelu_tanh_mul(float *g, const float *u, int32_t n) {
+    const float c = 1.5957691216057308f; /* 2 sqrt(2 / pi) */
+    for (int32_t i = 0; i < n; i++) {
+        const float x = g[i];
+        g[i] = x / (1.0f + exp_poly(-c * (x + 0.044715f * (x * x * x)))) * u[i];
+    }
+}
+
+OPS_CLONES void lut_head_rmsnorm(float *x, int32_t heads, int32_t d, const float *w, float eps) {
+    for (int32_t h = 0; h < heads; h++) {
+        float *xh = x + (int64_t)h * d;
+        const float r = 1.0f / sqrtf(dot(xh, xh, d) / (float)d + eps);
+        for (int32_t i = 0; i < d; i++)
+            xh[i] = w[i] * (xh[i] * r);
+    }
 }
 
 /* An 8-point Walsh-Hadamard transform in registers: the first three stages of n's. */

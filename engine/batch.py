@@ -25,6 +25,7 @@ import numpy as np
 import lutkernels as lk
 from lutkernels import ops
 from lutkernels._lut import ffi
+from models.config import ModelError
 
 from .generate import Session, Stats
 from .model import Packed, Transformer, _Decoder
@@ -75,6 +76,9 @@ class BatchedStep:
 
     def __init__(self, model: Transformer, slots: Sequence[Transformer]):
         c, f32, n = model.config, np.float32, len(slots)
+        if not c.llama_forward:
+            raise ModelError(f"unsupported: serving {c.arch} models with sliding windows, gemma3's norms or "
+                             f"soft-capping (the batched decode step runs the llama block)")
         self.m, self.slots = model, list(slots)
         self.x = np.zeros((n, c.hidden), f32)
         self.h, self.delta = np.zeros((n, c.hidden), f32), np.zeros((n, c.hidden), f32)

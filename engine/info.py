@@ -67,7 +67,7 @@ def describe_gguf(path: Path) -> dict:
     config = gguf_config(md, raw, arch, path)
     bits, types = {}, {}
     for g, t in raw.items():
-        name = hf_tensor_name(g)
+        name = hf_tensor_name(g, arch)
         if name is not None:
             bits[name] = (8.0 * t.data.nbytes, _prod(t.shape))
             types[t.type.name] = types.get(t.type.name, 0) + 1
@@ -80,7 +80,6 @@ def describe_hf(path: Path) -> dict:
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no config.json")
     cfg = read_json(path / "config.json")
-    check_architecture(cfg.get("model_type"), path / "config.json")
     config = hf_config(cfg, path / "config.json")
     bits = {}
     for f in path.glob("*.safetensors"):

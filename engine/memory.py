@@ -151,7 +151,6 @@ def source_config(path: Path) -> ModelConfig:
         if not (path / "config.json").is_file():
             raise ModelError(f"{path}: no config.json")
         cfg = read_json(path / "config.json")
-        check_architecture(cfg.get("model_type"), path / "config.json")
         return hf_config(cfg, path / "config.json")
     from models.gguf_loader import gguf_config, read_gguf
 

@@ -1,4 +1,6 @@
-"""The llama-family transformer on the LUT matmul core.
+"""The llama-family transformer on the LUT matmul core (llama, qwen2, mistral and phi3 with
+their sliding windows, gemma3 with its extra norms, GELU gating, per-layer RoPE bases and
+soft-capped logits: models/config.py).
 
 Every linear weight is either a float32 array (dense path: numpy matmul, the
 float32 reference) or a PackedLinear (quantized path: the LUT kernels). A
@@ -20,7 +22,7 @@ import numpy as np
 
 import lutkernels as lk
 from lutkernels import ops, rotation
-from models.config import MLP_MIX, MLP_SIGNS, ModelConfig, ModelError, check_mlp_rotation
+from models.config import GEMMA_LAYER_NORMS, MLP_MIX, MLP_SIGNS, QK_NORMS, ModelConfig, ModelError, check_mlp_rotation
 
 from .memory import check_kv_type
 
@@ -97,13 +99,22 @@ class Block:
     gate: Dense | Packed
     up: Dense | Packed
     down: Dense | Packed
+    window: int | None = None  # attention over the last window positions only (config.window)
+    # gemma3: RMSNorm of each q and k head; of the attention output (then mlp_norm is the
+    # pre-MLP norm) and of the MLP output, each before its residual add
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+    attn_out_norm: np.ndarray | None = None
+    mlp_out_norm: np.ndarray | None = None
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [head_dim/2], with config.rope_scaling applied (HF semantics)."""
+def rope_inv_freq(config: ModelConfig, local: bool = False) -> np.ndarray:
+    """Inverse frequencies [head_dim/2], with config.rope_scaling applied (HF semantics); local:
+    those of gemma3's sliding-window layers, base rope_local_theta and never scaled."""
     d = config.head_dim
-    inv = 1.0 / config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
-    rs = config.rope_scaling or {}
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    rs = {} if local else config.rope_scaling or {}
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind == "default":
         return inv
@@ -125,9 +136,9 @@ def _llama3_inv_freq(inv: np.ndarray, rs: dict) -> np.ndarray:
     return np.where((wavelen >= old / hi) & (wavelen <= old / lo), blended, out)
 
 
-def rope_tables(config: ModelConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin float32 [n, head_dim/2] for positions 0..n-1."""
-    angles = np.arange(n, dtype=np.float64)[:, None] * rope_inv_freq(config)[None]
+def rope_tables(config: ModelConfig, n: int, local: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin float32 [n, head_dim/2] for positions 0..n-1 (local: rope_inv_freq's)."""
+    angles = np.arange(n, dtype=np.float64)[:, None] * rope_inv_freq(config, local)[None]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
@@ -176,10 +187,10 @@ class KVCache:
         scales = (None, None) if self.k_scale is None else (self.k_scale[i], self.v_scale[i])
         return self.k[i], self.v[i], *scales
 
-    def bind(self, i: int, q, k, v, biases, cos, sin, heads: int, scores, out):
+    def bind(self, i: int, q, k, v, biases, cos, sin, heads: int, scores, out, query_scale=None, window=None):
         """ops.bind_attention's step(pos) over layer i of this cache."""
         kc, vc, ks, vs = self.layer(i)
-        return ops.bind_attention(q, k, v, biases, cos, sin, kc, vc, heads, scores, out, ks, vs)
+        return ops.bind_attention(q, k, v, biases, cos, sin, kc, vc, heads, scores, out, ks, vs, query_scale, window)
 
     def fresh(self) -> "KVCache":
         """An empty cache of the same type and size."""
@@ -223,6 +234,11 @@ class Transformer:
         self.blocks = [_block(config, weights, i, self.exact) for i in range(config.n_layers)]
         self.mlp_rotation = mlp_rotation(weights)
         self.cos, self.sin = rope_tables(config, self.max_context)
+        local = rope_tables(config, self.max_context, local=True) if config.rope_local_theta is not None else None
+        # each layer's RoPE tables: gemma3's sliding-window layers have their own
+        self.rope = [local if local is not None and config.local(i) else (self.cos, self.sin)
+                     for i in range(config.n_layers)]
+        self.act = gelu_tanh if config.gemma else silu
         self.kv = KVCache(kv_type, config.n_layers, self.max_context, config.n_kv_heads, config.head_dim)
         self.filled = 0  # positions 0..filled-1 of the cache hold keys and values
         self._decoder = _Decoder(self)
@@ -289,19 +305,25 @@ class Transformer:
         c = self.config
         n, end = len(ids), pos + len(ids)
         x = self.embed[ids].astype(np.float32)
-        cos, sin = self.cos[pos:end, None], self.sin[pos:end, None]
+        if c.gemma:
+            x *= np.float32(math.sqrt(c.hidden))
         for i, b in enumerate(self.blocks):
+            cos, sin = (t[pos:end, None] for t in self.rope[i])
             h = rmsnorm(x, b.attn_norm, c.norm_eps)
             q = _add(b.q(h), b.q_bias).reshape(n, c.n_heads, c.head_dim)
-            self.kv.write(i, pos, rope(_add(b.k(h), b.k_bias).reshape(n, c.n_kv_heads, c.head_dim), cos, sin),
-                          _add(b.v(h), b.v_bias).reshape(n, c.n_kv_heads, c.head_dim))
-            x += b.o(attend(rope(q, cos, sin), *self.kv.read(i, end), pos))
+            k = _add(b.k(h), b.k_bias).reshape(n, c.n_kv_heads, c.head_dim)
+            if b.q_norm is not None:
+                q, k = rmsnorm(q, b.q_norm, c.norm_eps), rmsnorm(k, b.k_norm, c.norm_eps)
+            self.kv.write(i, pos, rope(k, cos, sin), _add(b.v(h), b.v_bias).reshape(n, c.n_kv_heads, c.head_dim))
+            x += _normed(b.o(attend(rope(q, cos, sin), *self.kv.read(i, end), pos, c.query_scale, b.window)),
+                         b.attn_out_norm, c.norm_eps)
             h = rmsnorm(x, b.mlp_norm, c.norm_eps)
-            act = silu(b.gate(h)) * b.up(h)
+            act = self.act(b.gate(h)) * b.up(h)
             if self.mlp_rotation is not None:
                 rotation.apply(act, *self.mlp_rotation)
-            x += b.down(act)
-        return self.head(rmsnorm(x if all_logits else x[-1:], self.norm, c.norm_eps))
+            x += _normed(b.down(act), b.mlp_out_norm, c.norm_eps)
+        logits = self.head(rmsnorm(x if all_logits else x[-1:], self.norm, c.norm_eps))
+        return logits if c.final_softcap is None else softcap(logits, c.final_softcap)
 
 
 class _Decoder:
@@ -310,6 +332,8 @@ class _Decoder:
     def __init__(self, m: Transformer):
         c, f32 = m.config, np.float32
         self.embed = m.embed
+        self.embed_scale = f32(math.sqrt(c.hidden)) if c.gemma else None
+        self.softcap = c.final_softcap
         self.x = np.zeros((1, c.hidden), f32)  # the residual stream
         h, delta = np.zeros((1, c.hidden), f32), np.zeros((1, c.hidden), f32)  # normed input; block output
         q, att = np.zeros((1, c.n_heads * c.head_dim), f32), np.zeros((1, c.n_heads * c.head_dim), f32)
@@ -320,19 +344,26 @@ class _Decoder:
         self.blocks = []
         for i, b in enumerate(m.blocks):
             biases = (b.q_bias, b.k_bias, b.v_bias) if c.qkv_bias else None
+            qk_norm = () if b.q_norm is None else (ops.bind_head_rmsnorm(q, c.n_heads, b.q_norm, c.norm_eps),
+                                                   ops.bind_head_rmsnorm(k, c.n_kv_heads, b.k_norm, c.norm_eps))
             pre = (ops.bind_add_rmsnorm(self.x, delta if i else None, b.attn_norm, c.norm_eps, h),
-                   b.q.bind(h, q), b.k.bind(h, k), b.v.bind(h, v))
-            attn = m.kv.bind(i, q, k, v, biases, m.cos, m.sin, c.n_heads, scores, att)
+                   b.q.bind(h, q), b.k.bind(h, k), b.v.bind(h, v), *qk_norm)
+            attn = m.kv.bind(i, q, k, v, biases, *m.rope[i], c.n_heads, scores, att, c.query_scale, b.window)
             rotate = () if m.mlp_rotation is None else (ops.bind_rotate(gate, *m.mlp_rotation),)
-            post = (b.o.bind(att, delta), ops.bind_add_rmsnorm(self.x, delta, b.mlp_norm, c.norm_eps, h),
-                    b.gate.bind(h, gate), b.up.bind(h, up), ops.bind_silu_mul(gate, up), *rotate,
-                    b.down.bind(gate, delta))
+            # gemma3 normalises each block output in place before the next norm adds it to x
+            attn_out, mlp_out = ((() if w is None else (ops.bind_add_rmsnorm(delta, None, w, c.norm_eps, delta),))
+                                 for w in (b.attn_out_norm, b.mlp_out_norm))
+            gating = ops.bind_gelu_tanh_mul(gate, up) if c.gemma else ops.bind_silu_mul(gate, up)
+            post = (b.o.bind(att, delta), *attn_out, ops.bind_add_rmsnorm(self.x, delta, b.mlp_norm, c.norm_eps, h),
+                    b.gate.bind(h, gate), b.up.bind(h, up), gating, *rotate, b.down.bind(gate, delta), *mlp_out)
             self.blocks.append((pre, attn, post))
         self.final = (ops.bind_add_rmsnorm(self.x, delta if m.blocks else None, m.norm, c.norm_eps, h),
                       m.head.bind(h, self.logits))
 
     def __call__(self, token: int, pos: int) -> np.ndarray:
         np.copyto(self.x[0], self.embed[token])  # float16 rows convert here
+        if self.embed_scale is not None:
+            self.x *= self.embed_scale
         for pre, attn, post in self.blocks:
             for f in pre:
                 f()
@@ -341,6 +372,8 @@ class _Decoder:
                 f()
         for f in self.final:
             f()
+        if self.softcap is not None:
+            softcap(self.logits, self.softcap)
         return self.logits
 
 
@@ -354,28 +387,34 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int) -> np.ndarray:
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int, query_scale: float | None = None,
+           window: int | None = None) -> np.ndarray:
     """Causal grouped-query attention of queries at positions pos.. over keys 0..T-1.
-    q [n, H, d], k/v [T, Hkv, d] -> [n, H*d]. Queries go in blocks, which bounds the
-    score array of a long prompt and skips keys no query of the block can see."""
+    q [n, H, d], k/v [T, Hkv, d] -> [n, H*d]; scores scaled by 1/sqrt(query_scale) (None: d);
+    window: each query sees its last window positions only (None: all). Queries go in blocks,
+    which bounds the score array of a long prompt and skips keys no query of the block can see."""
     n, H, d = q.shape
     out = np.empty((n, H * d), np.float32)
     for a in range(0, n, ATTN_BLOCK):
         e = min(n, a + ATTN_BLOCK)
-        out[a:e] = _attend_block(q[a:e], k[:pos + e], v[:pos + e], pos + a)
+        lo = 0 if window is None else max(0, pos + a - window + 1)
+        out[a:e] = _attend_block(q[a:e], k[lo:pos + e], v[lo:pos + e], pos + a - lo, query_scale, window)
     return out
 
 
-def _attend_block(q: np.ndarray, k: np.ndarray, v: np.ndarray, first: int) -> np.ndarray:
+def _attend_block(q: np.ndarray, k: np.ndarray, v: np.ndarray, first: int, query_scale: float | None,
+                  window: int | None) -> np.ndarray:
     """Contiguous operands, so each matmul is one BLAS call per kv head (strided ones fall off BLAS)."""
     n, H, d = q.shape
     T, Hkv, _ = k.shape
     rep = H // Hkv
     qg = np.ascontiguousarray(q.reshape(n, Hkv, rep, d).transpose(1, 2, 0, 3)).reshape(Hkv, rep * n, d)
     s = qg @ np.ascontiguousarray(k.transpose(1, 2, 0))  # [Hkv, rep*n, T]
-    s *= np.float32(1 / math.sqrt(d))
+    s *= np.float32(1 / math.sqrt(d if query_scale is None else query_scale))
     s = s.reshape(Hkv, rep, n, T)
-    future = np.where(np.arange(T)[None, :] > np.arange(first, first + n)[:, None], -np.inf, 0).astype(np.float32)
+    keys, queries = np.arange(T)[None, :], np.arange(first, first + n)[:, None]
+    hidden = keys > queries if window is None else (keys > queries) | (keys <= queries - window)
+    future = np.where(hidden, -np.inf, 0).astype(np.float32)
     s -= (s + future).max(-1, keepdims=True)
     # exp of less than -87 is subnormal, which numpy's exp computes ~10x slower; e^-80 is 0 to softmax
     np.maximum(s, -80, out=s)
@@ -396,6 +435,32 @@ def silu(x: np.ndarray) -> np.ndarray:
     return t
 
 
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    t = x * x
+    t *= np.float32(0.044715)
+    t += 1
+    t *= x
+    t *= np.float32(math.sqrt(2 / math.pi))
+    np.tanh(t, out=t)
+    t += 1
+    t *= 0.5
+    t *= x
+    return t
+
+
+def softcap(logits: np.ndarray, cap: float) -> np.ndarray:
+    """cap * tanh(logits / cap), in place."""
+    logits *= np.float32(1 / cap)
+    np.tanh(logits, out=logits)
+    logits *= np.float32(cap)
+    return logits
+
+
+def _normed(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
+    return x if w is None else rmsnorm(x, w, eps)
+
+
 def _add(x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     if bias is not None:
         x += bias
@@ -411,14 +476,20 @@ def _block(c: ModelConfig, w: dict[str, Weight], i: int, exact: bool) -> Block:
     def lin(name):
         return linear(w[p + name], exact)
 
+    def norm(name):
+        return np.asarray(w[p + name], np.float32) if c.gemma else None
+
+    pre_mlp = GEMMA_LAYER_NORMS[0] if c.gemma else "post_attention_layernorm.weight"
     return Block(
         attn_norm=np.asarray(w[p + "input_layernorm.weight"], np.float32),
         q=lin("self_attn.q_proj.weight"), k=lin("self_attn.k_proj.weight"), v=lin("self_attn.v_proj.weight"),
         q_bias=bias("self_attn.q_proj.bias"), k_bias=bias("self_attn.k_proj.bias"),
         v_bias=bias("self_attn.v_proj.bias"),
         o=lin("self_attn.o_proj.weight"),
-        mlp_norm=np.asarray(w[p + "post_attention_layernorm.weight"], np.float32),
+        mlp_norm=np.asarray(w[p + pre_mlp], np.float32),
         gate=lin("mlp.gate_proj.weight"), up=lin("mlp.up_proj.weight"), down=lin("mlp.down_proj.weight"),
+        window=c.window(i), q_norm=norm(QK_NORMS[0]), k_norm=norm(QK_NORMS[1]),
+        attn_out_norm=norm("post_attention_layernorm.weight"), mlp_out_norm=norm(GEMMA_LAYER_NORMS[1]),
     )
 
 

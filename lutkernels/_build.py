@@ -47,9 +47,11 @@ void lut_add_rmsnorm(float *x, const float *delta, const float *w, int32_t n, fl
 void lut_attention_step(float *q, float *k, float *v, const float *q_bias, const float *k_bias,
                         const float *v_bias, const float *cos, const float *sin, int32_t kv_type,
                         void *k_cache, void *v_cache, float *k_scale, float *v_scale, int32_t pos,
-                        int32_t heads, int32_t kv_heads, int32_t d, float *scores, float *work,
-                        float *out);
+                        int32_t heads, int32_t kv_heads, int32_t d, float query_scale, int32_t window,
+                        float *scores, float *work, float *out);
 void lut_silu_mul(float *g, const float *u, int32_t n);
+void lut_gelu_tanh_mul(float *g, const float *u, int32_t n);
+void lut_head_rmsnorm(float *x, int32_t heads, int32_t d, const float *w, float eps);
 void lut_rotate_rows(float *x, int64_t rows, int32_t a, int32_t n, const float *signs,
                      const float *mix, float *tmp);
 """

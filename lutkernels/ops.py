@@ -57,6 +57,20 @@ def bind_silu_mul(g: np.ndarray, u: np.ndarray) -> Callable[[], None]:
     return lambda keep=(g, u): fn(*args)
 
 
+def bind_gelu_tanh_mul(g: np.ndarray, u: np.ndarray) -> Callable[[], None]:
+    """g = gelu_tanh(g) * u (GELU's tanh approximation)."""
+    args = (_ptr(g, g.size, "g"), _ptr(u, g.size, "u"), g.size)
+    fn = lib.lut_gelu_tanh_mul
+    return lambda keep=(g, u): fn(*args)
+
+
+def bind_head_rmsnorm(x: np.ndarray, heads: int, w: np.ndarray, eps: float) -> Callable[[], None]:
+    """Each of x's heads (runs of w.size floats) in place: x = w * x / sqrt(mean(x^2) + eps)."""
+    args = (_ptr(x, heads * w.size, "x"), heads, w.size, _ptr(w, w.size, "w"), float(eps))
+    fn = lib.lut_head_rmsnorm
+    return lambda keep=(x, w): fn(*args)
+
+
 def bind_rotate(x: np.ndarray, signs: np.ndarray, mix: np.ndarray) -> Callable[[], None]:
     """x <- R x (lutkernels/rotation.py) for one token's x [1, F]."""
     tmp = np.empty(x.shape[-1], np.float32)
@@ -79,11 +93,13 @@ def _cache_ptr(a: np.ndarray, shape: tuple, name: str):
 def bind_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, biases, cos: np.ndarray, sin: np.ndarray,
                    k_cache: np.ndarray, v_cache: np.ndarray, heads: int, scores: np.ndarray,
                    out: np.ndarray, k_scale: np.ndarray | None = None,
-                   v_scale: np.ndarray | None = None) -> Callable[[int], None]:
+                   v_scale: np.ndarray | None = None, query_scale: float | None = None,
+                   window: int | None = None) -> Callable[[int], None]:
     """step(pos): biases (q, k, v; or None), RoPE at pos, k and v into row pos of the
     caches [positions, kv_heads, d], attention of q over rows 0..pos into out. The caches'
     dtype is their type (lut.h): float32, float16, or int8 with float32 scales
-    [positions, kv_heads] (k_scale, v_scale; only for int8)."""
+    [positions, kv_heads] (k_scale, v_scale; only for int8). Scores are scaled by
+    1/sqrt(query_scale), head size d by default; window: only the last window rows (None: all)."""
     positions, kv_heads, d = k_cache.shape
     if cos.shape != (positions, d // 2) or sin.shape != cos.shape or v_cache.shape != k_cache.shape:
         raise ValueError("RoPE tables and caches must cover the same positions and head size")
@@ -95,6 +111,8 @@ def bind_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, biases, cos: np.
     quantized = kind == lib.LUT_KV_Q8
     if quantized != (k_scale is not None) or quantized != (v_scale is not None):
         raise ValueError("scales go with an int8 cache, and only with one")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive number of positions, got {window!r}")
     qb, kb, vb = biases if biases is not None else (None, None, None)
     kv = kv_heads * d
     work = np.empty(lib.LUT_ATTN_ROWS * d + heads, np.float32)
@@ -103,7 +121,8 @@ def bind_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, biases, cos: np.
     args = (_ptr(q, heads * d, "q"), _ptr(k, kv, "k"), _ptr(v, kv, "v"), _ptr(qb, heads * d, "q_bias"),
             _ptr(kb, kv, "k_bias"), _ptr(vb, kv, "v_bias"), _ptr(cos, cos.size, "cos"), _ptr(sin, sin.size, "sin"),
             kind, *caches)
-    tail = (heads, kv_heads, d, _ptr(scores, heads * positions, "scores"), _ptr(work, work.size, "work"),
+    tail = (heads, kv_heads, d, float(d if query_scale is None else query_scale), window or 0,
+            _ptr(scores, heads * positions, "scores"), _ptr(work, work.size, "work"),
             _ptr(out, heads * d, "out"))
     fn = lib.lut_attention_step
 

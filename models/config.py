@@ -3,7 +3,8 @@
 Every loader (GGUF, HF safetensors, our quantized file) produces a ModelConfig
 and tensors named in the Hugging Face convention below, with Q/K rows in the
 Hugging Face (rotate-half) RoPE order. The runtime knows nothing else, so a new
-llama-family architecture is one entry in ARCHITECTURES.
+llama-family architecture is one entry in ARCHITECTURES, plus ModelConfig fields for what
+it adds (sliding windows, gemma3's norms, query scale, RoPE bases and logit soft-cap).
 
 Tensor names (i = layer index):
     model.embed_tokens.weight                         [vocab, hidden]
@@ -12,8 +13,14 @@ Tensor names (i = layer index):
     model.layers.{i}.self_attn.{q,k,v}_proj.bias      [out]        (qkv_bias only)
     model.layers.{i}.post_attention_layernorm.weight  [hidden]
     model.layers.{i}.mlp.{gate,up,down}_proj.weight   [out, in]
+    model.layers.{i}.pre_feedforward_layernorm.weight, post_feedforward_layernorm.weight  [hidden]
+        (sandwich-norm architectures, gemma3: post_attention_layernorm then normalises the attention
+        output and pre_feedforward_layernorm the MLP input)
+    model.layers.{i}.self_attn.{q,k}_norm.weight      [head_dim]  (qk_norm only: RMSNorm per head)
     model.norm.weight                                 [hidden]
     lm_head.weight                                    [vocab, hidden]  (absent when tied)
+Every norm weight is the factor the normalised values are multiplied by: gemma3's HF
+checkpoints store factor - 1, and hf_loader adds the 1 (as llama.cpp's converter does).
     model.mlp_rotation.signs, model.mlp_rotation.mix  [ffn], [a, a]    (rotated quantized models only:
         down_proj's inputs turn by this rotation at run time, lutkernels/rotation.py)
 """
@@ -38,13 +45,20 @@ class ModelError(ValueError):
 class Architecture:
     qkv_bias: bool  # biases on the Q, K, V projections (qwen2)
     default_rope_theta: float
+    # gemma3: RMSNorm after attention and after the MLP too, RMSNorm of each q and k head before
+    # RoPE, GELU (tanh approximation) gating, embeddings scaled by sqrt(hidden)
+    gemma: bool = False
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture(qkv_bias=False, default_rope_theta=10000.0),
     "mistral": Architecture(qkv_bias=False, default_rope_theta=10000.0),
     "qwen2": Architecture(qkv_bias=True, default_rope_theta=1000000.0),
+    "phi3": Architecture(qkv_bias=False, default_rope_theta=10000.0),
+    "gemma3": Architecture(qkv_bias=False, default_rope_theta=1000000.0, gemma=True),
 }
+GEMMA_LAYER_NORMS = ("pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")
+QK_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
 
 @dataclass(frozen=True)
@@ -63,10 +77,35 @@ class ModelConfig:
     max_context: int
     # HF-style rope_scaling dict ({"rope_type": "linear"|"llama3"|..., "factor": ...}) or None.
     rope_scaling: dict | None = field(default=None)
+    # attention sees the last sliding_window positions (the current one included) only; None: all
+    sliding_window: int | None = None
+    # every global_every-th layer (i + 1 divisible) attends to all positions and the others through
+    # the window, with RoPE base rope_local_theta (gemma3); None: every layer through the window
+    global_every: int | None = None
+    rope_local_theta: float | None = None
+    query_scale: float | None = None  # scores scaled by query_scale ** -0.5 (gemma3); None: head_dim
+    final_softcap: float | None = None  # logits = c * tanh(logits / c) (gemma3, when its config sets it)
 
     @property
     def qkv_bias(self) -> bool:
         return ARCHITECTURES[self.arch].qkv_bias
+
+    @property
+    def gemma(self) -> bool:
+        return ARCHITECTURES[self.arch].gemma
+
+    def local(self, i: int) -> bool:
+        """Whether layer i attends through the sliding window."""
+        return self.sliding_window is not None and (self.global_every is None or (i + 1) % self.global_every != 0)
+
+    def window(self, i: int) -> int | None:
+        return self.sliding_window if self.local(i) else None
+
+    @property
+    def llama_forward(self) -> bool:
+        """Whether the model computes what the llama forward of the quantizers' calibration,
+        rotation, block tuning and budget (engine/quant) and of batched serving computes."""
+        return not self.gemma and self.sliding_window is None and self.final_softcap is None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +140,9 @@ class ModelConfig:
             shapes[p + "post_attention_layernorm.weight"] = (self.hidden,)
             for name, shape in self.linear_shapes().items():
                 shapes[p + name] = shape
+            if self.gemma:
+                shapes.update({p + n: (self.hidden,) for n in GEMMA_LAYER_NORMS})
+                shapes.update({p + n: (self.head_dim,) for n in QK_NORMS})
             if self.qkv_bias:
                 shapes[p + "self_attn.q_proj.bias"] = (q,)
                 shapes[p + "self_attn.k_proj.bias"] = (kv,)
@@ -130,7 +172,7 @@ def check_architecture(arch: str, path) -> Architecture:
 
 
 _SIZES = ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "ffn", "vocab", "max_context")
-TENSORS_PER_LAYER = 9  # at least: two norms and seven linear layers
+TENSORS_PER_LAYER = 9  # at least: two norms and seven linear layers (six tensors where fused)
 
 
 def check_config(config: ModelConfig, path, n_tensors: int) -> None:
@@ -142,8 +184,9 @@ def check_config(config: ModelConfig, path, n_tensors: int) -> None:
         v = getattr(config, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ModelError(f"{path}: {name} is {v!r}, expected a positive integer")
-    if config.n_layers * TENSORS_PER_LAYER > n_tensors:
-        raise ModelError(f"{path}: {config.n_layers} layers need at least {config.n_layers * TENSORS_PER_LAYER} "
+    per_layer = TENSORS_PER_LAYER - 3 if config.arch in FUSED_ARCHS else TENSORS_PER_LAYER
+    if config.n_layers * per_layer > n_tensors:
+        raise ModelError(f"{path}: {config.n_layers} layers need at least {config.n_layers * per_layer} "
                          f"tensors, the file has {n_tensors}")
     if config.n_heads % config.n_kv_heads or config.head_dim % 2:
         raise ModelError(f"{path}: {config.n_heads} heads in {config.n_kv_heads} KV groups of head size "
@@ -156,6 +199,15 @@ def check_config(config: ModelConfig, path, n_tensors: int) -> None:
         raise ModelError(f"{path}: tied_embeddings is {config.tied_embeddings!r}, expected true or false")
     if config.rope_scaling is not None and not isinstance(config.rope_scaling, dict):
         raise ModelError(f"{path}: rope_scaling is {config.rope_scaling!r}, expected an object")
+    for name in ("sliding_window", "global_every"):
+        v = getattr(config, name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ModelError(f"{path}: {name} is {v!r}, expected a positive integer or none")
+    for name in ("rope_local_theta", "query_scale", "final_softcap"):
+        v = getattr(config, name)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                              or v <= 0):
+            raise ModelError(f"{path}: {name} is {v!r}, expected a positive number or none")
 
 
 def check_tensors(config: ModelConfig, tensors: dict, path) -> None:
@@ -166,3 +218,38 @@ def check_tensors(config: ModelConfig, tensors: dict, path) -> None:
         got = tuple(tensors[name].shape)
         if got != shape:
             raise ModelError(f"{path}: tensor {name} has shape {got}, config says {shape}")
+
+
+# phi3 checkpoints fuse projections that the runtime keeps apart: fused tensor (suffix after
+# model.layers.{i}.) -> its parts, in row order, as Phi3's modeling code splits them
+FUSED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                       "self_attn.v_proj.weight"),
+         "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+FUSED_ARCHS = {"phi3"}
+
+
+def fused_rows(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
+    """For an architecture with fused tensors: runtime name -> (fused name, first row, end row)."""
+    if config.arch not in FUSED_ARCHS:
+        return {}
+    shapes, out = config.linear_shapes(), {}
+    for i in range(config.n_layers):
+        p = f"model.layers.{i}."
+        for fused, parts in FUSED.items():
+            row = 0
+            for part in parts:
+                out[p + part] = (p + fused, row, row + shapes[part][0])
+                row += shapes[part][0]
+    return out
+
+
+def check_fused(config: ModelConfig, shapes: dict[str, tuple[int, ...]], path) -> None:
+    """Each fused tensor present with exactly the rows of its parts and the parts' width."""
+    expected, ends = config.expected_shapes(), {}
+    for part, (fused, _, end) in fused_rows(config).items():
+        ends[fused] = (max(end, ends.get(fused, (0, 0))[0]), expected[part][1])
+    for fused, (rows, width) in ends.items():
+        if fused not in shapes:
+            raise ModelError(f"{path}: missing tensor {fused}")
+        if tuple(shapes[fused]) != (rows, width):
+            raise ModelError(f"{path}: tensor {fused} has shape {tuple(shapes[fused])}, config says {(rows, width)}")

@@ -18,7 +18,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 from gguf.quants import dequantize
 
-from .config import ARCHITECTURES, ModelConfig, ModelError, check_architecture, check_config, check_tensors
+from .config import (ARCHITECTURES, ModelConfig, ModelError, check_architecture, check_config, check_fused,
+                     check_tensors, fused_rows)
 from .source import LazyTensors, ModelSource
 
 # GGUF tensor names -> HF names (models/config.py); a ".weight"/".bias" suffix follows both.
@@ -33,6 +34,15 @@ GGUF_LAYER_NAMES = {  # blk.{i}.<key> -> model.layers.{i}.<value>
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# where an architecture's GGUF names differ (llama.cpp's tensor map): ffn_norm is gemma3's
+# pre-MLP norm, its post_attention_layernorm normalises the attention output; phi3 keeps
+# fused tensors (ffn_up holds gate and up), split at load (config.FUSED)
+GGUF_ARCH_LAYER_NAMES = {
+    "gemma3": {**GGUF_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
+               "attn_post_norm": "post_attention_layernorm", "ffn_post_norm": "post_feedforward_layernorm",
+               "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+    "phi3": {**GGUF_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
 }
 # llama.cpp's converter permutes Q/K rows of these architectures for its interleaved RoPE.
 PERMUTED_ARCHS = {"llama", "mistral"}
@@ -170,14 +180,19 @@ def read_gguf(path) -> tuple[dict, dict[str, GGUFTensor]]:
     return metadata, tensors
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def layer_names(arch: str) -> dict[str, str]:
+    """GGUF layer tensor names -> HF names (after model.layers.{i}.) for arch."""
+    return GGUF_ARCH_LAYER_NAMES.get(arch, GGUF_LAYER_NAMES)
+
+
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
     """The HF name of a GGUF tensor, or None for tensors the runtime does not use."""
     base, _, kind = gguf_name.rpartition(".")
     if base in GGUF_GLOBAL_NAMES:
         return f"{GGUF_GLOBAL_NAMES[base]}.{kind}"
-    parts = base.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in GGUF_LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}.{kind}"
+    parts, names = base.split("."), layer_names(arch)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{kind}"
     return None
 
 
@@ -196,9 +211,18 @@ def load_gguf(path, tokenizer: bool = True, lazy: bool = False) -> ModelSource:
     check_architecture(arch, path)
     if "rope_freqs.weight" in raw:  # llama3-style RoPE scaling, which the runtime cannot apply
         raise ModelError(f"{path}: per-frequency RoPE factors (rope_freqs.weight) are not supported")
+    if "rope_factors_long.weight" in raw or "rope_factors_short.weight" in raw:
+        raise ModelError(f"{path}: unsupported: rope_factors_long/short (Phi-3's long-context RoPE)")
     config = gguf_config(metadata, raw, arch, path)
     check_config(config, path, len(raw))
-    named = {hf: raw[g] for g in raw if (hf := hf_tensor_name(g)) is not None}
+    named = {hf: raw[g] for g in raw if (hf := hf_tensor_name(g, arch)) is not None}
+    fused = fused_rows(config)
+    if fused:
+        check_fused(config, {n: t.shape for n, t in named.items()}, path)
+        named.update({part: GGUFTensor(named[f].type, (end - begin, named[f].shape[1]), named[f].data[begin:end])
+                      for part, (f, begin, end) in fused.items()})
+        for f in {f for f, _, _ in fused.values()}:
+            del named[f]
     check_tensors(config, named, path)  # shapes only, before seconds of dequantization
 
     heads = {}
@@ -284,7 +308,25 @@ def gguf_config(md: dict, raw: dict, arch: str, path: Path) -> ModelConfig:
         tied_embeddings="output.weight" not in raw,
         max_context=get("context_length"),
         rope_scaling=rope_scaling,
+        **_arch_fields(md, arch, n_heads, hidden, head_dim, get, path),
     )
+
+
+def _arch_fields(md: dict, arch: str, n_heads: int, hidden: int, head_dim: int, get, path: Path) -> dict:
+    """The ModelConfig fields beyond llama's; where GGUF has no key, llama.cpp's values for the architecture."""
+    window = get("attention.sliding_window") if f"{arch}.attention.sliding_window" in md else None
+    if arch in ("mistral", "phi3"):
+        return {"sliding_window": window}
+    if arch != "gemma3":
+        return {}
+    if f"{arch}.attn_logit_softcapping" in md:
+        raise ModelError(f"{path}: unsupported: {arch}.attn_logit_softcapping (attention score soft-capping)")
+    softcap = get("final_logit_softcapping", kind=float) if f"{arch}.final_logit_softcapping" in md else None
+    # llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA3): every 6th layer global, local RoPE base 10000,
+    # queries scaled by 1/sqrt(head_dim) except in the 62-layer 27B model, 1/sqrt(hidden/heads)
+    query = hidden / n_heads if get("block_count") == 62 else head_dim
+    return {"sliding_window": window, "global_every": 6, "rope_local_theta": 10000.0,
+            "query_scale": float(query), "final_softcap": softcap}
 
 
 def _file_type_name(file_type):

@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .config import ARCHITECTURES, ModelConfig, ModelError, check_architecture, check_config, check_tensors
+from .config import (ARCHITECTURES, ModelConfig, ModelError, check_architecture, check_config, check_fused,
+                     check_tensors, fused_rows)
 from .source import LazyTensors, ModelSource, TokenizerInfo, check_tokenizer, tokenizers_errors
 
 # BF16 is read as its raw uint16 bits: numpy has no bfloat16
@@ -31,6 +32,25 @@ class SafeTensor(NamedTuple):
         if self.dtype == "BF16":
             return (self.data.astype(np.uint32) << 16).view(np.float32)
         return self.data.astype(np.float32)  # a copy, so it does not pin the map
+
+    def rows(self, begin: int, end: int) -> "SafeTensor":
+        return SafeTensor(self.dtype, (end - begin, *self.shape[1:]), self.data[begin:end])
+
+
+class _Gain(NamedTuple):
+    """A gemma3 norm weight, stored as the factor minus one (Gemma3RMSNorm multiplies by 1 + w)."""
+    stored: SafeTensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.stored.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.stored.dtype
+
+    def float32(self) -> np.ndarray:
+        return self.stored.float32() + np.float32(1)
 
 
 def read_safetensors(path) -> dict[str, SafeTensor]:
@@ -101,7 +121,6 @@ def load_hf(folder, tokenizer: bool = True, lazy: bool = False) -> ModelSource:
     if not config_path.is_file():
         raise ModelError(f"{folder}: no config.json")
     cfg = read_json(config_path)
-    check_architecture(cfg.get("model_type"), config_path)
     config = hf_config(cfg, config_path)
 
     raw = {}
@@ -110,12 +129,29 @@ def load_hf(folder, tokenizer: bool = True, lazy: bool = False) -> ModelSource:
     check_config(config, config_path, len(raw))
     if config.tied_embeddings:  # some tied checkpoints still store a copy of the head
         raw.pop("lm_head.weight", None)
+    raw = _runtime_tensors(config, raw, folder)
     check_tensors(config, raw, folder)
     names = config.expected_shapes()
     tensors = LazyTensors(lambda name: raw[name].float32(), names) if lazy else {n: raw[n].float32() for n in names}
     meta = {"tensor_types": {name: raw[name].dtype for name in tensors}}
     tok = hf_tokenizer(folder, cfg) if tokenizer else None
     return ModelSource(folder, "hf", config, tensors, tok, None, meta)
+
+
+def _runtime_tensors(config: ModelConfig, raw: dict[str, SafeTensor], folder: Path) -> dict:
+    """The checkpoint's tensors as the runtime names and holds them (models/config.py): fused ones
+    split into their parts, gemma3's norm weights made factors."""
+    fused = fused_rows(config)
+    if fused:
+        check_fused(config, {n: t.shape for n, t in raw.items()}, folder)
+        raw = {**raw, **{part: raw[name].rows(begin, end) for part, (name, begin, end) in fused.items()}}
+    if config.gemma:
+        raw = {n: _Gain(t) if n.endswith("norm.weight") else t for n, t in raw.items()}
+    return raw
+
+
+# model_type -> architecture, where they differ
+HF_ARCHS = {"gemma3_text": "gemma3"}
 
 
 def hf_config(cfg: dict, path: Path) -> ModelConfig:
@@ -131,7 +167,12 @@ def hf_config(cfg: dict, path: Path) -> ModelConfig:
             raise ModelError(f"{path}: {key} is {str(value)[:40]!r}, expected a finite number")
         return kind(value)
 
-    arch = cfg["model_type"]
+    model_type = cfg.get("model_type")
+    if model_type == "gemma3" and "text_config" in cfg:
+        raise ModelError(f"{path}: unsupported: gemma3 with a vision tower (Gemma3ForConditionalGeneration); "
+                         f"use a text-only checkpoint (model_type gemma3_text)")
+    arch = HF_ARCHS.get(model_type, model_type) if isinstance(model_type, str) else model_type
+    check_architecture(arch, path)
     hidden, n_heads = get("hidden_size"), get("num_attention_heads")
     scaling = cfg.get("rope_scaling")
     if scaling is not None and not isinstance(scaling, dict):
@@ -144,15 +185,65 @@ def hf_config(cfg: dict, path: Path) -> ModelConfig:
         hidden=hidden,
         n_heads=n_heads,
         n_kv_heads=get("num_key_value_heads", n_heads),
-        head_dim=get("head_dim", hidden // n_heads),
+        head_dim=get("head_dim", 256 if arch == "gemma3" else hidden // n_heads),
         ffn=get("intermediate_size"),
         vocab=get("vocab_size"),
         norm_eps=get("rms_norm_eps", 1e-6, float),  # the HF default for all three architectures
         rope_theta=get("rope_theta", ARCHITECTURES[arch].default_rope_theta, float),
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", arch == "gemma3")),  # the HF defaults
         max_context=get("max_position_embeddings"),
         rope_scaling=scaling,
+        **_arch_fields(arch, cfg, get, path),
     )
+
+
+def _arch_fields(arch: str, cfg: dict, get, path: Path) -> dict:
+    """The ModelConfig fields beyond llama's, as each architecture's HF config gives them (HF defaults
+    where a key is absent); features the runtime does not implement are refused by name."""
+    act = cfg.get("hidden_act" if arch != "gemma3" else "hidden_activation")
+    wanted = "gelu_pytorch_tanh" if arch == "gemma3" else "silu"
+    if act is not None and act != wanted:
+        raise ModelError(f"{path}: unsupported: activation {str(act)[:40]!r} for {arch} (supported: {wanted})")
+    if arch == "mistral":  # MistralConfig's default window is 4096; null turns it off
+        return {"sliding_window": 4096 if "sliding_window" not in cfg else _window(cfg, get)}
+    if arch == "phi3":
+        rotary = cfg.get("partial_rotary_factor", 1.0)
+        if rotary != 1.0:
+            raise ModelError(f"{path}: unsupported: partial_rotary_factor {str(rotary)[:40]} (partial RoPE)")
+        kind = (cfg.get("rope_scaling") or {}).get("type", (cfg.get("rope_scaling") or {}).get("rope_type"))
+        if kind is not None and kind not in ("linear", "llama3", "default"):
+            raise ModelError(f"{path}: unsupported: rope_scaling {str(kind)[:40]!r} (Phi-3's long-context RoPE)")
+        return {"sliding_window": _window(cfg, get)}
+    if arch != "gemma3":
+        return {}
+    if cfg.get("attn_logit_softcapping") is not None:
+        raise ModelError(f"{path}: unsupported: attn_logit_softcapping (attention score soft-capping)")
+    window = get("sliding_window", 4096)
+    return {"sliding_window": window, "global_every": _global_every(cfg, get, path),
+            "rope_local_theta": get("rope_local_base_freq", 10000.0, float),
+            "query_scale": get("query_pre_attn_scalar", 256, float),
+            "final_softcap": (get("final_logit_softcapping", kind=float)
+                              if cfg.get("final_logit_softcapping") is not None else None)}
+
+
+def _window(cfg: dict, get) -> int | None:
+    return None if cfg.get("sliding_window") is None else get("sliding_window")
+
+
+def _global_every(cfg: dict, get, path: Path) -> int:
+    """Gemma3's layer pattern: layer_types when the config lists them (newer transformers), else
+    sliding_window_pattern (every n-th layer global); only periodic patterns are representable."""
+    n_layers, types = get("num_hidden_layers"), cfg.get("layer_types")
+    if types is None:
+        return get("sliding_window_pattern", 6)
+    if not isinstance(types, list) or len(types) != n_layers or not set(types) <= {"sliding_attention",
+                                                                                     "full_attention"}:
+        raise ModelError(f"{path}: layer_types is not a list of {n_layers} sliding_attention/full_attention")
+    glob = [i for i, t in enumerate(types) if t == "full_attention"]
+    every = glob[0] + 1 if glob else n_layers + 1
+    if glob != list(range(every - 1, n_layers, every)):
+        raise ModelError(f"{path}: unsupported: layer_types that are not every n-th layer global")
+    return every
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -7,10 +7,15 @@
 The same arch, seed and dims give the same weights (`random_weights`) in both
 formats, so loaders can be compared tensor by tensor. `**dims` are ModelConfig
 fields: hidden, n_layers, n_heads, n_kv_heads, head_dim, ffn, vocab, norm_eps,
-rope_theta, max_context, tied_embeddings, rope_scaling. Defaults: hidden 64, 2
-layers, 4 heads, 2 KV heads, FFN 128 (input dims multiples of 32, for block
-quantizers), vocab = the tokenizer's size, TOKENIZER_SIZE (a larger vocab pads
-the GGUF token list as llama.cpp does). llama is tied, qwen2 is untied with Q/K/V biases.
+rope_theta, max_context, tied_embeddings, rope_scaling, sliding_window,
+query_scale, final_softcap. Defaults: hidden 64, 2 layers, 4 heads, 2 KV heads,
+FFN 128 (input dims multiples of 32, for block quantizers), vocab = the
+tokenizer's size, TOKENIZER_SIZE (a larger vocab pads the GGUF token list as
+llama.cpp does). llama is tied, qwen2 is untied with Q/K/V biases; phi3 is
+untied and its files fuse qkv_proj and gate_up_proj; gemma3 is tied, has 6
+layers (the 6th global, as llama.cpp fixes the pattern), head size 32 (Q wider
+than hidden), a window of 8 and local RoPE base 10000, and its HF files store
+norm weights minus one.
 
 The tokenizer is a small byte-level BPE (256 byte tokens, a few merges, the
 specials <|endoftext|> <|im_start|> <|im_end|>, a ChatML template) with the
@@ -26,8 +31,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from models.config import ARCHITECTURES, ModelConfig
-from models.gguf_loader import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, PERMUTED_ARCHS
+from models.config import ARCHITECTURES, ModelConfig, fused_rows
+from models.gguf_loader import GGUF_GLOBAL_NAMES, PERMUTED_ARCHS, layer_names
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 BOS, EOS = "<|endoftext|>", "<|im_end|>"
@@ -38,17 +43,23 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'
                  "{{ '<|im_start|>assistant\\n' }}{% endif %}")
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-GGUF_PRE = {"llama": "smollm", "mistral": "smollm", "qwen2": "qwen2"}
+GGUF_PRE = {"llama": "smollm", "mistral": "smollm", "qwen2": "qwen2", "phi3": "smollm", "gemma3": "smollm"}
+HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+              "phi3": "Phi3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 
 
 def tiny_config(arch: str = "llama", **dims) -> ModelConfig:
     d = dict(n_layers=2, hidden=64, n_heads=4, n_kv_heads=2, ffn=128, vocab=TOKENIZER_SIZE, norm_eps=1e-5,
-             rope_theta=ARCHITECTURES[arch].default_rope_theta, tied_embeddings=arch != "qwen2",
+             rope_theta=ARCHITECTURES[arch].default_rope_theta, tied_embeddings=arch not in ("qwen2", "phi3"),
              max_context=256, rope_scaling=None)
+    if arch == "gemma3":
+        d.update(n_layers=6, head_dim=32, norm_eps=1e-6, sliding_window=8, global_every=6, rope_local_theta=10000.0)
     d.update(dims)
     d.setdefault("head_dim", d["hidden"] // d["n_heads"])
     # GGUF stores these as float32; rounding here lets both formats carry the same values
     d["norm_eps"], d["rope_theta"] = float(np.float32(d["norm_eps"])), float(np.float32(d["rope_theta"]))
+    if arch == "gemma3":  # GGUF has no key for it: llama.cpp scales by the head size
+        d.setdefault("query_scale", float(d["head_dim"]))
     return ModelConfig(arch=arch, **d)
 
 
@@ -57,8 +68,8 @@ def random_weights(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in config.expected_shapes().items():
-        if name.endswith("norm.weight"):
-            a = 1 + 0.1 * rng.standard_normal(shape)
+        if name.endswith("norm.weight"):  # within [0.5, 2], where gemma3's stored w - 1 is exact
+            a = np.clip(1 + 0.1 * rng.standard_normal(shape), 0.5, 2)
         elif name.endswith(".bias"):
             a = 0.1 * rng.standard_normal(shape)
         else:
@@ -107,9 +118,9 @@ def write_hf(folder, arch: str = "llama", seed: int = 0, dtype: str = "float32",
     folder.mkdir(parents=True, exist_ok=True)
     tok = tiny_tokenizer(arch)
     hf_config = {
-        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                           "mistral": "MistralForCausalLM"}[arch]],
-        "model_type": arch, "hidden_size": config.hidden, "intermediate_size": config.ffn,
+        "architectures": [HF_CLASSES[arch]],
+        "model_type": "gemma3_text" if arch == "gemma3" else arch, "hidden_size": config.hidden,
+        "intermediate_size": config.ffn,
         "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim, "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling,
@@ -117,8 +128,16 @@ def write_hf(folder, arch: str = "llama", seed: int = 0, dtype: str = "float32",
         "max_position_embeddings": config.max_context, "bos_token_id": tok.token_to_id(BOS),
         "eos_token_id": tok.token_to_id(EOS), "torch_dtype": dtype,
     }
+    if arch in ("mistral", "phi3", "gemma3"):
+        hf_config["sliding_window"] = config.sliding_window
+    if arch == "gemma3":
+        layers = ["sliding_attention" if config.local(i) else "full_attention" for i in range(config.n_layers)]
+        hf_config.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=config.query_scale,
+                         rope_local_base_freq=config.rope_local_theta, final_logit_softcapping=config.final_softcap,
+                         attn_logit_softcapping=None, layer_types=layers)
+        weights = {n: a - np.float32(1) if n.endswith("norm.weight") else a for n, a in weights.items()}
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
-    write_safetensors(folder / "model.safetensors", weights, dtype)
+    write_safetensors(folder / "model.safetensors", fuse(config, weights), dtype)
     tok.save(str(folder / "tokenizer.json"))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS,
@@ -127,6 +146,17 @@ def write_hf(folder, arch: str = "llama", seed: int = 0, dtype: str = "float32",
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     return folder
+
+
+def fuse(config: ModelConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """phi3's files: q/k/v and gate/up concatenated into qkv_proj and gate_up_proj, as its checkpoints store them."""
+    parts = fused_rows(config)
+    if not parts:
+        return weights
+    out = {n: a for n, a in weights.items() if n not in parts}
+    for fused in dict.fromkeys(f for f, _, _ in parts.values()):
+        out[fused] = np.concatenate([weights[p] for p, (f, _, _) in parts.items() if f == fused])
+    return out
 
 
 def write_safetensors(path, tensors: dict[str, np.ndarray], dtype: str = "float32") -> Path:
@@ -186,6 +216,10 @@ def write_gguf(path, arch: str = "llama", seed: int = 0, qtype: str = "F32",
     w.add_layer_norm_rms_eps(config.norm_eps)
     w.add_rope_freq_base(config.rope_theta)
     w.add_vocab_size(config.vocab)
+    if config.sliding_window is not None:
+        w.add_sliding_window(config.sliding_window)
+    if config.final_softcap is not None:
+        w.add_float32(f"{arch}.final_logit_softcapping", config.final_softcap)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == "F32" else gguf.LlamaFileType[f"MOSTLY_{qtype}"])
     if config.rope_scaling:
         w.add_rope_scaling_type(gguf.RopeScalingType(config.rope_scaling["rope_type"]))
@@ -206,14 +240,14 @@ def write_gguf(path, arch: str = "llama", seed: int = 0, qtype: str = "F32",
     w.add_add_bos_token(_adds_bos(arch))
     w.add_chat_template(CHAT_TEMPLATE)
 
-    for name, a in weights.items():
+    for name, a in fuse(config, weights).items():
         a = np.ascontiguousarray(a, np.float32)
         if arch in PERMUTED_ARCHS and (".q_proj." in name or ".k_proj." in name):
             a = llama_permute(a, config.n_heads if ".q_proj." in name else config.n_kv_heads)
         if a.ndim == 2 and qt != gguf.GGMLQuantizationType.F32:
-            w.add_tensor(gguf_tensor_name(name), gguf.quants.quantize(a, qt), raw_dtype=qt)
+            w.add_tensor(gguf_tensor_name(name, arch), gguf.quants.quantize(a, qt), raw_dtype=qt)
         else:
-            w.add_tensor(gguf_tensor_name(name), a)
+            w.add_tensor(gguf_tensor_name(name, arch), a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -221,14 +255,14 @@ def write_gguf(path, arch: str = "llama", seed: int = 0, qtype: str = "F32",
     return Path(path)
 
 
-def gguf_tensor_name(hf_name: str) -> str:
+def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
     """Inverse of models.gguf_loader.hf_tensor_name."""
     base, _, kind = hf_name.rpartition(".")
     for g, h in GGUF_GLOBAL_NAMES.items():
         if base == h:
             return f"{g}.{kind}"
     _, _, i, rest = base.split(".", 3)  # model.layers.{i}.<rest>
-    return f"blk.{i}.{next(g for g, h in GGUF_LAYER_NAMES.items() if h == rest)}.{kind}"
+    return f"blk.{i}.{next(g for g, h in layer_names(arch).items() if h == rest)}.{kind}"
 
 
 def _adds_bos(arch: str) -> bool:

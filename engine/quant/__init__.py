@@ -62,7 +62,7 @@ from typing import Callable
 import numpy as np
 
 import lutkernels as lk
-from models.config import ModelConfig
+from models.config import ModelConfig, ModelError
 
 from . import binary, budget, calib, gptq, hlq, msb, rotate, rtn, sample, ternary, trellis, tune
 
@@ -193,11 +193,24 @@ def check_model(s: dict, config: ModelConfig, calib_len: int | None = None) -> N
             raise ValueError(f"group size {group} fits no matrix of this model: use one of "
                              f"{', '.join(map(str, lk.GROUP_SIZES))} or a row length ({', '.join(map(str, widths))})")
         rtn.group_size(K, group)
+    check_forward(s, config, calib_len is not None)
     if s["method"] == "gptq" and calib_len is None:
         raise ValueError("gptq needs calibration tokens (engine.quant.calibration)")
     if calib_len is not None and calib_len > config.max_context:
         raise ValueError(f"calibration sequences of {calib_len} tokens exceed the model's "
                          f"context of {config.max_context}")
+
+
+def check_forward(s: dict, config: ModelConfig, calibrated: bool) -> None:
+    """Calibration, rotation, block tuning and budget plans run the llama forward (calib.py,
+    sample.py, rotate.py, tune.py, budget.py): refused for models that compute something else."""
+    if config.llama_forward:
+        return
+    used = [name for name, on in (("gptq", s["method"] == "gptq"), ("calibration text", calibrated),
+                                  ("rotate", s["rotate"]), ("tune", s["tune"]), ("bpw", s["bpw"] is not None)) if on]
+    if used:
+        raise ModelError(f"unsupported: {', '.join(used)} for {config.arch} models "
+                         f"(sliding windows, gemma3's norms or soft-capping); use rtn, hlq, msb, binary or ternary")
 
 
 def sampled(s: dict) -> bool:
@@ -210,6 +223,7 @@ def calibration(s: dict, src, on_step: Callable[[], None] | None = None) -> np.n
     (models.source.ModelSource): windows of the calib text; when sampled(s), sequences the
     model samples itself (sample.py; on_step after each of its calib_len steps); else None."""
     n, length = s["n_calib"], s["calib_len"]
+    check_forward(s, src.config, s["calib"] is not None)
     if s["calib"] is not None:
         return calib.tokens(calib.read_text(s["calib"]), src.tok, n, length, s["calib"])
     if not sampled(s):
