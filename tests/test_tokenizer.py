@@ -74,7 +74,7 @@ def test_no_tokenizer_metadata():
 
 
 @pytest.mark.parametrize("key, value, named", [
-    ("tokenizer.ggml.model", "llama", "'llama'"),
+    ("tokenizer.ggml.model", "t5", "'t5'"),  # SentencePiece unigram (llama.cpp's UGM)
     ("tokenizer.ggml.pre", "no-such-pre", "'no-such-pre'"),
 ])
 def test_unsupported_tokenizer(key, value, named):
