@@ -90,7 +90,8 @@ PRE_TOKENIZERS = _table(
     ))),
 )
 
-SENTENCEPIECE = PreTokenizer((), add_bos=True)  # no pre-tokenizer: the text stays one sequence
+SENTENCEPIECE = PreTokenizer((), add_bos=True)
+MAX_PIECE = 64  # characters; gemma3's longest token has 31  # no pre-tokenizer: the text stays one sequence
 
 # Generation stops on any of these when they are control tokens, whatever the
 # GGUF names as eos: chat models end a turn with one and a document with another.
@@ -181,6 +182,9 @@ def _sentencepiece(metadata: dict, tokens: list[str], vocab: dict[str, int], pat
     unk = metadata.get("tokenizer.ggml.unknown_token_id")
     if not isinstance(unk, int) or not 0 <= unk < len(tokens):
         raise ModelError(f"{path}: SentencePiece tokenizer without a valid tokenizer.ggml.unknown_token_id")
+    longest = max(map(len, tokens))
+    if longest > MAX_PIECE:  # the merges below cost the square of each token's length
+        raise ModelError(f"{path}: unsupported: a SentencePiece token of {longest} characters (at most {MAX_PIECE})")
     ranked = sorted(((-scores[i], i, t[:k], t[k:]) for t, i in vocab.items() for k in range(1, len(t))
                      if t[:k] in vocab and t[k:] in vocab))
     bpe = _bpe(vocab, [(a, b) for _, _, a, b in ranked], path, unk_token=tokens[unk], fuse_unk=True,
