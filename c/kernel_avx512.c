@@ -110,3 +110,84 @@ TGT static inline __attribute__((always_inline)) void tile_rows(const lut_job *j
 }
 
 LUT_DEFINE_TILE(TGT, lut_tile_avx512, tile_rows)
+
+/* ---- integer GEMM (lut_iblock in lut_internal.h) ----
+ * One decoded pair of columns is a 512-bit register of 16 rows x 2 int16; a
+ * 32-bit broadcast of a token's two activations multiplies it into the rows'
+ * int32 sums: vpdpwssd where the CPU has AVX512-VNNI, else vpmaddwd and an
+ * add (the same integers: neither can overflow, lut_internal.h). T tokens
+ * share each weight load; their sums are T independent dependency chains. */
+#define TGT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+#define IG_BODY(attrs, name, dot)                                                                                    \
+    attrs static inline __attribute__((always_inline)) void name(const lut_iblock *bk, int32_t t0, int32_t T) {     \
+        __m512 y[8], tsv[8];                                                                                           \
+        __m512i u[8];                                                                                                  \
+        for (int32_t t = 0; t < T; t++) {                                                                              \
+            y[t] = _mm512_loadu_ps(bk->yacc + (int64_t)(t0 + t) * LUT_TILE);                                           \
+            tsv[t] = _mm512_set1_ps(bk->ts[(int64_t)(t0 + t) * bk->nb]);                                               \
+            u[t] = _mm512_setzero_si512();                                                                             \
+        }                                                                                                              \
+        for (int32_t c = 0; c < bk->ncomp; c++) {                                                                      \
+            __m512i s[8];                                                                                              \
+            for (int32_t t = 0; t < T; t++)                                                                            \
+                s[t] = _mm512_setzero_si512();                                                                         \
+            for (int32_t ch = 0; ch < bk->nchunk; ch++) {                                                              \
+                const int16_t *wc = bk->wd + ((int64_t)ch * bk->ncomp + c) * LUT_IG_WORDS;                             \
+                const int16_t *qc = bk->q + (int64_t)t0 * bk->qstride + ch * LUT_CHUNK;                                \
+                for (int32_t kp = 0; kp < LUT_CHUNK / 2; kp++) {                                                       \
+                    __m512i wv = _mm512_loadu_si512(wc + kp * 2 * LUT_TILE);                                           \
+                    for (int32_t t = 0; t < T; t++) {                                                                  \
+                        int32_t pair;                                                                                  \
+                        memcpy(&pair, qc + (int64_t)t * bk->qstride + 2 * kp, sizeof pair);                            \
+                        s[t] = dot(s[t], wv, _mm512_set1_epi32(pair));                                                 \
+                    }                                                                                                  \
+                }                                                                                                      \
+            }                                                                                                          \
+            __m512 scv = _mm512_loadu_ps(bk->sc + (bk->uniform ? 0 : c) * LUT_TILE);                                   \
+            for (int32_t t = 0; t < T; t++) {                                                                          \
+                if (bk->acc) {                                                                                         \
+                    int32_t tmp[LUT_TILE];                                                                             \
+                    _mm512_storeu_si512(tmp, s[t]);                                                                    \
+                    for (int32_t r = 0; r < LUT_TILE; r++)                                                             \
+                        bk->acc[(int64_t)(t0 + t) * bk->acc_tok + (int64_t)r * bk->acc_row + (int64_t)c * bk->nb] =     \
+                            tmp[r];                                                                                    \
+                }                                                                                                      \
+                if (bk->uniform)                                                                                       \
+                    u[t] = _mm512_add_epi32(u[t], _mm512_sll_epi32(s[t], _mm_cvtsi32_si128(c)));                       \
+                else                                                                                                   \
+                    y[t] = scale_add(y[t], s[t], scv, tsv[t]);                                                         \
+            }                                                                                                          \
+        }                                                                                                              \
+        __m512 scv = _mm512_loadu_ps(bk->sc);                                                                          \
+        for (int32_t t = 0; t < T; t++) {                                                                              \
+            if (bk->uniform)                                                                                           \
+                y[t] = scale_add(y[t], u[t], scv, tsv[t]);                                                             \
+            if (bk->z)                                                                                                 \
+                y[t] = _mm512_fmadd_ps(_mm512_loadu_ps(bk->z), _mm512_set1_ps(bk->xs[(int64_t)(t0 + t) * bk->ng]),    \
+                                       y[t]);                                                                          \
+            _mm512_storeu_ps(bk->yacc + (int64_t)(t0 + t) * LUT_TILE, y[t]);                                           \
+        }                                                                                                              \
+    }                                                                                                                  \
+    attrs static void name##_all(const lut_iblock *bk) {                                                              \
+        int32_t t = 0;                                                                                                 \
+        for (; t + 8 <= bk->n; t += 8)                                                                                 \
+            name(bk, t, 8);                                                                                            \
+        for (; t < bk->n; t++)                                                                                         \
+            name(bk, t, 1);                                                                                            \
+    }
+
+TGT_VNNI static inline __attribute__((always_inline)) __m512i dot_vnni(__m512i s, __m512i w, __m512i q) {
+    return _mm512_dpwssd_epi32(s, w, q);
+}
+TGT static inline __attribute__((always_inline)) __m512i dot_madd(__m512i s, __m512i w, __m512i q) {
+    return _mm512_add_epi32(s, _mm512_madd_epi16(w, q));
+}
+
+IG_BODY(TGT_VNNI, iblock_vnni, dot_vnni)
+IG_BODY(TGT, iblock_madd, dot_madd)
+
+void lut_iblock_avx512(const lut_iblock *bk) {
+    /* lut_isa_supported has run __builtin_cpu_init; the test reads a word, per block of many tokens */
+    (__builtin_cpu_supports("avx512vnni") ? iblock_vnni_all : iblock_madd_all)(bk);
+}

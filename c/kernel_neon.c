@@ -143,3 +143,78 @@ static inline __attribute__((always_inline)) void tile_rows(const lut_job *j, in
 }
 
 LUT_DEFINE_TILE(, lut_tile_neon, tile_rows)
+
+/* ---- integer GEMM (lut_iblock in lut_internal.h) ----
+ * A decoded column pair is four registers of 4 rows x 2 int16; a token's two
+ * activations, duplicated as a 32-bit lane, multiply them by vmlal into
+ * [row, column] int32 lanes, and vpaddq folds the two columns at the end of
+ * the block (the same integers: nothing can overflow, lut_internal.h). */
+static inline __attribute__((always_inline)) void iblock_tokens(const lut_iblock *bk, int32_t t0, int32_t T) {
+    float32x4_t y[2][4], tsv[2];
+    int32x4_t u[2][4];
+    for (int32_t t = 0; t < T; t++) {
+        for (int i = 0; i < 4; i++) {
+            y[t][i] = vld1q_f32(bk->yacc + (int64_t)(t0 + t) * LUT_TILE + 4 * i);
+            u[t][i] = vdupq_n_s32(0);
+        }
+        tsv[t] = vdupq_n_f32(bk->ts[(int64_t)(t0 + t) * bk->nb]);
+    }
+    for (int32_t c = 0; c < bk->ncomp; c++) {
+        int32x4_t lo[2][4], hi[2][4], s[2][4];
+        for (int32_t t = 0; t < T; t++)
+            for (int i = 0; i < 4; i++)
+                lo[t][i] = hi[t][i] = vdupq_n_s32(0);
+        for (int32_t ch = 0; ch < bk->nchunk; ch++) {
+            const int16_t *wc = bk->wd + ((int64_t)ch * bk->ncomp + c) * LUT_IG_WORDS;
+            const int16_t *qc = bk->q + (int64_t)t0 * bk->qstride + ch * LUT_CHUNK;
+            for (int32_t kp = 0; kp < LUT_CHUNK / 2; kp++) {
+                int16x8_t wv[4];
+                for (int i = 0; i < 4; i++)
+                    wv[i] = vld1q_s16(wc + kp * 2 * LUT_TILE + 8 * i);
+                for (int32_t t = 0; t < T; t++) {
+                    int32_t pair;
+                    memcpy(&pair, qc + (int64_t)t * bk->qstride + 2 * kp, sizeof pair);
+                    int16x8_t qv = vreinterpretq_s16_s32(vdupq_n_s32(pair));
+                    for (int i = 0; i < 4; i++) {
+                        lo[t][i] = vmlal_s16(lo[t][i], vget_low_s16(wv[i]), vget_low_s16(qv));
+                        hi[t][i] = vmlal_high_s16(hi[t][i], wv[i], qv);
+                    }
+                }
+            }
+        }
+        const float *scp = bk->sc + (bk->uniform ? 0 : c) * LUT_TILE;
+        for (int32_t t = 0; t < T; t++) {
+            for (int i = 0; i < 4; i++)
+                s[t][i] = vpaddq_s32(lo[t][i], hi[t][i]);
+            if (bk->acc) {
+                int32_t tmp[LUT_TILE];
+                for (int i = 0; i < 4; i++)
+                    vst1q_s32(tmp + 4 * i, s[t][i]);
+                for (int32_t r = 0; r < LUT_TILE; r++)
+                    bk->acc[(int64_t)(t0 + t) * bk->acc_tok + (int64_t)r * bk->acc_row + (int64_t)c * bk->nb] = tmp[r];
+            }
+            for (int i = 0; i < 4; i++) {
+                if (bk->uniform) /* vshlq shifts bits: defined for negative lanes */
+                    u[t][i] = vaddq_s32(u[t][i], vshlq_s32(s[t][i], vdupq_n_s32(c)));
+                else
+                    y[t][i] = vfmaq_f32(y[t][i], vcvtq_f32_s32(s[t][i]), vmulq_f32(vld1q_f32(scp + 4 * i), tsv[t]));
+            }
+        }
+    }
+    for (int32_t t = 0; t < T; t++)
+        for (int i = 0; i < 4; i++) {
+            if (bk->uniform)
+                y[t][i] = vfmaq_f32(y[t][i], vcvtq_f32_s32(u[t][i]), vmulq_f32(vld1q_f32(bk->sc + 4 * i), tsv[t]));
+            if (bk->z)
+                y[t][i] = vfmaq_f32(y[t][i], vld1q_f32(bk->z + 4 * i), vdupq_n_f32(bk->xs[(int64_t)(t0 + t) * bk->ng]));
+            vst1q_f32(bk->yacc + (int64_t)(t0 + t) * LUT_TILE + 4 * i, y[t][i]);
+        }
+}
+
+void lut_iblock_neon(const lut_iblock *bk) {
+    int32_t t = 0;
+    for (; t + 2 <= bk->n; t += 2)
+        iblock_tokens(bk, t, 2);
+    for (; t < bk->n; t++)
+        iblock_tokens(bk, t, 1);
+}

@@ -27,14 +27,14 @@ static inline float scale_add(float y, int32_t s, float scale, float ts) {
 }
 
 /* The 16 rows' scales of plane s (0 when uniform) as float. */
-static void scales16(const lut_layer *w, int64_t grp, int32_t s, float out[LUT_TILE]) {
+void lut_scales16(const lut_layer *w, int64_t grp, int32_t s, float out[LUT_TILE]) {
     const void *p = lut_scale_ptr(w, grp, s);
     for (int32_t r = 0; r < LUT_TILE; r++)
         out[r] = w->scale8 ? lut_f8(((const uint8_t *)p)[r]) : lut_h2f(((const uint16_t *)p)[r]);
 }
 
-/* The 16 rows' offsets as float; h: the rows' first scales (scales16, plane 0). */
-static void offsets16(const lut_layer *w, int64_t grp, const float h[LUT_TILE], float out[LUT_TILE]) {
+/* The 16 rows' offsets as float; h: the rows' first scales (lut_scales16, plane 0). */
+void lut_offsets16(const lut_layer *w, int64_t grp, const float h[LUT_TILE], float out[LUT_TILE]) {
     const void *p = w->offsets ? lut_offset_ptr(w, grp) : NULL;
     for (int32_t r = 0; r < LUT_TILE; r++)
         out[r] = !p ? -h[r] : w->scale8 ? h[r] * (float)((const int8_t *)p)[r] * 0.125f : lut_h2f(((const uint16_t *)p)[r]);
@@ -68,20 +68,20 @@ void lut_tile_scalar(const lut_job *j, int32_t tile, int32_t tok) {
                     u[r] += s[r] * (1 << p); /* a multiply: shifting a negative int left is UB in C */
             }
             if (!w->uniform) {
-                scales16(w, grp, p, sc);
+                lut_scales16(w, grp, p, sc);
                 for (int32_t r = 0; r < LUT_TILE; r++)
                     yacc[r] = scale_add(yacc[r], s[r], sc[r], ts[b]);
             }
         }
         if (w->uniform) {
-            scales16(w, grp, 0, sc);
+            lut_scales16(w, grp, 0, sc);
             for (int32_t r = 0; r < LUT_TILE; r++)
                 yacc[r] = scale_add(yacc[r], u[r], sc[r], ts[b]);
         }
         if (++bg == bpg) { /* the group's last block */
             if (lut_has_offsets(w)) {
-                scales16(w, grp, 0, sc);
-                offsets16(w, grp, sc, z);
+                lut_scales16(w, grp, 0, sc);
+                lut_offsets16(w, grp, sc, z);
                 for (int32_t r = 0; r < LUT_TILE; r++)
                     yacc[r] = fmaf(z[r], xs[g], yacc[r]);
             }
@@ -91,4 +91,38 @@ void lut_tile_scalar(const lut_job *j, int32_t tile, int32_t tok) {
     }
     for (int32_t r = 0; r < LUT_TILE && tile * LUT_TILE + r < w->M; r++)
         j->y[(int64_t)tok * w->M + tile * LUT_TILE + r] = yacc[r];
+}
+
+/* One tile and block of the integer GEMM for all tokens (lut_iblock in
+ * lut_internal.h): the reference of the SIMD paths, which repeat its float
+ * steps in the same order (the LUT kernels' order, hence the same outputs). */
+void lut_iblock_scalar(const lut_iblock *bk) {
+    for (int32_t t = 0; t < bk->n; t++) {
+        const int16_t *q = bk->q + (int64_t)t * bk->qstride;
+        float *y = bk->yacc + (int64_t)t * LUT_TILE, tsv = bk->ts[(int64_t)t * bk->nb];
+        int32_t u[LUT_TILE] = {0};
+        for (int32_t c = 0; c < bk->ncomp; c++) {
+            int32_t s[LUT_TILE] = {0};
+            for (int32_t ch = 0; ch < bk->nchunk; ch++) {
+                const int16_t *wc = bk->wd + ((int64_t)ch * bk->ncomp + c) * LUT_IG_WORDS, *qc = q + ch * LUT_CHUNK;
+                for (int32_t kp = 0; kp < LUT_CHUNK / 2; kp++)
+                    for (int32_t r = 0; r < LUT_TILE; r++)
+                        s[r] += wc[kp * 32 + 2 * r] * qc[2 * kp] + wc[kp * 32 + 2 * r + 1] * qc[2 * kp + 1];
+            }
+            for (int32_t r = 0; r < LUT_TILE; r++) {
+                if (bk->acc)
+                    bk->acc[(int64_t)t * bk->acc_tok + (int64_t)r * bk->acc_row + (int64_t)c * bk->nb] = s[r];
+                if (bk->uniform)
+                    u[r] += s[r] * (1 << c);
+                else
+                    y[r] = scale_add(y[r], s[r], bk->sc[c * LUT_TILE + r], tsv);
+            }
+        }
+        if (bk->uniform)
+            for (int32_t r = 0; r < LUT_TILE; r++)
+                y[r] = scale_add(y[r], u[r], bk->sc[r], tsv);
+        if (bk->z)
+            for (int32_t r = 0; r < LUT_TILE; r++)
+                y[r] = fmaf(bk->z[r], bk->xs[(int64_t)t * bk->ng], y[r]);
+    }
 }

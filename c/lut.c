@@ -19,6 +19,17 @@ static const lut_tile_fn tile_fns[LUT_ISA_COUNT] = {
 #endif
 };
 
+static const lut_iblock_fn iblock_fns[LUT_ISA_COUNT] = {
+    [LUT_ISA_SCALAR] = lut_iblock_scalar,
+#if defined(__x86_64__) || defined(__i386__)
+    [LUT_ISA_AVX2] = lut_iblock_avx2,
+    [LUT_ISA_AVX512] = lut_iblock_avx512,
+#endif
+#if defined(__aarch64__)
+    [LUT_ISA_NEON] = lut_iblock_neon,
+#endif
+};
+
 static const char *const isa_names[LUT_ISA_COUNT] = {"scalar", "avx2", "avx512", "neon"};
 
 const char *lut_isa_name(int32_t isa) {
@@ -156,16 +167,21 @@ TABLE_CLONES static float tables_fast(const float *x, int32_t Kb, int8_t *tab) {
 /* Exact mode: activations to 12-bit integers with scale max|x| / LUT_EXACT_Q; the
  * integer sums (|T| <= 4 * 2047 = 8188) split into signed bytes T = 256*hi + lo,
  * lo in [-128,127], hi in [-32,32]. */
-TABLE_CLONES static float tables_exact(const float *x, int32_t Kb, int8_t *lo, int8_t *hi) {
+static inline __attribute__((always_inline)) float exact_ints(const float *x, int32_t Kb, int32_t *q) {
     uint32_t maxbits = 0;
     for (int32_t k = 0; k < Kb; k++) {
         uint32_t u = abs_bits(x[k]);
         maxbits = u > maxbits ? u : maxbits;
     }
     float maxabs = bits_float(maxbits), inv = maxabs > 0.0f ? (float)LUT_EXACT_Q / maxabs : 0.0f;
-    int32_t q[256];
     for (int32_t k = 0; k < Kb; k++)
         q[k] = round_even(x[k] * inv);
+    return maxabs / (float)LUT_EXACT_Q;
+}
+
+TABLE_CLONES static float tables_exact(const float *x, int32_t Kb, int8_t *lo, int8_t *hi) {
+    int32_t q[256];
+    float scale = exact_ints(x, Kb, q);
     for (int32_t j = 0; j < Kb / 4; j++)
         for (int idx = 0; idx < 16; idx++) {
             int32_t v = 0;
@@ -175,7 +191,30 @@ TABLE_CLONES static float tables_exact(const float *x, int32_t Kb, int8_t *lo, i
             lo[16 * j + idx] = (int8_t)l;
             hi[16 * j + idx] = (int8_t)((v - l) / 256);
         }
-    return maxabs / (float)LUT_EXACT_Q;
+    return scale;
+}
+
+/* The integer GEMM's activations: the exact tables' integers, as int16. */
+TABLE_CLONES static float ints_exact(const float *x, int32_t Kb, int16_t *out) {
+    int32_t q[256];
+    float scale = exact_ints(x, Kb, q);
+    for (int32_t k = 0; k < Kb; k++)
+        out[k] = (int16_t)q[k];
+    return scale;
+}
+
+/* Sums of the ngroups groups of G activations in x, this thread's share. */
+static void group_sums(const float *x, int64_t ngroups, int32_t G, float *out, int32_t ith, int32_t nth) {
+    for (int64_t u = ngroups * ith / nth; u < ngroups * (ith + 1) / nth; u++) {
+        const float *xg = x + u * G; /* groups tile each token's row exactly: K = ng * G */
+        float part[8] = {0}, s = 0.0f; /* 8 partial sums: a vector add chain, not a scalar one */
+        for (int32_t k = 0; k < G; k += 8)
+            for (int i = 0; i < 8; i++)
+                part[i] += xg[k + i];
+        for (int i = 0; i < 8; i++)
+            s += part[i];
+        out[u] = s;
+    }
 }
 
 typedef struct {
@@ -197,18 +236,8 @@ static void build_tables(void *arg, int32_t ith, int32_t nth) {
         float *ts = (float *)j->tscale + (int64_t)tok * nb + b;
         *ts = c->exact ? tables_exact(x, j->Kb, tab, tab + (int64_t)K * 4) : tables_fast(x, j->Kb, tab);
     }
-    if (!lut_has_offsets(j->w))
-        return;
-    for (int64_t u = (int64_t)c->n * ng * ith / nth; u < (int64_t)c->n * ng * (ith + 1) / nth; u++) {
-        const float *x = c->x + u * G; /* groups tile each token's row exactly: K = ng * G */
-        float part[8] = {0}, s = 0.0f; /* 8 partial sums: a vector add chain, not a scalar one */
-        for (int32_t k = 0; k < G; k += 8)
-            for (int i = 0; i < 8; i++)
-                part[i] += x[k + i];
-        for (int i = 0; i < 8; i++)
-            s += part[i];
-        ((float *)j->xsum)[u] = s;
-    }
+    if (lut_has_offsets(j->w))
+        group_sums(c->x, (int64_t)c->n * ng, G, (float *)j->xsum, ith, nth);
 }
 
 static void run_tiles(void *arg, int32_t ith, int32_t nth) {
@@ -218,6 +247,160 @@ static void run_tiles(void *arg, int32_t ith, int32_t nth) {
     for (int32_t t = lo; t < hi; t++)
         for (int32_t tok = 0; tok < c->n; tok++)
             fn(&c->job, t, tok);
+}
+
+/* ---- integer GEMM (exact mode, many tokens; lut_iblock in lut_internal.h) ----
+ * A chunk of a tile decodes to int16 [16 pairs][16 rows][2]: column k = 4g + i
+ * of the chunk is bit i of group g's nibble, the low nibbles of bytes
+ * 16(g & 3) .. +15 for g < 4, the high ones for g >= 4 (layout.py), so pair kp
+ * holds bits 2(kp & 1) and 2(kp & 1) + 1 of nibble g = kp / 2. A component is
+ * planes [p0, p1): sum_p 2^(p-p0) (2 b_p - 1) = 2 v - (2^(p1-p0) - 1) with v
+ * their bits as a number; a uniform layer's planes make one component, a
+ * per-plane layer's (or acc's) one each. v is built as 32-bit words, one per
+ * row and pair, 16 bits per column (v <= 255: no carry between them), from 16
+ * contiguous bytes per step, so the loops vectorise over the rows. */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#define DECODE_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define DECODE_CLONES
+#endif
+
+/* GNU C vectors: written as loops, the 16-row steps were left scalar by the
+ * vectoriser (GCC 12), and the decode took as long as the dot products at 128 tokens. */
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+
+DECODE_CLONES static void decode_comp(const uint8_t *wc, int32_t p0, int32_t p1, int16_t *wd) {
+    u32x16 v[LUT_CHUNK / 2] = {0};
+    for (int32_t p = p0; p < p1; p++)
+        for (int32_t kp = 0; kp < LUT_CHUNK / 2; kp++) {
+            u8x16 bytes;
+            memcpy(&bytes, wc + p * 64 + ((kp >> 1) & 3) * LUT_TILE, sizeof bytes);
+            u32x16 t = __builtin_convertvector(bytes, u32x16) >> ((kp >> 3) * 4 + (kp & 1) * 2) & 3u;
+            v[kp] += ((t & 1u) | (t & 2u) << 15) << (p - p0);
+        }
+    uint16_t h[LUT_IG_WORDS];
+    memcpy(h, v, sizeof h); /* little-endian words: column 2kp in the low half (x86, AArch64) */
+    int32_t top = (1 << (p1 - p0)) - 1;
+    for (int32_t i = 0; i < LUT_IG_WORDS; i++)
+        wd[i] = (int16_t)(2 * h[i] - top);
+}
+
+static void decode_chunk(const uint8_t *wc, int32_t P, int32_t ncomp, int16_t *wd) {
+    if (ncomp == 1)
+        decode_comp(wc, 0, P, wd);
+    else
+        for (int32_t p = 0; p < P; p++)
+            decode_comp(wc, p, p + 1, wd + p * LUT_IG_WORDS);
+}
+
+/* Below this many tokens the LUT kernels are faster (measured: bench/gemm_pp.py);
+ * LUTENGINE_IGEMM_ROWS overrides it, read at the first call (benchmarks, tests). */
+#define LUT_IGEMM_ROWS 8
+static int32_t igemm_rows = -1;
+
+static int32_t igemm_min_rows(void) {
+    if (igemm_rows < 0) {
+        const char *env = getenv("LUTENGINE_IGEMM_ROWS");
+        char *end = NULL;
+        long v = env ? strtol(env, &end, 10) : -1;
+        igemm_rows = env && *env && !*end && v >= 1 && v <= INT32_MAX ? (int32_t)v : LUT_IGEMM_ROWS;
+    }
+    return igemm_rows;
+}
+
+typedef struct {
+    const lut_layer *w;
+    const float *x;
+    float *y;
+    int32_t *acc;
+    int32_t n, Kb, isa, ntiles, ncomp;
+    int16_t *q;  /* [K/Kb][n][Kb]: a block's tokens contiguous, read once per tile */
+    float *ts;   /* [n][K/Kb] */
+    float *xs;   /* [n][K/G] */
+    char *scratch;
+    size_t per_chunk; /* scratch of one pool chunk: yacc [n][16] floats, then decoded chunks */
+} igemm_ctx;
+
+static void igemm_quant(void *arg, int32_t ith, int32_t nth) {
+    igemm_ctx *c = arg;
+    int32_t K = c->w->K, Kb = c->Kb, nb = K / Kb, ng = K / c->w->G;
+    int64_t units = (int64_t)c->n * nb;
+    for (int64_t u = units * ith / nth; u < units * (ith + 1) / nth; u++) {
+        int32_t tok = (int32_t)(u / nb), b = (int32_t)(u % nb);
+        c->ts[u] = ints_exact(c->x + (int64_t)tok * K + (int64_t)b * Kb, Kb, c->q + ((int64_t)b * c->n + tok) * Kb);
+    }
+    if (lut_has_offsets(c->w))
+        group_sums(c->x, (int64_t)c->n * ng, c->w->G, c->xs, ith, nth);
+}
+
+static void igemm_tiles(void *arg, int32_t ith, int32_t nth) {
+    igemm_ctx *c = arg;
+    const lut_layer *w = c->w;
+    int32_t K = w->K, P = w->P, n = c->n, Kb = c->Kb, nb = K / Kb, ng = K / w->G, bpg = w->G / Kb;
+    int32_t cpb = Kb / LUT_CHUNK, nchunk = K / LUT_CHUNK, rows = c->ntiles * LUT_TILE, nsc = w->uniform ? 1 : P;
+    float *yacc = (float *)(c->scratch + (size_t)ith * c->per_chunk);
+    int16_t *wd = (int16_t *)(yacc + (size_t)n * LUT_TILE);
+    lut_iblock_fn fn = iblock_fns[c->isa];
+    for (int32_t tile = (int32_t)((int64_t)c->ntiles * ith / nth); tile < (int64_t)c->ntiles * (ith + 1) / nth; tile++) {
+        const uint8_t *wt = w->planes + (int64_t)tile * nchunk * P * 64;
+        memset(yacc, 0, (size_t)n * LUT_TILE * sizeof *yacc);
+        int32_t g = 0, bg = 0;
+        for (int32_t b = 0; b < nb; b++) {
+            int64_t grp = (int64_t)tile * ng + g;
+            float sc[8 * LUT_TILE], z[LUT_TILE];
+            for (int32_t p = 0; p < nsc; p++)
+                lut_scales16(w, grp, p, sc + p * LUT_TILE);
+            int last = ++bg == bpg;
+            if (last && lut_has_offsets(w)) {
+                float h[LUT_TILE];
+                lut_scales16(w, grp, 0, h);
+                lut_offsets16(w, grp, h, z);
+            }
+            for (int32_t ch = 0; ch < cpb; ch++)
+                decode_chunk(wt + ((int64_t)b * cpb + ch) * P * 64, P, c->ncomp, wd + (int64_t)ch * c->ncomp * LUT_IG_WORDS);
+            lut_iblock bk = {
+                .n = n, .nchunk = cpb, .ncomp = c->ncomp, .uniform = w->uniform, .P = P, .wd = wd,
+                .q = c->q + (int64_t)b * n * Kb, .qstride = Kb, .nb = nb, .ng = ng, .ts = c->ts + b, .sc = sc,
+                .z = last && lut_has_offsets(w) ? z : NULL, .xs = c->xs + g, .yacc = yacc,
+                .acc = c->acc ? c->acc + (int64_t)tile * LUT_TILE * P * nb + b : NULL,
+                .acc_tok = (int64_t)rows * P * nb, .acc_row = P * nb,
+            };
+            fn(&bk);
+            if (last) {
+                bg = 0;
+                g++;
+            }
+        }
+        int32_t nr = w->M - tile * LUT_TILE < LUT_TILE ? w->M - tile * LUT_TILE : LUT_TILE;
+        for (int32_t t = 0; t < n; t++)
+            memcpy(c->y + (int64_t)t * w->M + tile * LUT_TILE, yacc + (int64_t)t * LUT_TILE, (size_t)nr * sizeof *yacc);
+    }
+}
+
+/* Workspace layout, 64-byte aligned parts. */
+static size_t align64(size_t v) { return (v + 63) & ~(size_t)63; }
+
+static int igemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t *acc) {
+    int32_t K = w->K, Kb = lut_act_block(K, w->G), nb = K / Kb, ng = K / w->G;
+    int32_t ncomp = w->uniform && !acc ? 1 : w->P, nth = lut_pool_chunks();
+    size_t q_bytes = align64((size_t)n * K * sizeof(int16_t)), ts_bytes = align64((size_t)n * nb * sizeof(float));
+    size_t xs_bytes = align64((size_t)n * ng * sizeof(float));
+    size_t per = align64((size_t)n * LUT_TILE * sizeof(float)) +
+                 align64((size_t)(Kb / LUT_CHUNK) * ncomp * LUT_IG_WORDS * sizeof(int16_t));
+    char *base = lut_workspace(q_bytes + ts_bytes + xs_bytes + (size_t)nth * per + 64);
+    if (!base)
+        return LUT_ENOMEM;
+    base = (char *)align64((uintptr_t)base); /* malloc gives 16-byte alignment; the + 64 above pays for this */
+    igemm_ctx c = {
+        .w = w, .x = x, .y = y, .acc = acc, .n = n, .Kb = Kb, .isa = lut_isa(),
+        .ntiles = (w->M + LUT_TILE - 1) / LUT_TILE, .ncomp = ncomp, .q = (int16_t *)base,
+        .ts = (float *)(base + q_bytes), .xs = (float *)(base + q_bytes + ts_bytes),
+        .scratch = base + q_bytes + ts_bytes + xs_bytes, .per_chunk = per,
+    };
+    lut_pool_run(igemm_quant, &c);
+    lut_pool_run(igemm_tiles, &c);
+    return LUT_OK;
 }
 
 /* Workspace grows to the largest call seen and is reused: no allocation per token. */
@@ -239,11 +422,16 @@ int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t ex
         (w->uniform != 0 && w->uniform != 1) || (w->scale8 != 0 && w->scale8 != 1) || (exact != 0 && exact != 1) ||
         (w->int_grid != 0 && (w->int_grid != 1 || !w->uniform || w->offsets)))
         return LUT_EINVAL;
+    pthread_mutex_lock(&lut_call_mu);
+    if (exact && n >= igemm_min_rows()) {
+        int rc = igemm(w, x, n, y, acc);
+        pthread_mutex_unlock(&lut_call_mu);
+        return rc;
+    }
     int32_t K = w->K, Kb = lut_act_block(K, w->G), ntab = exact ? 2 : 1;
     size_t tab_bytes = (size_t)n * ntab * K * 4, ts_bytes = (size_t)n * (K / Kb) * sizeof(float);
     size_t xs_bytes = (size_t)n * (K / w->G) * sizeof(float);
     size_t need = tab_bytes + ts_bytes + xs_bytes + 64;
-    pthread_mutex_lock(&lut_call_mu);
     if (!lut_workspace(need)) {
         pthread_mutex_unlock(&lut_call_mu);
         return LUT_ENOMEM;

@@ -55,6 +55,48 @@ static inline int64_t lut_tab_stride(const lut_job *j) { return (int64_t)j->ntab
             w->scale8 ? body(j, tile, tok, 1, 0, 1, 0) : body(j, tile, tok, 1, 0, 0, 0);                              \
     }
 
+/* Integer GEMM (exact mode, n >= LUT_IGEMM_ROWS tokens): a tile's weights are
+ * decoded once per call, a chunk of 32 columns at a time, to int16 and every
+ * token's 12-bit activations multiply them into int32 block sums. They are
+ * exact integers, so they equal the exact tables' sums: the same integers
+ * enter the same float steps, and the output is the LUT path's bit for bit.
+ * Decoded chunk: int16 [16 column pairs][16 rows][2], the pair layout of
+ * vpmaddwd / vpdpwssd (one 32-bit broadcast of a token's two activations
+ * multiplies 16 rows). A component is one plane's +-1 weights or, for a
+ * uniform layer, sum_p 2^p B_p in one (|.| <= 255). Bound: |q| <= 2047, so a
+ * block of Kb <= 256 columns sums at most 256 * 255 * 2047 < 2^27 in int32. */
+#define LUT_IG_WORDS (LUT_CHUNK * LUT_TILE) /* int16 per decoded chunk and component */
+
+/* One tile and block for n tokens: the kernels' unit. */
+typedef struct lut_iblock {
+    int32_t n, nchunk, ncomp, uniform, P; /* ncomp: 1 (a uniform layer's planes in one) or P */
+    const int16_t *wd;                    /* [nchunk][ncomp][LUT_IG_WORDS] */
+    const int16_t *q;                     /* token t's activations of the block at q + t * qstride */
+    int32_t qstride, nb, ng;
+    const float *ts;  /* token t's block scale at ts[t * nb] */
+    const float *sc;  /* [ncomp][16] rows' scales (uniform: plane 0's, [1][16]) */
+    const float *z;   /* [16] offsets, at a group's last block of a layer with offsets; else NULL */
+    const float *xs;  /* token t's group sum at xs[t * ng] */
+    float *yacc;      /* [n][16] */
+    int32_t *acc;     /* NULL, or token 0's row 0 plane 0 sum of this block; */
+    int64_t acc_tok;  /* strides: token, row (plane: nb) */
+    int32_t acc_row;
+} lut_iblock;
+
+/* The 16 rows' scales of plane s (0 when uniform) and offsets of group grp as float
+ * (h: the rows' plane-0 scales): exact decodes, shared by the scalar paths. */
+void lut_scales16(const lut_layer *w, int64_t grp, int32_t s, float out[LUT_TILE]);
+void lut_offsets16(const lut_layer *w, int64_t grp, const float h[LUT_TILE], float out[LUT_TILE]);
+typedef void (*lut_iblock_fn)(const lut_iblock *b);
+void lut_iblock_scalar(const lut_iblock *b);
+#if defined(__x86_64__) || defined(__i386__)
+void lut_iblock_avx2(const lut_iblock *b);
+void lut_iblock_avx512(const lut_iblock *b);
+#endif
+#if defined(__aarch64__)
+void lut_iblock_neon(const lut_iblock *b);
+#endif
+
 /* Exact-mode activations are integers up to LUT_EXACT_Q in magnitude: 12 bits.
  * Qwen2.5-Coder's rtn8g32 file, wiki / c4: 12-bit 20.309 / 53.219, 8-bit
  * 20.359 / 53.148, int8 tables (fast) 20.331 / 53.316, dense 20.292 / 53.199:

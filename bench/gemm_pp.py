@@ -1,0 +1,77 @@
+"""Prompt-GEMM benchmark: tokens/s of lutkernels.gemm on N-row inputs.
+
+    python -m bench.gemm_pp [--n 128,512] [--threads 1,2] [--modes 0,1] [--rounds 3]
+
+Layers as the default file stores them (uniform 4-bit planes, G = 32, 8-bit
+scales, integer grid) on SmolLM2-135M's and Qwen2.5-0.5B's shapes. Each round
+measures every case once, the cases alternating, so host interference spreads
+over all of them; a case's figure is its best round. tok/s = N / time per call.
+"""
+import argparse
+import time
+
+import numpy as np
+
+import lutkernels as lk
+
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (896, 896), (128, 896), (4864, 896), (896, 4864)]
+
+
+def layer(M, K, P=4, G=32, seed=0):
+    rng = np.random.default_rng(seed)
+    planes = rng.choice(np.array([-1, 1], np.int8), size=(P, M, K))
+    h = rng.uniform(0.01, 0.02, size=(1, M, K // G)).astype(np.float32)
+    return lk.Layer(lk.pack(planes, h, None, uniform=True, scale8=True, int_grid=True))
+
+
+def per_call(L, x, y, mode, budget):
+    lk.gemm(L, x, out=y, exact=mode)
+    reps, t0 = 0, time.perf_counter()
+    best = float("inf")
+    while time.perf_counter() - t0 < budget or reps < 3:
+        t = time.perf_counter()
+        lk.gemm(L, x, out=y, exact=mode)
+        best = min(best, time.perf_counter() - t)
+        reps += 1
+    return best
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", default="128,512")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--modes", default="0,1")
+    p.add_argument("--shapes", default=",".join(f"{m}x{k}" for m, k in SHAPES))
+    p.add_argument("--P", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--budget", type=float, default=0.15)
+    a = p.parse_args()
+    shapes = [tuple(map(int, s.split("x"))) for s in a.shapes.split(",")]
+    ns, threads, modes = (list(map(int, s.split(","))) for s in (a.n, a.threads, a.modes))
+    layers = {s: layer(*s, P=a.P) for s in shapes}
+    rng = np.random.default_rng(1)
+    xs = {(n, K): rng.standard_normal((n, K)).astype(np.float32) for n in ns for _, K in shapes}
+    best = {}
+    for _ in range(a.rounds):
+        for t in threads:
+            lk.set_threads(t)
+            for s in shapes:
+                for n in ns:
+                    x, y = xs[(n, s[1])], np.empty((n, s[0]), np.float32)
+                    for m in modes:
+                        dt = per_call(layers[s], x, y, m, a.budget)
+                        key = (t, s, n, m)
+                        best[key] = min(best.get(key, float("inf")), dt)
+    print(f"isa {lk.get_isa()}  P={a.P} G=32 uniform scale8 int_grid; tok/s (best of {a.rounds} rounds)")
+    print("threads  shape        N  " + "  ".join(f"mode{m:>1} tok/s" for m in modes)
+          + ("  mode1/mode0" if modes == [0, 1] else ""))
+    for t in threads:
+        for s in shapes:
+            for n in ns:
+                r = [n / best[(t, s, n, m)] for m in modes]
+                print(f"{t:7d}  {s[0]:>4}x{s[1]:<5} {n:4d}  " + "  ".join(f"{v:11.0f}" for v in r)
+                      + (f"  {r[1] / r[0]:10.2f}" if modes == [0, 1] else ""))
+
+
+if __name__ == "__main__":
+    main()
