@@ -295,10 +295,12 @@ static void decode_chunk(const uint8_t *wc, int32_t P, int32_t ncomp, int16_t *w
 }
 
 /* Below this many tokens the LUT kernels are faster (measured: bench/gemm_pp.py);
- * LUTENGINE_IGEMM_ROWS overrides it, read at the first call (benchmarks, tests). */
+ * LUTENGINE_IGEMM_ROWS (read at the first call) or lut_set_igemm_rows overrides
+ * it: benchmarks compare both paths at one size, tests run every exact case on both. */
 #define LUT_IGEMM_ROWS 8
 static int32_t igemm_rows = -1;
 
+/* Hold lut_call_mu. */
 static int32_t igemm_min_rows(void) {
     if (igemm_rows < 0) {
         const char *env = getenv("LUTENGINE_IGEMM_ROWS");
@@ -307,6 +309,22 @@ static int32_t igemm_min_rows(void) {
         igemm_rows = env && *env && !*end && v >= 1 && v <= INT32_MAX ? (int32_t)v : LUT_IGEMM_ROWS;
     }
     return igemm_rows;
+}
+
+int lut_set_igemm_rows(int32_t n) {
+    if (n < 1)
+        return LUT_EINVAL;
+    pthread_mutex_lock(&lut_call_mu);
+    igemm_rows = n;
+    pthread_mutex_unlock(&lut_call_mu);
+    return LUT_OK;
+}
+
+int32_t lut_igemm_rows(void) {
+    pthread_mutex_lock(&lut_call_mu);
+    int32_t n = igemm_min_rows();
+    pthread_mutex_unlock(&lut_call_mu);
+    return n;
 }
 
 typedef struct {

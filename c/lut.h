@@ -46,6 +46,11 @@ enum {
  * int32 [n][ceil(M/16)*16][P][K/Kb] (Kb = lut_act_block(K,G)) for testing. */
 int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t exact, int32_t *acc);
 
+/* Exact-mode calls with at least this many tokens run the integer GEMM (lut_internal.h),
+ * whose outputs and sums equal the tables' bit for bit; n >= 1, else LUT_EINVAL. */
+int lut_set_igemm_rows(int32_t n);
+int32_t lut_igemm_rows(void);
+
 /* A trellis-coded layer (lutkernels/trellis.py is the spec): k bits per weight,
  * 1..6; streams uint8 [K][2*k*ceil(M/16) + 1] then 16 zero bytes; scales
  * float32 [ceil(M/16)*16]. */
