@@ -25,6 +25,17 @@ def _sums16(xg: np.ndarray) -> np.ndarray:
     return out
 
 
+def exact_ints(x: np.ndarray, K: int, G: int):
+    """x [N, K] -> (exact-mode activations: integers |q| <= EXACT_Q, int32 [N, K/Kb, Kb];
+    their block scales float32 [N, K/Kb]), rounded as the C tables round them."""
+    Kb = act_block(K, G)
+    xb = x.astype(np.float32).reshape(x.shape[0], K // Kb, Kb)
+    maxabs = np.abs(xb).max(-1)
+    inv = np.where(maxabs > 0, np.float32(EXACT_Q) / np.where(maxabs > 0, maxabs, 1), 0).astype(np.float32)
+    q = np.clip(np.rint(xb * inv[..., None]), -EXACT_Q, EXACT_Q).astype(np.int32)
+    return q, (maxabs / np.float32(EXACT_Q)).astype(np.float32)
+
+
 def tables(x: np.ndarray, K: int, G: int, exact: bool):
     """x [N, K] -> (int tables [N, K/4, 16] as int32, block scales float32 [N, K/Kb]).
 
@@ -35,11 +46,10 @@ def tables(x: np.ndarray, K: int, G: int, exact: bool):
     N = x.shape[0]
     xb = x.astype(np.float32).reshape(N, K // Kb, Kb)
     if exact:
-        maxabs = np.abs(xb).max(-1)
-        inv = np.where(maxabs > 0, np.float32(EXACT_Q) / np.where(maxabs > 0, maxabs, 1), 0).astype(np.float32)
-        q = np.clip(np.rint(xb * inv[..., None]), -EXACT_Q, EXACT_Q).astype(np.int32).reshape(N, K // 4, 4)
+        q, ts = exact_ints(x, K, G)
+        q = q.reshape(N, K // 4, 4)
         T = np.where(_BITS, q[:, :, None, :], -q[:, :, None, :]).sum(-1)
-        return T, (maxabs / np.float32(EXACT_Q)).astype(np.float32)
+        return T, ts
     t = _sums16(xb.reshape(N, K // Kb, Kb // 4, 4))
     maxabs = np.abs(t).max(axis=(-1, -2))
     inv = np.where(maxabs > 0, np.float32(127) / np.where(maxabs > 0, maxabs, 1), 0).astype(np.float32)
@@ -67,6 +77,23 @@ def scaled_sums(w: PackedLinear, S: np.ndarray) -> np.ndarray:
     if not w.uniform:
         return S
     return (S.astype(np.int64) << np.arange(w.P)[:, None]).sum(2, keepdims=True)
+
+
+def int_gemm_sums(w: PackedLinear, x: np.ndarray, per_plane: bool = False) -> np.ndarray:
+    """The integer GEMM of exact mode (c/lut.c, many tokens): weights decoded to integers, a
+    uniform layer's planes combined as sum_p 2^p B_p (per_plane, or a per-plane layer: each
+    B_p), times the exact-mode activations, summed per row and block: int64 [N, Mt*16, P or 1,
+    K/Kb]. Rows past M are padding (all bits 0: B = -1). Its claim: this equals
+    scaled_sums(w, block_sums(w, tables(x, exact=True))), the tables' sums, so both paths
+    feed the same integers into the same float steps."""
+    planes, _, _ = unpack(w)
+    Kb = act_block(w.K, w.G)
+    Mp = w.tiles * TILE
+    B = np.pad(planes.astype(np.int64), ((0, 0), (0, Mp - w.M), (0, 0)), constant_values=-1)
+    if w.uniform and not per_plane:
+        B = (B << np.arange(w.P)[:, None, None]).sum(0, keepdims=True)
+    q, _ = exact_ints(np.atleast_2d(np.asarray(x, np.float32)), w.K, w.G)
+    return np.einsum("cmbk,nbk->nmcb", B.reshape(B.shape[0], Mp, w.K // Kb, Kb), q.astype(np.int64))
 
 
 def gemm(w: PackedLinear, x: np.ndarray, exact: bool = False):

@@ -257,3 +257,41 @@ def test_concurrent_python_threads_get_correct_results():
     for t in threads:
         t.join()
     assert errors == []
+
+
+@pytest.mark.parametrize("P,G,uniform,offsets,scale8", [
+    (4, 32, True, False, True), (3, 64, False, True, False), (8, 256, True, True, False), (1, 128, False, False, True),
+    (5, 512, True, True, True), (7, 32, True, False, False)])
+def test_integer_gemm_spec_is_the_tables_sums(P, G, uniform, offsets, scale8):
+    """The numpy spec of the integer GEMM gives the exact tables' integers (per plane and combined)."""
+    rng = np.random.default_rng(P * 1000 + G)
+    w = packed(rng, 37, 512, P, G, offsets, uniform, scale8)  # G = 512 = K: activation blocks of 256
+    x = (rng.standard_normal((5, w.K)) * 3).astype(np.float32)
+    S = ref.block_sums(w, ref.tables(x, w.K, w.G, True)[0])
+    np.testing.assert_array_equal(ref.int_gemm_sums(w, x, per_plane=True), S)
+    np.testing.assert_array_equal(ref.int_gemm_sums(w, x), ref.scaled_sums(w, S))
+
+
+@pytest.mark.parametrize("N", [8, 9, 23, 64])
+@pytest.mark.parametrize("isa", ISAS)
+def test_integer_gemm_equals_the_tables_bit_for_bit(restore_kernel_state, isa, N):
+    """Exact mode at N >= lut_igemm_rows runs the integer GEMM: its sums equal the spec's, and its
+    outputs equal the table path's (one token per call) bit for bit, on every ISA and thread count,
+    for uniform and per-plane layers, with and without offsets, 8-bit or fp16 scales."""
+    rng = np.random.default_rng(N)
+    for M, K, P, G, off, uniform, scale8 in [(40, 96, 3, 32, False, True, True), (17, 128, 2, 64, True, False, False),
+                                             (33, 512, 8, 256, True, True, False), (20, 512, 4, 512, True, True, True),
+                                             (50, 256, 5, 128, True, False, True)]:
+        w = packed(rng, M, K, P, G, off, uniform, scale8)
+        x = (rng.standard_normal((N, K)) * rng.uniform(0.01, 100)).astype(np.float32)
+        y_ref, _ = ref.gemm(w, x, True)
+        spec = ref.int_gemm_sums(w, x, per_plane=True)
+        for threads in (1, 2):
+            lk.set_isa(isa)
+            lk.set_threads(threads)
+            per_token = np.concatenate([lk.gemm(w, x[i:i + 1].copy(), exact=True) for i in range(N)])
+            y, acc = run(w, x, True, isa, threads)
+            np.testing.assert_array_equal(acc, spec)
+            np.testing.assert_array_equal(y.view(np.int32), per_token.view(np.int32))
+            np.testing.assert_array_equal(lk.gemm(w, x, exact=True).view(np.int32), per_token.view(np.int32))
+            assert (np.abs(y - y_ref) <= 1e-5 * magnitude(w, x, spec, True) + 1e-30).all()
