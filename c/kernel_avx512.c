@@ -120,7 +120,8 @@ LUT_DEFINE_TILE(TGT, lut_tile_avx512, tile_rows)
 #define TGT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
 #define IG_BODY(attrs, name, dot)                                                                                    \
-    attrs static inline __attribute__((always_inline)) void name(const lut_iblock *bk, int32_t t0, int32_t T) {     \
+    attrs static inline __attribute__((always_inline)) void name(const lut_iblock *bk, int32_t t0, int32_t T,       \
+                                                                 int32_t ncomp, int32_t uniform, int32_t keep) {     \
         __m512 y[8], tsv[8];                                                                                           \
         __m512i u[8];                                                                                                  \
         for (int32_t t = 0; t < T; t++) {                                                                              \
@@ -128,12 +129,12 @@ LUT_DEFINE_TILE(TGT, lut_tile_avx512, tile_rows)
             tsv[t] = _mm512_set1_ps(bk->ts[(int64_t)(t0 + t) * bk->nb]);                                               \
             u[t] = _mm512_setzero_si512();                                                                             \
         }                                                                                                              \
-        for (int32_t c = 0; c < bk->ncomp; c++) {                                                                      \
+        for (int32_t c = 0; c < ncomp; c++) {                                                                          \
             __m512i s[8];                                                                                              \
             for (int32_t t = 0; t < T; t++)                                                                            \
                 s[t] = _mm512_setzero_si512();                                                                         \
             for (int32_t ch = 0; ch < bk->nchunk; ch++) {                                                              \
-                const int16_t *wc = bk->wd + ((int64_t)ch * bk->ncomp + c) * LUT_IG_WORDS;                             \
+                const int16_t *wc = bk->wd + ((int64_t)ch * ncomp + c) * LUT_IG_WORDS;                                 \
                 const int16_t *qc = bk->q + (int64_t)t0 * bk->qstride + ch * LUT_CHUNK;                                \
                 for (int32_t kp = 0; kp < LUT_CHUNK / 2; kp++) {                                                       \
                     __m512i wv = _mm512_loadu_si512(wc + kp * 2 * LUT_TILE);                                           \
@@ -144,16 +145,16 @@ LUT_DEFINE_TILE(TGT, lut_tile_avx512, tile_rows)
                     }                                                                                                  \
                 }                                                                                                      \
             }                                                                                                          \
-            __m512 scv = _mm512_loadu_ps(bk->sc + (bk->uniform ? 0 : c) * LUT_TILE);                                   \
+            __m512 scv = _mm512_loadu_ps(bk->sc + (uniform ? 0 : c) * LUT_TILE);                                       \
             for (int32_t t = 0; t < T; t++) {                                                                          \
-                if (bk->acc) {                                                                                         \
+                if (keep) {                                                                                            \
                     int32_t tmp[LUT_TILE];                                                                             \
                     _mm512_storeu_si512(tmp, s[t]);                                                                    \
                     for (int32_t r = 0; r < LUT_TILE; r++)                                                             \
                         bk->acc[(int64_t)(t0 + t) * bk->acc_tok + (int64_t)r * bk->acc_row + (int64_t)c * bk->nb] =     \
                             tmp[r];                                                                                    \
                 }                                                                                                      \
-                if (bk->uniform)                                                                                       \
+                if (uniform)                                                                                           \
                     u[t] = _mm512_add_epi32(u[t], _mm512_sll_epi32(s[t], _mm_cvtsi32_si128(c)));                       \
                 else                                                                                                   \
                     y[t] = scale_add(y[t], s[t], scv, tsv[t]);                                                         \
@@ -161,7 +162,7 @@ LUT_DEFINE_TILE(TGT, lut_tile_avx512, tile_rows)
         }                                                                                                              \
         __m512 scv = _mm512_loadu_ps(bk->sc);                                                                          \
         for (int32_t t = 0; t < T; t++) {                                                                              \
-            if (bk->uniform)                                                                                           \
+            if (uniform)                                                                                               \
                 y[t] = scale_add(y[t], u[t], scv, tsv[t]);                                                             \
             if (bk->z)                                                                                                 \
                 y[t] = _mm512_fmadd_ps(_mm512_loadu_ps(bk->z), _mm512_set1_ps(bk->xs[(int64_t)(t0 + t) * bk->ng]),    \
@@ -171,10 +172,17 @@ LUT_DEFINE_TILE(TGT, lut_tile_avx512, tile_rows)
     }                                                                                                                  \
     attrs static void name##_all(const lut_iblock *bk) {                                                              \
         int32_t t = 0;                                                                                                 \
+        if (bk->ncomp == 1 && bk->uniform && !bk->acc) { /* inference: the loop state in registers */                 \
+            for (; t + 8 <= bk->n; t += 8)                                                                             \
+                name(bk, t, 8, 1, 1, 0);                                                                               \
+            for (; t < bk->n; t++)                                                                                     \
+                name(bk, t, 1, 1, 1, 0);                                                                               \
+            return;                                                                                                    \
+        }                                                                                                              \
         for (; t + 8 <= bk->n; t += 8)                                                                                 \
-            name(bk, t, 8);                                                                                            \
+            name(bk, t, 8, bk->ncomp, bk->uniform, bk->acc != NULL);                                                   \
         for (; t < bk->n; t++)                                                                                         \
-            name(bk, t, 1);                                                                                            \
+            name(bk, t, 1, bk->ncomp, bk->uniform, bk->acc != NULL);                                                   \
     }
 
 TGT_VNNI static inline __attribute__((always_inline)) __m512i dot_vnni(__m512i s, __m512i w, __m512i q) {
