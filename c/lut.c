@@ -301,10 +301,12 @@ static void decode_chunk(const uint8_t *wc, int32_t P, int32_t ncomp, int16_t *w
             decode_comp(wc, p, p + 1, wd + p * LUT_IG_WORDS);
 }
 
-/* Below this many tokens the LUT kernels are faster (measured: bench/gemm_pp.py);
+/* Below this many tokens the exact tables are faster: AVX-512, 1 thread, igemm / tables
+ * at 4, 6, 8 tokens: 576x576 1.04, 1.30, 1.86; 1536x576 0.85, 1.09, 1.60; 896x4864
+ * 0.89, 1.10, 1.70 (bench/gemm_pp.py --modes 1, LUTENGINE_IGEMM_ROWS 1 against 10^6);
  * LUTENGINE_IGEMM_ROWS (read at the first call) or lut_set_igemm_rows overrides
  * it: benchmarks compare both paths at one size, tests run every exact case on both. */
-#define LUT_IGEMM_ROWS 8
+#define LUT_IGEMM_ROWS 6
 static int32_t igemm_rows = -1;
 
 /* Hold lut_call_mu. */
