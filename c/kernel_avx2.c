@@ -159,7 +159,8 @@ LUT_DEFINE_TILE(TGT, lut_tile_avx2, tile_rows)
  * vpmaddwd on a 256-bit half of a decoded column pair (rows 0-7 or 8-15, x 2
  * int16) and a 32-bit broadcast of a token's two activations, then an add:
  * T tokens share each weight load. */
-TGT static inline __attribute__((always_inline)) void iblock_tokens(const lut_iblock *bk, int32_t t0, int32_t T) {
+TGT static inline __attribute__((always_inline)) void iblock_tokens(const lut_iblock *bk, int32_t t0, int32_t T,
+                                                                   int32_t ncomp, int32_t uniform, int32_t keep) {
     __m256 y[4][2], tsv[4];
     __m256i u[4][2];
     for (int32_t t = 0; t < T; t++) {
@@ -169,12 +170,12 @@ TGT static inline __attribute__((always_inline)) void iblock_tokens(const lut_ib
         }
         tsv[t] = _mm256_set1_ps(bk->ts[(int64_t)(t0 + t) * bk->nb]);
     }
-    for (int32_t c = 0; c < bk->ncomp; c++) {
+    for (int32_t c = 0; c < ncomp; c++) {
         __m256i s[4][2];
         for (int32_t t = 0; t < T; t++)
             s[t][0] = s[t][1] = _mm256_setzero_si256();
         for (int32_t ch = 0; ch < bk->nchunk; ch++) {
-            const int16_t *wc = bk->wd + ((int64_t)ch * bk->ncomp + c) * LUT_IG_WORDS;
+            const int16_t *wc = bk->wd + ((int64_t)ch * ncomp + c) * LUT_IG_WORDS;
             const int16_t *qc = bk->q + (int64_t)t0 * bk->qstride + ch * LUT_CHUNK;
             for (int32_t kp = 0; kp < LUT_CHUNK / 2; kp++) {
                 __m256i w0 = _mm256_loadu_si256((const __m256i *)(wc + kp * 2 * LUT_TILE));
@@ -188,17 +189,17 @@ TGT static inline __attribute__((always_inline)) void iblock_tokens(const lut_ib
                 }
             }
         }
-        rows16 scv = {{_mm256_loadu_ps(bk->sc + (bk->uniform ? 0 : c) * LUT_TILE),
-                       _mm256_loadu_ps(bk->sc + (bk->uniform ? 0 : c) * LUT_TILE + 8)}};
+        rows16 scv = {{_mm256_loadu_ps(bk->sc + (uniform ? 0 : c) * LUT_TILE),
+                       _mm256_loadu_ps(bk->sc + (uniform ? 0 : c) * LUT_TILE + 8)}};
         for (int32_t t = 0; t < T; t++) {
-            if (bk->acc) {
+            if (keep) {
                 int32_t tmp[LUT_TILE];
                 _mm256_storeu_si256((__m256i *)tmp, s[t][0]);
                 _mm256_storeu_si256((__m256i *)(tmp + 8), s[t][1]);
                 for (int32_t r = 0; r < LUT_TILE; r++)
                     bk->acc[(int64_t)(t0 + t) * bk->acc_tok + (int64_t)r * bk->acc_row + (int64_t)c * bk->nb] = tmp[r];
             }
-            if (bk->uniform)
+            if (uniform)
                 for (int h = 0; h < 2; h++)
                     u[t][h] = _mm256_add_epi32(u[t][h], _mm256_sll_epi32(s[t][h], _mm_cvtsi32_si128(c)));
             else
@@ -207,7 +208,7 @@ TGT static inline __attribute__((always_inline)) void iblock_tokens(const lut_ib
     }
     rows16 scv = {{_mm256_loadu_ps(bk->sc), _mm256_loadu_ps(bk->sc + 8)}};
     for (int32_t t = 0; t < T; t++) {
-        if (bk->uniform)
+        if (uniform)
             scale_add(&y[t][0], &y[t][1], u[t][0], u[t][1], scv, tsv[t]);
         for (int h = 0; h < 2; h++) {
             if (bk->z)
@@ -220,8 +221,15 @@ TGT static inline __attribute__((always_inline)) void iblock_tokens(const lut_ib
 
 TGT void lut_iblock_avx2(const lut_iblock *bk) {
     int32_t t = 0;
+    if (bk->ncomp == 1 && bk->uniform && !bk->acc) { /* inference: a copy with the mode as constants, no spills */
+        for (; t + 4 <= bk->n; t += 4)
+            iblock_tokens(bk, t, 4, 1, 1, 0);
+        for (; t < bk->n; t++)
+            iblock_tokens(bk, t, 1, 1, 1, 0);
+        return;
+    }
     for (; t + 4 <= bk->n; t += 4)
-        iblock_tokens(bk, t, 4);
+        iblock_tokens(bk, t, 4, bk->ncomp, bk->uniform, bk->acc != NULL);
     for (; t < bk->n; t++)
-        iblock_tokens(bk, t, 1);
+        iblock_tokens(bk, t, 1, bk->ncomp, bk->uniform, bk->acc != NULL);
 }
