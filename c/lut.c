@@ -131,6 +131,7 @@ static inline float bits_float(uint32_t u) {
  * without FMA contraction it computes the identical IEEE results. */
 #ifdef TABLE_CLONES
 /* defined by the build (empty for ThreadSanitizer: it cannot run ifunc resolvers before it starts) */
+#define CLONES_SET_BY_BUILD
 #elif (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #define TABLE_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -259,7 +260,9 @@ static void run_tiles(void *arg, int32_t ith, int32_t nth) {
  * per-plane layer's (or acc's) one each. v is built as 32-bit words, one per
  * row and pair, 16 bits per column (v <= 255: no carry between them), from 16
  * contiguous bytes per step, so the loops vectorise over the rows. */
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#ifdef CLONES_SET_BY_BUILD
+#define DECODE_CLONES TABLE_CLONES
+#elif (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #define DECODE_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define DECODE_CLONES
