@@ -17,17 +17,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include "lut.h"
+#define HARNESS "test_lut"
+#include "harness.h"
 
 /* float32 accumulation error is measured against the sum of |terms| of an
  * output (written by the generator), since cancellation can make |y| tiny. */
 #define REL_TOL 1e-5
-/* Sentinel elements after y and acc: where no sanitizer runs (qemu) a write
- * past the last row of a partial tile would otherwise go unseen. */
-#define GUARD 16
-/* memset bytes for unwritten outputs: y becomes NaN, which no tolerance
- * accepts; acc becomes 0x7f7f7f7f, far above any block sum. */
-#define Y_FILL 0xff
-#define ACC_FILL 0x7f
 
 typedef struct {
     int32_t M, K, P, G, Kb, has_off, N, exact, uniform, scale8, int_grid;
@@ -42,15 +37,6 @@ typedef struct {
 _Noreturn static void fatal(const char *path, const char *msg) {
     fprintf(stderr, "test_lut: %s: %s\n", path, msg);
     exit(2);
-}
-
-static void *xmalloc(size_t n) {
-    void *p = malloc(n ? n : 1);
-    if (!p) {
-        fprintf(stderr, "test_lut: out of memory (%zu bytes)\n", n);
-        exit(2);
-    }
-    return p;
 }
 
 static void *read_array(FILE *f, const char *path, size_t n, size_t size) {
@@ -101,14 +87,6 @@ static void free_case(vcase *c) {
     free(c->sums);
     free(c->y);
     free(c->mag);
-}
-
-static int untouched(const void *p, size_t n, unsigned char byte) {
-    const unsigned char *b = p;
-    for (size_t i = 0; i < n; i++)
-        if (b[i] != byte)
-            return 0;
-    return 1;
 }
 
 /* One path of one case; returns 1 if it passed, else prints its first failure. */

@@ -13,8 +13,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include "lut.h"
+#define HARNESS "test_trellis"
+#include "harness.h"
 
-#define GUARD 16 /* sentinel elements after y and acc: where no sanitizer runs, a write past them shows */
 #define MAX_THREADS 4
 
 static uint32_t rng_state = 12345;
@@ -36,23 +37,6 @@ static uint32_t window(const uint8_t *streams, int32_t stride, int32_t j, int32_
         u |= (uint32_t)(streams[(size_t)j * stride + t / 8] >> (t % 8) & 1) << b;
     }
     return u;
-}
-
-static void *xmalloc(size_t n) {
-    void *p = malloc(n ? n : 1);
-    if (!p) {
-        fprintf(stderr, "test_trellis: out of memory (%zu bytes)\n", n);
-        exit(2);
-    }
-    return p;
-}
-
-static int untouched(const void *p, size_t n, unsigned char byte) {
-    const unsigned char *b = p;
-    for (size_t i = 0; i < n; i++)
-        if (b[i] != byte)
-            return 0;
-    return 1;
 }
 
 /* One shape on every path; adds to *passed and returns the number of failed paths. */
@@ -114,12 +98,12 @@ static int check(int32_t M, int32_t K, int32_t k, int32_t n, int *passed) {
                 exit(2);
             }
             /* filled anew each path, so a path that writes nothing cannot pass on an earlier one's output */
-            memset(y, 0xff, sizeof(float) * (ny + GUARD));
-            memset(acc, 0x7f, sizeof(int32_t) * (nacc + GUARD));
+            memset(y, Y_FILL, sizeof(float) * (ny + GUARD));
+            memset(acc, ACC_FILL, sizeof(int32_t) * (nacc + GUARD));
             int rc = lut_trellis_gemm(&w, x, n, y, acc);
             const char *why = rc != LUT_OK                                      ? "returned an error"
-                              : !untouched(y + ny, GUARD * sizeof(float), 0xff) ||
-                                        !untouched(acc + nacc, GUARD * sizeof(int32_t), 0x7f)
+                              : !untouched(y + ny, GUARD * sizeof(float), Y_FILL) ||
+                                        !untouched(acc + nacc, GUARD * sizeof(int32_t), ACC_FILL)
                                   ? "wrote past the end of y or acc"
                               : memcmp(acc, ref, sizeof(int32_t) * nacc) != 0    ? "block sums differ from the decode"
                               : memcmp(y, yref, sizeof(float) * ny) != 0         ? "y differs from the spec's combination"
