@@ -15,6 +15,7 @@ same order, so a greedy request gives the same tokens alone as beside others.
 from __future__ import annotations
 
 import copy
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,10 +26,9 @@ import numpy as np
 import lutkernels as lk
 from lutkernels import ops
 from lutkernels._lut import ffi
-from models.config import ModelError
 
 from .generate import Session, Stats
-from .model import Packed, Transformer, _Decoder
+from .model import Packed, Transformer, _Decoder, softcap
 from .sampling import SamplingParams
 
 PREFILL_CHUNK = 128  # prompt tokens per forward: a long prompt yields the kernels to the others' steps between chunks
@@ -76,10 +76,8 @@ class BatchedStep:
 
     def __init__(self, model: Transformer, slots: Sequence[Transformer]):
         c, f32, n = model.config, np.float32, len(slots)
-        if not c.llama_forward:
-            raise ModelError(f"unsupported: serving {c.arch} models with sliding windows, gemma3's norms or "
-                             f"soft-capping (the batched decode step runs the llama block)")
         self.m, self.slots = model, list(slots)
+        self.embed_scale = f32(math.sqrt(c.hidden)) if c.gemma else None  # as _Decoder
         self.x = np.zeros((n, c.hidden), f32)
         self.h, self.delta = np.zeros((n, c.hidden), f32), np.zeros((n, c.hidden), f32)
         self.q, self.att = np.zeros((n, c.n_heads * c.head_dim), f32), np.zeros((n, c.n_heads * c.head_dim), f32)
@@ -88,16 +86,24 @@ class BatchedStep:
         self.logits = np.zeros((n, c.vocab), f32)
         self.scores = np.zeros(c.n_heads * model.max_context, f32)  # rows attend one after another
         eps = c.norm_eps
-        self.rows = []  # per row: per block (attention norm, MLP norm, gating) calls, then the final norm
+        # per row: per block the calls after each GEMM stage (before q/k/v; after them: gemma3's q/k
+        # norms; after o: its attention output norm, then the MLP norm; after up: the gating; after
+        # down: its MLP output norm), then the final norm
+        self.rows = []
         for r in range(n):
-            x, h, d = self.x[r], self.h[r], self.delta[r]
+            x, h, d, q, k = self.x[r], self.h[r], self.delta[r], self.q[r], self.k[r]
             blocks = []
             for i, b in enumerate(model.blocks):
                 rotate = () if model.mlp_rotation is None else \
                     (ops.bind_rotate(self.gate[r:r + 1], *model.mlp_rotation),)
-                blocks.append((ops.bind_add_rmsnorm(x, d if i else None, b.attn_norm, eps, h),
-                               ops.bind_add_rmsnorm(x, d, b.mlp_norm, eps, h),
-                               (ops.bind_silu_mul(self.gate[r], self.up[r]), *rotate)))
+                qk = () if b.q_norm is None else (ops.bind_head_rmsnorm(q, c.n_heads, b.q_norm, eps),
+                                                  ops.bind_head_rmsnorm(k, c.n_kv_heads, b.k_norm, eps))
+                attn_out, mlp_out = ((() if w is None else (ops.bind_add_rmsnorm(d, None, w, eps, d),))
+                                     for w in (b.attn_out_norm, b.mlp_out_norm))
+                gating = (ops.bind_gelu_tanh_mul if c.gemma else ops.bind_silu_mul)(self.gate[r], self.up[r])
+                blocks.append(((ops.bind_add_rmsnorm(x, d if i else None, b.attn_norm, eps, h),), qk,
+                               (*attn_out, ops.bind_add_rmsnorm(x, d, b.mlp_norm, eps, h)), (gating, *rotate),
+                               mlp_out))
             final = ops.bind_add_rmsnorm(x, d if model.blocks else None, model.norm, eps, h)
             self.rows.append((blocks, final))
         self.mm = [tuple(_bind_gemm(lin, a, b) for lin, a, b in (
@@ -114,8 +120,8 @@ class BatchedStep:
             c, slot = self.m.config, self.slots[s]
             self._attention[key] = [
                 slot.kv.bind(i, self.q[r], self.k[r], self.v[r],
-                             (b.q_bias, b.k_bias, b.v_bias) if c.qkv_bias else None, self.m.cos, self.m.sin,
-                             c.n_heads, self.scores, self.att[r])
+                             (b.q_bias, b.k_bias, b.v_bias) if c.qkv_bias else None, *self.m.rope[i],
+                             c.n_heads, self.scores, self.att[r], c.query_scale, b.window)
                 for i, b in enumerate(self.m.blocks)]
         return self._attention[key]
 
@@ -125,26 +131,34 @@ class BatchedStep:
         attn = [self.attention(r, s) for r, (s, _, _) in enumerate(work)]
         for r, (_, token, _) in enumerate(work):
             np.copyto(self.x[r], self.m.embed[token])
-        for i, (q, k, v, o, gate, up, down) in enumerate(self.mm):
+        if self.embed_scale is not None:
+            self.x[:n] *= self.embed_scale
+
+        def stage(i: int, j: int) -> None:
             for blocks, _ in self.rows[:n]:
-                blocks[i][0]()
+                for f in blocks[i][j]:
+                    f()
+
+        for i, (q, k, v, o, gate, up, down) in enumerate(self.mm):
+            stage(i, 0)
             q(n)
             k(n)
             v(n)
+            stage(i, 1)
             for r, (_, _, pos) in enumerate(work):
                 attn[r][i](pos)
             o(n)
-            for blocks, _ in self.rows[:n]:
-                blocks[i][1]()
+            stage(i, 2)
             gate(n)
             up(n)
-            for blocks, _ in self.rows[:n]:
-                for f in blocks[i][2]:
-                    f()
+            stage(i, 3)
             down(n)
+            stage(i, 4)
         for _, final in self.rows[:n]:
             final()
         self.head(n)
+        if self.m.config.final_softcap is not None:
+            softcap(self.logits[:n], self.m.config.final_softcap)
         return self.logits[:n]
 
 

@@ -104,7 +104,7 @@ class ModelConfig:
     @property
     def llama_forward(self) -> bool:
         """Whether the model computes what the llama forward of the quantizers' calibration,
-        rotation, block tuning and budget (engine/quant) and of batched serving computes."""
+        rotation, block tuning and budget (engine/quant) computes."""
         return not self.gemma and self.sliding_window is None and self.final_softcap is None
 
     def to_dict(self) -> dict:

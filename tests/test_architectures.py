@@ -343,3 +343,27 @@ def test_catalog_gemma3_tokens_and_dense_perplexity_against_llama_cpp():
     got = perplexity(load("gemma3-270m", dense=True, max_context=512, kv_type="f32").transformer, ref["token_ids"])
     assert got.n_scored == ref["n_scored"] == 8176
     assert abs(got.ppl / ref["ppl"] - 1) < 0.01, (got.ppl, ref["ppl"])
+
+
+def test_batched_serving_step_equals_each_sequence_alone(case):
+    """engine/batch.py's step (serve) runs the same architecture: rows of different sequences at
+    different positions, past the windows, give each sequence's own decode logits."""
+    from engine.batch import BatchedStep, fork
+
+    src = load_gguf(case["gguf"])
+    w, _ = quantize_model(src.config, src.tensors)
+    m = Transformer(src.config, w, max_context=32)
+    slots = [fork(m) for _ in range(3)]
+    step = BatchedStep(m, slots)
+    seqs = [IDS, IDS[::-1], IDS[5:] + IDS[:5]]
+    starts = [0, 3, 7]  # the rows stay at different positions
+    for s, seq in zip(slots, seqs):
+        s.forward(seq[:1], 0)
+    alone = [fork(m) for _ in range(3)]
+    for a, seq in zip(alone, seqs):
+        a.forward(seq[:1], 0)
+    for t in range(1, 14):
+        work = [(r, seqs[r][(t + starts[r]) % len(IDS)], t) for r in range(3)]
+        got = step(work).copy()
+        want = np.stack([alone[r].forward([tok], pos).copy() for r, tok, pos in work])
+        np.testing.assert_array_equal(got, want)
