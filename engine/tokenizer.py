@@ -53,19 +53,25 @@ class Tokenizer:
         else:
             raise ValueError("only byte-level BPE and SentencePiece (byte fallback) tokenizers are supported "
                              f"(decoder is {type(self._tok.decoder).__name__})")
-        added = {i: t.content.encode() for i, t in self._tok.get_added_tokens_decoder().items()}
-        vocab = self._tok.get_vocab(with_added_tokens=False)
-        pieces = [b""] * (max([*vocab.values(), *added], default=-1) + 1)
-        for text, i in vocab.items():
-            pieces[i] = piece_bytes(text)
-        for i, b in added.items():
-            pieces[i] = b
-        self._pieces = pieces
+        self._piece_bytes, self._model = piece_bytes, self._tok.model
+        # A token's bytes are made when it is first decoded: the whole table (get_vocab of 150k
+        # tokens, then each one's bytes) took longer than the rest of a cached model's start.
+        self._bytes: dict[int, bytes] = {}
+        self._added: dict[int, bytes] | None = None
+        self._vocab_size: int | None = None
 
     @property
     def vocab_size(self) -> int:
         """One more than the largest id the tokenizer knows (the model's embedding may have more rows)."""
-        return len(self._pieces)
+        if self._vocab_size is None:
+            ids = [*self._tok.get_vocab(with_added_tokens=False).values(), *self._added_bytes()]
+            self._vocab_size = max(ids, default=-1) + 1
+        return self._vocab_size
+
+    def _added_bytes(self) -> dict[int, bytes]:
+        if self._added is None:
+            self._added = {i: t.content.encode() for i, t in self._tok.get_added_tokens_decoder().items()}
+        return self._added
 
     def encode(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
         """`special`: read control-token text such as "<|im_start|>" as those tokens
@@ -83,7 +89,17 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for; a special token's are its text. Ids the
         tokenizer does not know (padding rows of the embedding) stand for nothing."""
-        return self._pieces[token_id] if 0 <= token_id < len(self._pieces) else b""
+        b = self._bytes.get(token_id)
+        if b is None:
+            if not 0 <= token_id < 1 << 32:  # outside the library's u32 ids
+                return b""
+            # an added token's text is itself, even where the model's vocabulary has the same id
+            b = self._added_bytes().get(token_id)
+            if b is None:
+                text = self._model.id_to_token(token_id)
+                b = b"" if text is None else self._piece_bytes(text)
+            self._bytes[token_id] = b
+        return b
 
     def decode(self, ids) -> str:
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")

@@ -142,6 +142,36 @@ def test_token_bytes():
     assert b"".join(map(tok.token_bytes, tok.encode(MIXED))) == MIXED.encode()
 
 
+def _gpt2_alphabet() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode, inverted: written out here as the reference for the byte-level tokens."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    hidden = sorted(set(range(256)) - set(shown))
+    return {**{chr(b): b for b in shown}, **{chr(256 + n): b for n, b in enumerate(hidden)}}
+
+
+GPT2_BYTE = _gpt2_alphabet()
+
+
+def gpt2_bytes(text: str) -> bytes:
+    return b"".join(bytes([GPT2_BYTE[c]]) if c in GPT2_BYTE else c.encode() for c in text)
+
+
+# deepseek-coder has added tokens such as "õ", whose bytes are their UTF-8, not the byte 0xf5 of that vocabulary entry
+@pytest.mark.parametrize("name", ["deepseek-coder", "llama-bpe", "qwen2"])
+def test_token_bytes_of_every_id(name):
+    """Made one token at a time, as decoding asks for them: equal to the whole table (added tokens
+    their text, even where the vocabulary has the same id; unknown ids nothing)."""
+    tok = Tokenizer(info(name))
+    t = tok._tok
+    table = {i: gpt2_bytes(text) for text, i in t.get_vocab(with_added_tokens=False).items()}
+    table.update({i: a.content.encode() for i, a in t.get_added_tokens_decoder().items()})
+    assert tok.vocab_size == max(table) + 1
+    for i in [*range(tok.vocab_size + 2), -1, 1 << 32, 1 << 40]:
+        assert tok.token_bytes(i) == table.get(i, b""), (name, i)
+    assert tok.decode(range(tok.vocab_size)) == b"".join(table.get(i, b"") for i in range(tok.vocab_size)).decode(
+        "utf-8", "replace")
+
+
 def test_non_byte_level_tokenizer_rejected():
     from tokenizers import decoders
 
