@@ -44,9 +44,9 @@ def _load(args, dense: bool = False):
     from .load import load
 
     ctx = getattr(args, "ctx_size", None)
-    memory.check(args.model, ctx, args.kv_type, dense)  # before any weight is read
+    est = memory.check(args.model, ctx, args.kv_type, dense)  # before any weight is read
     model = load(args.model, dense=dense, threads=args.threads, max_context=ctx, kv_type=args.kv_type,
-                 progress=True)
+                 progress=True, opened=est and est.qfile)
     if getattr(args, "verbose", False):
         print(model.transformer.kv.describe(), file=sys.stderr)
     return model

@@ -189,18 +189,21 @@ def _say(progress: bool, msg: str) -> None:
 
 
 def load(name_or_path: str | None = None, dense: bool = False, threads: int | None = None,
-         max_context: int | None = None, progress: bool = False, kv_type: str = DEFAULT_KV_TYPE) -> Model:
+         max_context: int | None = None, progress: bool = False, kv_type: str = DEFAULT_KV_TYPE,
+         opened=None) -> Model:
     """Load a catalog model, GGUF file, HF folder or lutengine quantized file, ready to generate.
-    kv_type: the KV cache's element type (engine/memory.py KV_TYPES)."""
+    kv_type: the KV cache's element type (engine/memory.py KV_TYPES). opened: the models.qfile.QFile
+    that name_or_path runs from, when the caller has it (memory.check's Estimate.qfile), so that
+    neither its header nor a source's cache key is read again."""
     from models import qfile
-    from models.load import open_source
-
-    from .model import Transformer
 
     if threads is not None:
         import lutkernels
 
         lutkernels.set_threads(threads)
+    if opened is not None and not dense:
+        name = name_or_path or catalog.DEFAULT
+        return _from_qfile(name, opened, max_context, kv_type)
     name, path = resolve(name_or_path)
     if path is not None and dense:
         raise ModelError(f"{path}: a quantized file has no float weights; --dense needs the source model")
@@ -211,14 +214,23 @@ def load(name_or_path: str | None = None, dense: bool = False, threads: int | No
         elif name in catalog.CATALOG:
             path = default_qfile(name, progress)
     if path is not None:
-        q = qfile.load(path)
-        model = Transformer.from_qfile(q, max_context=max_context, kv_type=kv_type)
-        return Model(model, Tokenizer(q.tok), {"name": name, "path": str(path), "format": "lutengine",
-                                               "quantization": tag(q.meta.get("quantizer", {}))})
+        return _from_qfile(name, qfile.load(path), max_context, kv_type)
+    from models.load import open_source
+
+    from .model import Transformer
+
     src = open_source(name, progress=progress)
     model = Transformer.from_source(src, None if dense else {}, max_context=max_context, kv_type=kv_type)
     return Model(model, Tokenizer(src.tok), {"name": name, "path": str(src.path), "format": src.format,
                                              "quantization": "float32 (dense)" if dense else default_tag()})
+
+
+def _from_qfile(name: str, q, max_context: int | None, kv_type: str) -> Model:
+    from .model import Transformer
+
+    model = Transformer.from_qfile(q, max_context=max_context, kv_type=kv_type)
+    return Model(model, Tokenizer(q.tok), {"name": name, "path": str(q.path), "format": "lutengine",
+                                           "quantization": tag(q.meta.get("quantizer", {}))})
 
 
 def load_tokenizer(name_or_path: str | None = None) -> Tokenizer:

@@ -12,7 +12,7 @@ so such a source may be refused on a machine that would just hold it).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from models import catalog
@@ -41,6 +41,9 @@ class Estimate:
     positions: int
     available: int | None  # None: unknown (no /proc/meminfo), nothing is refused
     available_from: str
+    # the lutengine file whose header gave the figures (models.qfile.QFile), or None: engine.load.load takes it
+    # rather than parse the header of a 1B model again (a few tenths of a second)
+    qfile: object = field(default=None, compare=False, repr=False)
 
     @property
     def need(self) -> int:
@@ -94,11 +97,11 @@ def available() -> tuple[int | None, str]:
     return None, "unknown"
 
 
-def estimate(config: ModelConfig, weights: int, max_context: int | None, kv_type: str) -> Estimate:
+def estimate(config: ModelConfig, weights: int, max_context: int | None, kv_type: str, qfile=None) -> Estimate:
     from .model import _context
 
     positions = _context(config, max_context)
-    return Estimate(weights, kv_cache_bytes(config, positions, kv_type), kv_type, positions, *available())
+    return Estimate(weights, kv_cache_bytes(config, positions, kv_type), kv_type, positions, *available(), qfile)
 
 
 def for_model(name_or_path: str | None, max_context: int | None, kv_type: str, dense: bool = False
@@ -124,7 +127,8 @@ def for_model(name_or_path: str | None, max_context: int | None, kv_type: str, d
     if is_qfile(path):
         from models import qfile
 
-        return estimate(qfile.load(path).config, path.stat().st_size, max_context, kv_type)
+        q = qfile.load(path)
+        return estimate(q.config, path.stat().st_size, max_context, kv_type, q)
     from .info import parameters
 
     config = source_config(path)

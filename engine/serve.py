@@ -362,7 +362,8 @@ def run(args) -> int:
         if not est.fits:
             raise memory.MemoryLimitError(f"{args.model or 'the default model'} with --parallel {args.parallel}: "
                                           f"{est.line()}; fewer slots, a smaller --ctx or --kv-type q8 need less")
-    model = load(args.model, threads=args.threads, max_context=args.ctx, kv_type=args.kv_type, progress=True)
+    model = load(args.model, threads=args.threads, max_context=args.ctx, kv_type=args.kv_type, progress=True,
+                 opened=est and est.qfile)
     sock = listen(args.host, args.port)
     scheduler = Scheduler(model, args.parallel, args.queue)
     host, port = sock.getsockname()[:2]

@@ -81,6 +81,30 @@ def test_second_load_converts_nothing_and_equals_the_in_memory_path(tmp_path, ca
     assert second.tokenizer.encode("the weather") == load(str(src), dense=True).tokenizer.encode("the weather")
 
 
+def test_a_cached_start_reads_the_header_and_the_source_key_once(tmp_path, cache, monkeypatch, capsys):
+    """generate's memory check opens the converted file; the load that follows runs that one."""
+    from engine.cli import main
+
+    loader = sys.modules["engine.load"]  # engine.load is the function engine/__init__.py exports
+
+    src = source(tmp_path, "gguf")
+    want = load(str(src)).generate("Hi", 4, temperature=0)
+    calls = {"load": 0, "source_key": 0}
+
+    def counted(name, real):
+        def f(*a, **k):
+            calls[name] += 1
+            return real(*a, **k)
+        return f
+
+    monkeypatch.setattr(qfile, "load", counted("load", qfile.load))
+    monkeypatch.setattr(loader, "source_key", counted("source_key", loader.source_key))
+    capsys.readouterr()
+    assert main(["generate", "-m", str(src), "-p", "Hi", "-n", "4", "--temp", "0"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    assert calls == {"load": 1, "source_key": 1}
+
+
 def test_dense_reads_the_source_and_converts_nothing(tmp_path, cache, saves):
     src = source(tmp_path, "gguf")
     assert load(str(src), dense=True).info["format"] == "gguf"
