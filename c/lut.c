@@ -219,15 +219,16 @@ static void group_sums(const float *x, int64_t ngroups, int32_t G, float *out, i
 }
 
 typedef struct {
-    lut_job job;
+    lut_job job[LUT_FUSE_MAX]; /* one per layer; all share the tables */
+    int32_t first[LUT_FUSE_MAX + 1]; /* layer l holds tiles first[l] .. first[l+1]-1 of the call */
+    int32_t count;
     const float *x;
     int32_t n, exact, isa;
-    int32_t ntiles;
 } call_ctx;
 
 static void build_tables(void *arg, int32_t ith, int32_t nth) {
     call_ctx *c = arg;
-    const lut_job *j = &c->job;
+    const lut_job *j = &c->job[0];
     int32_t K = j->w->K, G = j->w->G, nb = K / j->Kb, ng = K / G;
     int64_t units = (int64_t)c->n * nb, lo = units * ith / nth, hi = units * (ith + 1) / nth;
     for (int64_t u = lo; u < hi; u++) {
@@ -244,10 +245,14 @@ static void build_tables(void *arg, int32_t ith, int32_t nth) {
 static void run_tiles(void *arg, int32_t ith, int32_t nth) {
     call_ctx *c = arg;
     lut_tile_fn fn = tile_fns[c->isa];
-    int32_t lo = (int32_t)((int64_t)c->ntiles * ith / nth), hi = (int32_t)((int64_t)c->ntiles * (ith + 1) / nth);
-    for (int32_t t = lo; t < hi; t++)
+    int32_t ntiles = c->first[c->count], l = 0;
+    int32_t lo = (int32_t)((int64_t)ntiles * ith / nth), hi = (int32_t)((int64_t)ntiles * (ith + 1) / nth);
+    for (int32_t t = lo; t < hi; t++) {
+        while (t >= c->first[l + 1])
+            l++;
         for (int32_t tok = 0; tok < c->n; tok++)
-            fn(&c->job, t, tok);
+            fn(&c->job[l], t - c->first[l], tok);
+    }
 }
 
 /* ---- integer GEMM (exact mode, many tokens; lut_iblock in lut_internal.h) ----
@@ -446,15 +451,15 @@ void *lut_workspace(size_t need) {
     return ws;
 }
 
-int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t exact, int32_t *acc) {
-    if (!w || !x || !y || !w->planes || !w->scales || n < 1 || w->M < 1 || w->K < 32 || w->K % 32 || w->P < 1 ||
-        w->P > 8 || w->G < 32 || w->K % w->G || (w->G != w->K && w->G > 256) ||
-        (w->uniform != 0 && w->uniform != 1) || (w->scale8 != 0 && w->scale8 != 1) || (exact != 0 && exact != 1) ||
-        (w->int_grid != 0 && (w->int_grid != 1 || !w->uniform || w->offsets)))
-        return LUT_EINVAL;
+/* Layers checked, sharing K and G (so Kb and the group sums): their tables are built once. */
+static int gemm_layers(const lut_layer *const *layers, int32_t count, const float *x, int32_t n, float *const *y,
+                       int32_t exact, int32_t *acc) {
+    const lut_layer *w = layers[0];
     pthread_mutex_lock(&lut_call_mu);
     if (exact && n >= igemm_min_rows()) {
-        int rc = igemm(w, x, n, y, acc);
+        int rc = LUT_OK;
+        for (int32_t l = 0; l < count && rc == LUT_OK; l++)
+            rc = igemm(layers[l], x, n, y[l], acc);
         pthread_mutex_unlock(&lut_call_mu);
         return rc;
     }
@@ -466,14 +471,38 @@ int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t ex
         pthread_mutex_unlock(&lut_call_mu);
         return LUT_ENOMEM;
     }
-    call_ctx c = {
-        .job = {.w = w, .Kb = Kb, .ntab = ntab, .tab = ws, .y = y, .acc = acc},
-        .x = x, .n = n, .exact = exact, .isa = lut_isa(), .ntiles = (w->M + LUT_TILE - 1) / LUT_TILE,
-    };
-    c.job.tscale = (const float *)((char *)ws + tab_bytes);
-    c.job.xsum = (const float *)((char *)ws + tab_bytes + ts_bytes);
+    call_ctx c = {.count = count, .x = x, .n = n, .exact = exact, .isa = lut_isa()};
+    for (int32_t l = 0; l < count; l++) {
+        c.job[l] = (lut_job){.w = layers[l], .Kb = Kb, .ntab = ntab, .tab = ws, .y = y[l], .acc = acc,
+                             .tscale = (const float *)((char *)ws + tab_bytes),
+                             .xsum = (const float *)((char *)ws + tab_bytes + ts_bytes)};
+        c.first[l + 1] = c.first[l] + (layers[l]->M + LUT_TILE - 1) / LUT_TILE;
+    }
     lut_pool_run(build_tables, &c);
     lut_pool_run(run_tiles, &c);
     pthread_mutex_unlock(&lut_call_mu);
     return LUT_OK;
+}
+
+static int bad_layer(const lut_layer *w) {
+    return !w || !w->planes || !w->scales || w->M < 1 || w->K < 32 || w->K % 32 || w->P < 1 || w->P > 8 ||
+           w->G < 32 || w->K % w->G || (w->G != w->K && w->G > 256) || (w->uniform != 0 && w->uniform != 1) ||
+           (w->scale8 != 0 && w->scale8 != 1) ||
+           (w->int_grid != 0 && (w->int_grid != 1 || !w->uniform || w->offsets));
+}
+
+int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t exact, int32_t *acc) {
+    if (bad_layer(w) || !x || !y || n < 1 || (exact != 0 && exact != 1))
+        return LUT_EINVAL;
+    return gemm_layers(&w, 1, x, n, &y, exact, acc);
+}
+
+int lut_gemm_multi(const lut_layer *const *w, int32_t count, const float *x, int32_t n, float *const *y,
+                   int32_t exact) {
+    if (!w || !y || !x || count < 1 || count > LUT_FUSE_MAX || n < 1 || (exact != 0 && exact != 1))
+        return LUT_EINVAL;
+    for (int32_t l = 0; l < count; l++)
+        if (bad_layer(w[l]) || !y[l] || w[l]->K != w[0]->K || w[l]->G != w[0]->G)
+            return LUT_EINVAL;
+    return gemm_layers(w, count, x, n, y, exact, NULL);
 }

@@ -46,6 +46,14 @@ enum {
  * int32 [n][ceil(M/16)*16][P][K/Kb] (Kb = lut_act_block(K,G)) for testing. */
 int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t exact, int32_t *acc);
 
+/* y[l][n][M_l] = W_l x[n][K] for count <= LUT_FUSE_MAX layers sharing K and G (each its
+ * own M, planes and scale format): the activations' tables are built once and one pool
+ * run covers every layer's tiles, so a decode step's q/k/v or gate/up pay one hand-off.
+ * Each y[l] equals lut_gemm's for W_l bit for bit. */
+#define LUT_FUSE_MAX 4
+int lut_gemm_multi(const lut_layer *const *w, int32_t count, const float *x, int32_t n, float *const *y,
+                   int32_t exact);
+
 /* Exact-mode calls with at least this many tokens run the integer GEMM (lut_internal.h),
  * whose outputs and sums equal the tables' bit for bit; n >= 1, else LUT_EINVAL. */
 int lut_set_igemm_rows(int32_t n);

@@ -63,6 +63,16 @@ class Packed:
         return ops.bind_gemv(self.layer, x, y, self.exact)
 
 
+def bind_linears(lins: Sequence[Dense | Packed], x: np.ndarray, ys: Sequence[np.ndarray], fuse: bool = True) -> tuple:
+    """Calls computing ys[i] = lins[i](x) for one token: one lut_gemm_multi call when the layers
+    are bit-plane ones sharing K, G and table mode (the tables of x built once, one pool hand-off
+    instead of one per layer; the same outputs bit for bit), else one call each."""
+    if fuse and len(lins) > 1 and all(isinstance(f, Packed) for f in lins) and len({f.exact for f in lins}) == 1 \
+            and ops.fusable([f.layer for f in lins]):
+        return (ops.bind_gemv_multi([f.layer for f in lins], x, ys, lins[0].exact),)
+    return tuple(f.bind(x, y) for f, y in zip(lins, ys))
+
+
 def linear(w: Weight, exact: bool = False) -> Dense | Packed:
     return Packed(w, exact) if isinstance(w, lk.QUANTIZED) else Dense(w)
 
@@ -327,9 +337,10 @@ class Transformer:
 
 
 class _Decoder:
-    """One token through the model in preallocated buffers, by calls bound once."""
+    """One token through the model in preallocated buffers, by calls bound once; fuse: q/k/v
+    and gate/up as one C call each where their layouts allow (bind_linears)."""
 
-    def __init__(self, m: Transformer):
+    def __init__(self, m: Transformer, fuse: bool = True):
         c, f32 = m.config, np.float32
         self.embed = m.embed
         self.embed_scale = f32(math.sqrt(c.hidden)) if c.gemma else None
@@ -347,7 +358,7 @@ class _Decoder:
             qk_norm = () if b.q_norm is None else (ops.bind_head_rmsnorm(q, c.n_heads, b.q_norm, c.norm_eps),
                                                    ops.bind_head_rmsnorm(k, c.n_kv_heads, b.k_norm, c.norm_eps))
             pre = (ops.bind_add_rmsnorm(self.x, delta if i else None, b.attn_norm, c.norm_eps, h),
-                   b.q.bind(h, q), b.k.bind(h, k), b.v.bind(h, v), *qk_norm)
+                   *bind_linears((b.q, b.k, b.v), h, (q, k, v), fuse), *qk_norm)
             attn = m.kv.bind(i, q, k, v, biases, *m.rope[i], c.n_heads, scores, att, c.query_scale, b.window)
             rotate = () if m.mlp_rotation is None else (ops.bind_rotate(gate, *m.mlp_rotation),)
             # gemma3 normalises each block output in place before the next norm adds it to x
@@ -355,7 +366,8 @@ class _Decoder:
                                  for w in (b.attn_out_norm, b.mlp_out_norm))
             gating = ops.bind_gelu_tanh_mul(gate, up) if c.gemma else ops.bind_silu_mul(gate, up)
             post = (b.o.bind(att, delta), *attn_out, ops.bind_add_rmsnorm(self.x, delta, b.mlp_norm, c.norm_eps, h),
-                    b.gate.bind(h, gate), b.up.bind(h, up), gating, *rotate, b.down.bind(gate, delta), *mlp_out)
+                    *bind_linears((b.gate, b.up), h, (gate, up), fuse), gating, *rotate, b.down.bind(gate, delta),
+                    *mlp_out)
             self.blocks.append((pre, attn, post))
         self.final = (ops.bind_add_rmsnorm(self.x, delta if m.blocks else None, m.norm, c.norm_eps, h),
                       m.head.bind(h, self.logits))

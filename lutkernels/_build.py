@@ -25,6 +25,9 @@ typedef struct lut_layer {
     const void *offsets;
 } lut_layer;
 int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t exact, int32_t *acc);
+#define LUT_FUSE_MAX ...
+int lut_gemm_multi(const lut_layer *const *w, int32_t count, const float *x, int32_t n, float *const *y,
+                   int32_t exact);
 typedef struct lut_trellis {
     int32_t M, K, k;
     const uint8_t *streams;
