@@ -18,6 +18,7 @@ import json
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 
 from models import catalog
@@ -228,6 +229,8 @@ def load(name_or_path: str | None = None, dense: bool = False, threads: int | No
 def _from_qfile(name: str, q, max_context: int | None, kv_type: str) -> Model:
     from .model import Transformer
 
+    # the weights' pages are mapped on the other core while the tokenizer is parsed (q.tok, in from_qfile)
+    threading.Thread(target=q.page_in, name="page-in", daemon=True).start()
     model = Transformer.from_qfile(q, max_context=max_context, kv_type=kv_type)
     return Model(model, Tokenizer(q.tok), {"name": name, "path": str(q.path), "format": "lutengine",
                                            "quantization": tag(q.meta.get("quantizer", {}))})

@@ -38,6 +38,7 @@ import json
 import math
 import mmap
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,7 @@ MAX_HEADER = 100 << 20  # a header is a few hundred KB even for large models; mo
 DTYPES = {"U8": np.dtype("<u1"), "I8": np.dtype("<i1"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
 PARTS = ("planes", "scales", "offsets")
 MAX_DIMS = 8
+MADV_POPULATE_READ = 22  # linux/mman.h (Linux 5.14)
 
 
 @dataclass
@@ -92,6 +94,38 @@ class QFile:
                 raise ModelError(f"{self.path}: chat_template is not a string")
             self._tok = TokenizerInfo(tokenizer, bos, tuple(eos), bool(m.get("add_bos", False)), template)
         return self._tok
+
+
+    def page_in(self) -> None:
+        """Map the packed layers' pages into this process now (madvise MADV_POPULATE_READ, Linux 5.14+;
+        elsewhere nothing): the first token would fault them in a few pages at a time. ctypes releases
+        the GIL, so in a thread this overlaps the tokenizer's parse, which holds it (engine/load.py).
+        The embedding is left out: a token reads one of its rows."""
+        if not sys.platform.startswith("linux"):
+            return
+        import ctypes
+
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        spans = []
+        for w in self.packed.values():
+            for a in vars(w).values():
+                if isinstance(a, np.ndarray) and a.nbytes:
+                    at = a.__array_interface__["data"][0]
+                    spans.append((at - at % mmap.PAGESIZE, at + a.nbytes))
+        for start, end in _merged(spans):
+            if madvise(start, end - start, MADV_POPULATE_READ) != 0:
+                return  # an older kernel (EINVAL), or the file shrank under us (EFAULT): the forward pages in
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(s, e) for s, e in out]
 
 
 def _token(i, n: int) -> bool:

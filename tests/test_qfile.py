@@ -300,3 +300,36 @@ def test_cached_default_file_is_named_by_format_version(tmp_path, monkeypatch):
     monkeypatch.setenv("LUTENGINE_HOME", str(tmp_path))
     path = cached_qfile("smollm2-135m-instruct")
     assert path == tmp_path / "models" / f"smollm2-135m-instruct.rtn4g32s8.v{qfile.FORMAT_VERSION}.lut.safetensors"
+
+
+def _mapped_bytes(path) -> int:
+    """Resident bytes of this process's mappings of path (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if "-" in line.split(" ", 1)[0]:  # a mapping's first line: address range, perms, ..., path
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only")
+def test_page_in_maps_the_packed_layers(tmp_path):
+    from tiny_models import tiny_config
+
+    release = tuple(int(v) for v in os.uname().release.split(".")[:2] if v.isdigit())
+    if release < (5, 14):
+        pytest.skip("MADV_POPULATE_READ needs Linux 5.14")
+    c = tiny_config(hidden=256, ffn=1024)  # packed layers of about 1 MB: beyond the kernel's fault-around
+    src = ModelSource(path=tmp_path / "m.gguf", format="gguf", config=c, tensors=random_weights(c, 1),
+                      tok=tiny_tok(), sha256="ab" * 32)
+    path = qfile.save(tmp_path / "m.lut.safetensors", src)
+    q = qfile.load(path)
+    packed = sum(a.nbytes for w in q.packed.values() for a in (w.planes, w.scales, w.offsets) if a is not None)
+    before = _mapped_bytes(path)
+    q.page_in()
+    after = _mapped_bytes(path)
+    assert before < packed / 2 <= packed <= after, (before, packed, after)
+    expect = Transformer(c, qfile.load(path).weights).forward(IDS, 0, all_logits=True)
+    np.testing.assert_array_equal(Transformer.from_qfile(q).forward(IDS, 0, all_logits=True), expect)
