@@ -57,20 +57,20 @@ class Tokenizer:
         # A token's bytes are made when it is first decoded: the whole table (get_vocab of 150k
         # tokens, then each one's bytes) took longer than the rest of a cached model's start.
         self._bytes: dict[int, bytes] = {}
-        self._added: dict[int, bytes] | None = None
+        self._added: dict | None = None  # id -> tokenizers.AddedToken
         self._vocab_size: int | None = None
 
     @property
     def vocab_size(self) -> int:
         """One more than the largest id the tokenizer knows (the model's embedding may have more rows)."""
         if self._vocab_size is None:
-            ids = [*self._tok.get_vocab(with_added_tokens=False).values(), *self._added_bytes()]
+            ids = [*self._tok.get_vocab(with_added_tokens=False).values(), *self._added_tokens()]
             self._vocab_size = max(ids, default=-1) + 1
         return self._vocab_size
 
-    def _added_bytes(self) -> dict[int, bytes]:
+    def _added_tokens(self) -> dict:
         if self._added is None:
-            self._added = {i: t.content.encode() for i, t in self._tok.get_added_tokens_decoder().items()}
+            self._added = self._tok.get_added_tokens_decoder()
         return self._added
 
     def encode(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
@@ -94,8 +94,10 @@ class Tokenizer:
             if not 0 <= token_id < 1 << 32:  # outside the library's u32 ids
                 return b""
             # an added token's text is itself, even where the model's vocabulary has the same id
-            b = self._added_bytes().get(token_id)
-            if b is None:
+            added = self._added_tokens().get(token_id)
+            if added is not None:
+                b = added.content.encode()
+            else:
                 text = self._model.id_to_token(token_id)
                 b = b"" if text is None else self._piece_bytes(text)
             self._bytes[token_id] = b
