@@ -11,7 +11,8 @@ aggregate generated tok/s (tokens of all streams / wall time from the first requ
 the last token) and p50/p95 time to first token. Tokens are counted as the SSE chunks
 carrying text (both servers send one token a chunk). Ours runs with --parallel 8 and a
 512-token context per slot; llama-cpp-python's server with n_ctx 2048, n_threads =
-n_threads_batch = --threads (it serves one request at a time).
+n_threads_batch = --threads and interrupt_requests off (by default a new request cuts
+the running one short; without it the server serves one request after another).
 """
 import argparse
 import http.client
@@ -109,7 +110,7 @@ def main():
                              "--parallel", "8", "--ctx", "512", "-t", str(a.threads)], stdout=log, stderr=log)
     peer = subprocess.Popen([a.llama_python, "-m", "llama_cpp.server", "--model", gguf, "--port", str(peer_port),
                              "--n_ctx", "2048", "--n_threads", str(a.threads), "--n_threads_batch",
-                             str(a.threads)], stdout=log, stderr=log)
+                             str(a.threads), "--interrupt_requests", "False"], stdout=log, stderr=log)
     servers = {"lutengine serve": (ours_port, {"ignore_eos": True}),
                "llama-cpp-python server": (peer_port, {"min_tokens": TOKENS})}
     results = {(s, n): [] for s in servers for n in CONCURRENCY}
