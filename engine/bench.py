@@ -274,7 +274,7 @@ def markdown(result: dict) -> str:
         cells += [f"{r['vs_llama_cpp'][f]:.2f}" if f in r.get("vs_llama_cpp", {}) else "" for f in ratios]
         lines.append("| " + " | ".join(cells) + " |")
     m, s = result["machine"], result["settings"]
-    lines += ["", f"{m['cpu']}, {m['logical_cpus']} logical CPUs, ISA path {m['isa']}; {s['repetitions']} runs "
+    lines += ["", f"{m['cpu']}, {m['logical_cpus']} logical CPUs, ISA path {m['isa']}; {s['repetitions']} run{'s' * (s['repetitions'] != 1)} "
               f"after a warm-up, tokens: {s['tokens']}; bpw: linear layers, every stored bit."]
     if ratios:
         lines.append(f"ours / llama.cpp: ratio of median tok/s, engines alternating run by run "
