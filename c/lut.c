@@ -8,25 +8,18 @@
 #include <stdlib.h>
 #include "lut_internal.h"
 
-static const lut_tile_fn tile_fns[LUT_ISA_COUNT] = {
-    [LUT_ISA_SCALAR] = lut_tile_scalar,
+/* Each ISA's two kernels: the table-lookup tile and the integer-GEMM block. */
+static const struct {
+    lut_tile_fn tile;
+    lut_iblock_fn iblock;
+} kernels[LUT_ISA_COUNT] = {
+    [LUT_ISA_SCALAR] = {lut_tile_scalar, lut_iblock_scalar},
 #if defined(__x86_64__) || defined(__i386__)
-    [LUT_ISA_AVX2] = lut_tile_avx2,
-    [LUT_ISA_AVX512] = lut_tile_avx512,
+    [LUT_ISA_AVX2] = {lut_tile_avx2, lut_iblock_avx2},
+    [LUT_ISA_AVX512] = {lut_tile_avx512, lut_iblock_avx512},
 #endif
 #if defined(__aarch64__)
-    [LUT_ISA_NEON] = lut_tile_neon,
-#endif
-};
-
-static const lut_iblock_fn iblock_fns[LUT_ISA_COUNT] = {
-    [LUT_ISA_SCALAR] = lut_iblock_scalar,
-#if defined(__x86_64__) || defined(__i386__)
-    [LUT_ISA_AVX2] = lut_iblock_avx2,
-    [LUT_ISA_AVX512] = lut_iblock_avx512,
-#endif
-#if defined(__aarch64__)
-    [LUT_ISA_NEON] = lut_iblock_neon,
+    [LUT_ISA_NEON] = {lut_tile_neon, lut_iblock_neon},
 #endif
 };
 
@@ -244,7 +237,7 @@ static void build_tables(void *arg, int32_t ith, int32_t nth) {
 
 static void run_tiles(void *arg, int32_t ith, int32_t nth) {
     call_ctx *c = arg;
-    lut_tile_fn fn = tile_fns[c->isa];
+    lut_tile_fn fn = kernels[c->isa].tile;
     int32_t ntiles = c->first[c->count], l = 0;
     int32_t lo = (int32_t)((int64_t)ntiles * ith / nth), hi = (int32_t)((int64_t)ntiles * (ith + 1) / nth);
     for (int32_t t = lo; t < hi; t++) {
@@ -376,7 +369,7 @@ static void igemm_tiles(void *arg, int32_t ith, int32_t nth) {
     int32_t cpb = Kb / LUT_CHUNK, nchunk = K / LUT_CHUNK, rows = c->ntiles * LUT_TILE, nsc = w->uniform ? 1 : P;
     float *yacc = (float *)(c->scratch + (size_t)ith * c->per_chunk);
     int16_t *wd = (int16_t *)(yacc + (size_t)n * LUT_TILE);
-    lut_iblock_fn fn = iblock_fns[c->isa];
+    lut_iblock_fn fn = kernels[c->isa].iblock;
     for (int32_t tile = (int32_t)((int64_t)c->ntiles * ith / nth); tile < (int64_t)c->ntiles * (ith + 1) / nth; tile++) {
         const uint8_t *wt = w->planes + (int64_t)tile * nchunk * P * 64;
         memset(yacc, 0, (size_t)n * LUT_TILE * sizeof *yacc);
