@@ -111,6 +111,10 @@ TGT static inline __attribute__((always_inline)) void tile_rows(const lut_job *j
                 __m256i h = block_sums(wb, tb + (int64_t)K * 4, cpb, (int64_t)P * 64, n);
                 s0 = _mm256_add_epi32(s0, _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)), 8));
                 s1 = _mm256_add_epi32(s1, _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)), 8));
+            } else {
+                __m256i odd = _mm256_set1_epi32(lut_odd_term(j, tok, b, n));
+                s0 = _mm256_add_epi32(_mm256_slli_epi32(s0, 1), odd);
+                s1 = _mm256_add_epi32(_mm256_slli_epi32(s1, 1), odd);
             }
             if (keep) { /* runs of one plane (lut_plane_run) */
                 int32_t tmp[LUT_TILE];

@@ -81,6 +81,8 @@ TGT static inline __attribute__((always_inline)) void tile_rows(const lut_job *j
             if (ntab == 2) {
                 __m256i h = block_sums(wt, tab + (int64_t)K * 4, b * cpb, cpb, P, p, n);
                 s = _mm512_add_epi32(s, _mm512_slli_epi32(_mm512_cvtepi16_epi32(h), 8));
+            } else {
+                s = _mm512_add_epi32(_mm512_slli_epi32(s, 1), _mm512_set1_epi32(lut_odd_term(j, tok, b, n)));
             }
             if (keep) { /* runs of one plane (lut_plane_run) */
                 int32_t tmp[LUT_TILE];
@@ -198,4 +200,117 @@ IG_BODY(TGT, iblock_madd, dot_madd)
 void lut_iblock_avx512(const lut_iblock *bk) {
     /* lut_isa_supported has run __builtin_cpu_init; the test reads a word, per block of many tokens */
     (__builtin_cpu_supports("avx512vnni") ? iblock_vnni_all : iblock_madd_all)(bk);
+}
+
+/* ---- integer GEMM, int8 variant (lut_internal.h) ----
+ * Decoding: vpermb gathers each row's four bytes of a plane chunk into one
+ * 32-bit word (row r's lane L byte at 4r + L: a 4 x 16 byte transpose), so a
+ * 64-bit word holds rows 2Q and 2Q + 1, all 32 columns; vpshufbitqmb then
+ * picks, for every output byte (row, quad, column j), its one bit into a mask,
+ * and a masked add puts 2^(p - p0) there. 18 instructions a plane and chunk,
+ * where spreading nibbles to bytes with shifts took over 40. */
+#define TGT_I8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512bitalg,avx2,fma,f16c")))
+
+int lut_int8_dot(void) {
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
+           __builtin_cpu_supports("avx512bitalg");
+}
+
+/* vpshufbitqmb's selectors, one 64-bit pattern per column quad kq (every word alike): output
+ * byte 4 rr + j (row 2Q + rr, column 4 kq + j) takes bit 8 (4 rr + (kq & 3)) + 4 (kq >> 2) + j of
+ * its word, lane kq & 3's byte of that row, the low nibble for kq < 4, the high one after. */
+static const uint64_t pick_bits[8] = {0x2322212003020100ull, 0x2b2a29280b0a0908ull, 0x3332313013121110ull,
+                                      0x3b3a39381b1a1918ull, 0x2726252407060504ull, 0x2f2e2d2c0f0e0d0cull,
+                                      0x3736353417161514ull, 0x3f3e3d3c1f1e1d1cull};
+/* vpermb's indices: output byte 4 r + L is row r's byte of lane L, input byte 16 L + r. */
+static const uint8_t row_words[64] = {0,  16, 32, 48, 1,  17, 33, 49, 2,  18, 34, 50, 3,  19, 35, 51,
+                                      4,  20, 36, 52, 5,  21, 37, 53, 6,  22, 38, 54, 7,  23, 39, 55,
+                                      8,  24, 40, 56, 9,  25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
+                                      12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
+
+TGT_I8 void lut_decode8_avx512(const uint8_t *wc, int32_t P, int32_t ncomp, uint8_t *wd8) {
+    __m512i perm = _mm512_loadu_si512(row_words), sel[8];
+    for (int32_t kq = 0; kq < 8; kq++)
+        sel[kq] = _mm512_set1_epi64((long long)pick_bits[kq]);
+    int32_t per = ncomp == 1 ? P : 1;
+    for (int32_t c = 0; c < ncomp; c++) {
+        __m512i v[8];
+        for (int32_t kq = 0; kq < 8; kq++)
+            v[kq] = _mm512_setzero_si512();
+        for (int32_t p = c * per; p < (c + 1) * per; p++) {
+            __m512i rows = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(wc + (int64_t)p * 64));
+            __m512i bit = _mm512_set1_epi8((char)(1 << (p - c * per)));
+            for (int32_t kq = 0; kq < 8; kq++)
+                v[kq] = _mm512_mask_add_epi8(v[kq], _mm512_bitshuffle_epi64_mask(rows, sel[kq]), v[kq], bit);
+        }
+        for (int32_t kq = 0; kq < 8; kq++)
+            _mm512_storeu_si512(wd8 + (int64_t)c * LUT_IG_BYTES + kq * 64, v[kq]);
+    }
+}
+
+/* T tokens from t0 (T <= 8), the int16 body's float steps in the same order. */
+TGT_I8 static inline __attribute__((always_inline)) void iblock8(const lut_iblock *bk, int32_t t0, int32_t T,
+                                                                int32_t ncomp, int32_t uniform, int32_t keep) {
+    __m512 y[8], tsv[8];
+    __m512i u[8];
+    for (int32_t t = 0; t < T; t++) {
+        y[t] = _mm512_loadu_ps(bk->yacc + (int64_t)(t0 + t) * LUT_TILE);
+        tsv[t] = _mm512_set1_ps(bk->ts[(int64_t)(t0 + t) * bk->nb]);
+        u[t] = _mm512_setzero_si512();
+    }
+    int32_t top = ncomp == 1 ? (1 << bk->P) - 1 : 1;
+    for (int32_t c = 0; c < ncomp; c++) {
+        __m512i s[8];
+        for (int32_t t = 0; t < T; t++)
+            s[t] = _mm512_setzero_si512();
+        for (int32_t ch = 0; ch < bk->nchunk; ch++) {
+            const uint8_t *wc = bk->wd8 + ((int64_t)ch * ncomp + c) * LUT_IG_BYTES;
+            const int8_t *qc = bk->q8 + (int64_t)t0 * bk->qstride + ch * LUT_CHUNK;
+            for (int32_t kq = 0; kq < LUT_CHUNK / 4; kq++) {
+                __m512i wv = _mm512_loadu_si512(wc + kq * 64);
+                for (int32_t t = 0; t < T; t++) {
+                    int32_t quad;
+                    memcpy(&quad, qc + (int64_t)t * bk->qstride + 4 * kq, sizeof quad);
+                    s[t] = _mm512_dpbusd_epi32(s[t], wv, _mm512_set1_epi32(quad));
+                }
+            }
+        }
+        __m512 scv = _mm512_loadu_ps(bk->sc + (uniform ? 0 : c) * LUT_TILE);
+        for (int32_t t = 0; t < T; t++) {
+            s[t] = _mm512_sub_epi32(_mm512_slli_epi32(s[t], 1), _mm512_set1_epi32(top * bk->qs[t0 + t]));
+            if (keep) {
+                int32_t tmp[LUT_TILE];
+                _mm512_storeu_si512(tmp, s[t]);
+                for (int32_t r = 0; r < LUT_TILE; r++)
+                    bk->acc[(int64_t)(t0 + t) * bk->acc_tok + (int64_t)r * bk->acc_row + (int64_t)c * bk->nb] = tmp[r];
+            }
+            if (uniform)
+                u[t] = _mm512_add_epi32(u[t], _mm512_sll_epi32(s[t], _mm_cvtsi32_si128(c)));
+            else
+                y[t] = scale_add(y[t], s[t], scv, tsv[t]);
+        }
+    }
+    __m512 scv = _mm512_loadu_ps(bk->sc);
+    for (int32_t t = 0; t < T; t++) {
+        if (uniform)
+            y[t] = scale_add(y[t], u[t], scv, tsv[t]);
+        if (bk->z)
+            y[t] = _mm512_fmadd_ps(_mm512_loadu_ps(bk->z), _mm512_set1_ps(bk->xs[(int64_t)(t0 + t) * bk->ng]), y[t]);
+        _mm512_storeu_ps(bk->yacc + (int64_t)(t0 + t) * LUT_TILE, y[t]);
+    }
+}
+
+TGT_I8 void lut_iblock8_avx512(const lut_iblock *bk) {
+    int32_t t = 0;
+    if (bk->ncomp == 1 && bk->uniform && !bk->acc) { /* inference: the loop state in registers */
+        for (; t + 8 <= bk->n; t += 8)
+            iblock8(bk, t, 8, 1, 1, 0);
+        for (; t < bk->n; t++)
+            iblock8(bk, t, 1, 1, 1, 0);
+        return;
+    }
+    for (; t + 8 <= bk->n; t += 8)
+        iblock8(bk, t, 8, bk->ncomp, bk->uniform, bk->acc != NULL);
+    for (; t < bk->n; t++)
+        iblock8(bk, t, 1, bk->ncomp, bk->uniform, bk->acc != NULL);
 }

@@ -106,6 +106,10 @@ static inline __attribute__((always_inline)) void tile_rows(const lut_job *j, in
                 s[1] = vaddq_s32(s[1], vshll_high_n_s16(h.val[0], 8));
                 s[2] = vaddq_s32(s[2], vshll_n_s16(vget_low_s16(h.val[1]), 8));
                 s[3] = vaddq_s32(s[3], vshll_high_n_s16(h.val[1], 8));
+            } else {
+                int32x4_t odd = vdupq_n_s32(lut_odd_term(j, tok, b, 1));
+                for (int i = 0; i < 4; i++)
+                    s[i] = vaddq_s32(vshlq_n_s32(s[i], 1), odd);
             }
             if (keep) {
                 int32_t tmp[LUT_TILE];

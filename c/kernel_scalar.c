@@ -60,6 +60,9 @@ void lut_tile_scalar(const lut_job *j, int32_t tile, int32_t tok) {
                 block_sums(j, wt, tab + (int64_t)K * 4, b * (j->Kb / LUT_CHUNK), p, s_hi);
                 for (int32_t r = 0; r < LUT_TILE; r++)
                     s[r] += 256 * s_hi[r];
+            } else {
+                for (int32_t r = 0; r < LUT_TILE; r++)
+                    s[r] = 2 * s[r] + lut_odd_term(j, tok, b, 1);
             }
             for (int32_t r = 0; r < LUT_TILE; r++) {
                 if (j->acc)

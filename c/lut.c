@@ -8,15 +8,19 @@
 #include <stdlib.h>
 #include "lut_internal.h"
 
-/* Each ISA's two kernels: the table-lookup tile and the integer-GEMM block. */
+/* Each ISA's kernels: the table-lookup tile, the integer-GEMM block, and where the ISA has
+ * one, the integer GEMM's int8 variant (with the CPU test it needs beyond the ISA's own). */
 static const struct {
     lut_tile_fn tile;
     lut_iblock_fn iblock;
+    lut_iblock_fn iblock8;
+    lut_decode8_fn decode8;
+    int (*has_int8)(void);
 } kernels[LUT_ISA_COUNT] = {
     [LUT_ISA_SCALAR] = {lut_tile_scalar, lut_iblock_scalar},
 #if defined(__x86_64__) || defined(__i386__)
     [LUT_ISA_AVX2] = {lut_tile_avx2, lut_iblock_avx2},
-    [LUT_ISA_AVX512] = {lut_tile_avx512, lut_iblock_avx512},
+    [LUT_ISA_AVX512] = {lut_tile_avx512, lut_iblock_avx512, lut_iblock8_avx512, lut_decode8_avx512, lut_int8_dot},
 #endif
 #if defined(__aarch64__)
     [LUT_ISA_NEON] = {lut_tile_neon, lut_iblock_neon},
@@ -101,9 +105,11 @@ int32_t lut_act_block(int32_t K, int32_t G) {
 }
 
 /* ---- activation tables ---------------------------------------------------
- * For 4 activations x0..x3, entry idx holds sum_i (bit i of idx ? +x_i : -x_i).
- * Entries 8..15 are computed as ((x3 +- x2) +- x1) +- x0 in float32 and
- * entries 0..7 are their negations (idx and 15-idx have opposite signs).
+ * Both modes first round each block of Kb activations to integers q, then
+ * entry idx of a group of 4 is the exact integer sum_i (bit i of idx ? +q_i : -q_i).
+ * Because the tables hold exact sums of integers, the integer GEMM (many tokens)
+ * computes the same sums with dot products, and every path - one token or many,
+ * whatever the chunking of a prompt - gives a token the same output bit for bit.
  * The loops are written so the compiler vectorises them without fast-math:
  * |v| by clearing the sign bit, max|v| as an integer max (non-negative floats
  * order like their bit patterns), and rounding by adding and subtracting
@@ -133,67 +139,91 @@ static inline float bits_float(uint32_t u) {
 
 static inline int32_t round_even(float v) { return (int32_t)((v + 12582912.0f) - 12582912.0f); }
 
-/* Fast mode: one block of Kb <= 256 activations -> int8 tables, scale = max|T| / 127.
- * |T * 127/max|T|| <= 127 up to one rounding, so entries fit int8 without a clamp. */
-TABLE_CLONES static float tables_fast(const float *x, int32_t Kb, int8_t *tab) {
-    float t[256 / 4 * 16];
-    uint32_t maxbits = 0;
-    for (int32_t j = 0; j < Kb / 4; j++) {
-        const float *a = x + 4 * j;
-        float *o = t + 16 * j;
-        float m2 = a[3] - a[2], p2 = a[3] + a[2];
-        float m2m1 = m2 - a[1], m2p1 = m2 + a[1], p2m1 = p2 - a[1], p2p1 = p2 + a[1];
-        o[8] = m2m1 - a[0], o[9] = m2m1 + a[0], o[10] = m2p1 - a[0], o[11] = m2p1 + a[0];
-        o[12] = p2m1 - a[0], o[13] = p2m1 + a[0], o[14] = p2p1 - a[0], o[15] = p2p1 + a[0];
-        for (int i = 0; i < 8; i++)
-            o[i] = -o[15 - i];
-    }
-    for (int32_t i = 0; i < 4 * Kb; i++) {
-        uint32_t u = abs_bits(t[i]);
-        maxbits = u > maxbits ? u : maxbits;
-    }
-    float maxabs = bits_float(maxbits), inv = maxabs > 0.0f ? 127.0f / maxabs : 0.0f;
-    for (int32_t i = 0; i < 4 * Kb; i++)
-        tab[i] = (int8_t)round_even(t[i] * inv);
-    return maxabs / 127.0f;
-}
-
-/* Exact mode: activations to 12-bit integers with scale max|x| / LUT_EXACT_Q; the
- * integer sums (|T| <= 4 * 2047 = 8188) split into signed bytes T = 256*hi + lo,
- * lo in [-128,127], hi in [-32,32]. */
-static inline __attribute__((always_inline)) float exact_ints(const float *x, int32_t Kb, int32_t *q) {
-    uint32_t maxbits = 0;
+/* Fast mode: the scale is m / LUT_FAST_SUM with m the block's largest sum of 4
+ * |x|, ((|x0| + |x1|) + |x2|) + |x3| in float32, or max|x| / LUT_FAST_Q where
+ * that is larger (a value holding over half of its group's sum), so |q| <= 127
+ * (the int8 dot products of the integer GEMM take them) and a group's sum of
+ * |q| is at most LUT_FAST_SUM + 4 * 1/2 (each rounding adds at most a half; the
+ * float roundings of m, 1/scale and the products add < 10^-3) = 254. Every
+ * entry of a group has the parity of q0 + q1 + q2 + q3 (flipping a sign
+ * changes it by 2 q_i), so the table stores the exact halves (T - parity) / 2,
+ * |.| <= 127, and the kernels add back the block's count of odd groups:
+ * S = 2 S' + odd. That is the resolution of rounding the float sums themselves
+ * to int8 (scale m / 127), what the tables did before they were exact, but in
+ * blocks with an outlier. Exact mode: 12-bit integers, scale max|x| /
+ * LUT_EXACT_Q, the sums (|T| <= 4 * 2047 = 8188) split into signed bytes
+ * T = 256*hi + lo, lo in [-128,127], hi in [-32,32]. */
+static inline __attribute__((always_inline)) float act_ints(const float *x, int32_t Kb, int32_t exact, int32_t *q) {
+    uint32_t maxbits = 0, sumbits = 0;
     for (int32_t k = 0; k < Kb; k++) {
         uint32_t u = abs_bits(x[k]);
         maxbits = u > maxbits ? u : maxbits;
     }
-    float maxabs = bits_float(maxbits), inv = maxabs > 0.0f ? (float)LUT_EXACT_Q / maxabs : 0.0f;
+    if (!exact)
+        for (int32_t j = 0; j < Kb / 4; j++) {
+            const float *a = x + 4 * j;
+            uint32_t u = abs_bits(((bits_float(abs_bits(a[0])) + bits_float(abs_bits(a[1]))) +
+                                   bits_float(abs_bits(a[2]))) + bits_float(abs_bits(a[3])));
+            sumbits = u > sumbits ? u : sumbits;
+        }
+    float maxabs = bits_float(maxbits), top = exact ? (float)LUT_EXACT_Q : (float)LUT_FAST_Q;
+    float inv = maxabs > 0.0f ? top / maxabs : 0.0f, scale = maxabs / top;
+    if (!exact && maxabs > 0.0f) {
+        float maxsum = bits_float(sumbits), inv_sum = (float)LUT_FAST_SUM / maxsum;
+        if (inv_sum <= inv) {
+            inv = inv_sum;
+            scale = maxsum / (float)LUT_FAST_SUM;
+        }
+    }
     for (int32_t k = 0; k < Kb; k++)
         q[k] = round_even(x[k] * inv);
-    return maxabs / (float)LUT_EXACT_Q;
+    return scale;
 }
 
-TABLE_CLONES static float tables_exact(const float *x, int32_t Kb, int8_t *lo, int8_t *hi) {
-    int32_t q[256];
-    float scale = exact_ints(x, Kb, q);
-    for (int32_t j = 0; j < Kb / 4; j++)
+/* One block's tables: fast, the halves in lo and the count of odd groups in
+ * *odd; exact, the low bytes in lo and the high bytes in hi. */
+TABLE_CLONES static float tables(const float *x, int32_t Kb, int32_t exact, int8_t *lo, int8_t *hi, int32_t *odd) {
+    int32_t q[256], nodd = 0;
+    float scale = act_ints(x, Kb, exact, q);
+    for (int32_t j = 0; j < Kb / 4; j++) {
+        int32_t par = (q[4 * j] + q[4 * j + 1] + q[4 * j + 2] + q[4 * j + 3]) & 1;
+        nodd += par;
         for (int idx = 0; idx < 16; idx++) {
             int32_t v = 0;
             for (int i = 0; i < 4; i++)
                 v += (idx >> i & 1) ? q[4 * j + i] : -q[4 * j + i];
-            int32_t l = ((v + 128) & 255) - 128;
-            lo[16 * j + idx] = (int8_t)l;
-            hi[16 * j + idx] = (int8_t)((v - l) / 256);
+            if (exact) {
+                int32_t l = ((v + 128) & 255) - 128;
+                lo[16 * j + idx] = (int8_t)l;
+                hi[16 * j + idx] = (int8_t)((v - l) / 256);
+            } else {
+                lo[16 * j + idx] = (int8_t)((v - par) / 2);
+            }
         }
+    }
+    if (!exact)
+        *odd = nodd;
     return scale;
 }
 
-/* The integer GEMM's activations: the exact tables' integers, as int16. */
-TABLE_CLONES static float ints_exact(const float *x, int32_t Kb, int16_t *out) {
+/* The integer GEMM's activations: the tables' integers, as int16, or (int8 variant, fast
+ * mode: |q| <= 127) as int8 with their sum. */
+TABLE_CLONES static float ints16(const float *x, int32_t Kb, int32_t exact, int16_t *out) {
     int32_t q[256];
-    float scale = exact_ints(x, Kb, q);
+    float scale = act_ints(x, Kb, exact, q);
     for (int32_t k = 0; k < Kb; k++)
         out[k] = (int16_t)q[k];
+    return scale;
+}
+
+TABLE_CLONES static float ints8(const float *x, int32_t Kb, int8_t *out, int32_t *sum) {
+    int32_t q[256], s = 0;
+    float scale = act_ints(x, Kb, 0, q);
+    for (int32_t k = 0; k < Kb; k++) {
+        out[k] = (int8_t)q[k];
+        s += q[k];
+    }
+    *sum = s;
     return scale;
 }
 
@@ -229,7 +259,8 @@ static void build_tables(void *arg, int32_t ith, int32_t nth) {
         const float *x = c->x + (int64_t)tok * K + (int64_t)b * j->Kb;
         int8_t *tab = (int8_t *)j->tab + tok * lut_tab_stride(j) + (int64_t)b * j->Kb * 4;
         float *ts = (float *)j->tscale + (int64_t)tok * nb + b;
-        *ts = c->exact ? tables_exact(x, j->Kb, tab, tab + (int64_t)K * 4) : tables_fast(x, j->Kb, tab);
+        *ts = tables(x, j->Kb, c->exact, tab, c->exact ? tab + (int64_t)K * 4 : NULL,
+                     (int32_t *)j->odd + (int64_t)tok * nb + b);
     }
     if (lut_has_offsets(j->w))
         group_sums(c->x, (int64_t)c->n * ng, G, (float *)j->xsum, ith, nth);
@@ -302,27 +333,40 @@ static void decode_chunk(const uint8_t *wc, int32_t P, int32_t ncomp, int16_t *w
             decode_comp(wc, p, p + 1, wd + p * LUT_IG_WORDS);
 }
 
-/* Below this many tokens the exact tables are faster: AVX-512, 1 thread, igemm / tables
- * at 4, 6, 8 tokens: 576x576 1.04, 1.30, 1.86; 1536x576 0.85, 1.09, 1.60; 896x4864
- * 0.89, 1.10, 1.70 (bench/gemm_pp.py --modes 1, LUTENGINE_IGEMM_ROWS 1 against 10^6);
- * LUTENGINE_IGEMM_ROWS (read at the first call) or lut_set_igemm_rows overrides
- * it: benchmarks compare both paths at one size, tests run every exact case on both. */
-#define LUT_IGEMM_ROWS 6
-static int32_t igemm_rows = -1;
+/* Below this many tokens the tables are faster. AVX-512, 1 thread, igemm / tables (python -m
+ * bench.gemm_pp, loaded machine). The int8 variant at 2, 3, 4, 8 tokens: 576x576 0.96, 1.18,
+ * 1.35, 2.37; 1536x576 0.83, 1.05, 1.22, 2.13; 4864x896 0.75, 0.96, 1.14, 2.02. The int16 one,
+ * fast mode at 8, 12, 16 tokens: 576x576 1.11, 1.31, 1.72; 1536x576 0.95, 1.11, 1.46; 4864x896
+ * 0.89, 1.04, 1.37; exact mode (its tables cost twice the lookups) at 4, 6, 8 tokens: 576x576
+ * 1.04, 1.30, 1.86; 1536x576 0.85, 1.09, 1.60. LUTENGINE_IGEMM_ROWS (read at the first call)
+ * or lut_set_igemm_rows overrides both: benchmarks compare the paths at one size, tests run
+ * every case on both. */
+#define LUT_IGEMM_ROWS8 4
+#define LUT_IGEMM_ROWS16 10
+static int32_t igemm_rows = -1; /* -1: the environment not read yet; 0: the defaults */
 
 /* Hold lut_call_mu. */
-static int32_t igemm_min_rows(void) {
+static int32_t igemm_override(void) {
     if (igemm_rows < 0) {
         const char *env = getenv("LUTENGINE_IGEMM_ROWS");
         char *end = NULL;
         long v = env ? strtol(env, &end, 10) : -1;
-        igemm_rows = env && *env && !*end && v >= 1 && v <= INT32_MAX ? (int32_t)v : LUT_IGEMM_ROWS;
+        igemm_rows = env && *env && !*end && v >= 1 && v <= INT32_MAX ? (int32_t)v : 0;
     }
     return igemm_rows;
 }
 
+/* Whether this ISA runs fast-mode calls on the int8 variant. */
+static int uses_int8(int32_t isa, int32_t exact) { return !exact && kernels[isa].has_int8 && kernels[isa].has_int8(); }
+
+/* Hold lut_call_mu. */
+static int32_t igemm_min_rows(int32_t isa, int32_t exact) {
+    int32_t n = igemm_override();
+    return n ? n : uses_int8(isa, exact) ? LUT_IGEMM_ROWS8 : LUT_IGEMM_ROWS16;
+}
+
 int lut_set_igemm_rows(int32_t n) {
-    if (n < 1)
+    if (n < 0)
         return LUT_EINVAL;
     pthread_mutex_lock(&lut_call_mu);
     igemm_rows = n;
@@ -332,7 +376,7 @@ int lut_set_igemm_rows(int32_t n) {
 
 int32_t lut_igemm_rows(void) {
     pthread_mutex_lock(&lut_call_mu);
-    int32_t n = igemm_min_rows();
+    int32_t n = igemm_override();
     pthread_mutex_unlock(&lut_call_mu);
     return n;
 }
@@ -342,8 +386,10 @@ typedef struct {
     const float *x;
     float *y;
     int32_t *acc;
-    int32_t n, Kb, isa, ntiles, ncomp;
+    int32_t n, Kb, isa, ntiles, ncomp, exact, int8;
     int16_t *q;  /* [K/Kb][n][Kb]: a block's tokens contiguous, read once per tile */
+    int8_t *q8;  /* int8 variant: [K/Kb][n][Kb] instead, and */
+    int32_t *qs; /* [K/Kb][n] their sums */
     float *ts;   /* [n][K/Kb] */
     float *xs;   /* [n][K/G] */
     char *scratch;
@@ -356,7 +402,9 @@ static void igemm_quant(void *arg, int32_t ith, int32_t nth) {
     int64_t units = (int64_t)c->n * nb;
     for (int64_t u = units * ith / nth; u < units * (ith + 1) / nth; u++) {
         int32_t tok = (int32_t)(u / nb), b = (int32_t)(u % nb);
-        c->ts[u] = ints_exact(c->x + (int64_t)tok * K + (int64_t)b * Kb, Kb, c->q + ((int64_t)b * c->n + tok) * Kb);
+        const float *xb = c->x + (int64_t)tok * K + (int64_t)b * Kb;
+        int64_t at = (int64_t)b * c->n + tok;
+        c->ts[u] = c->int8 ? ints8(xb, Kb, c->q8 + at * Kb, c->qs + at) : ints16(xb, Kb, c->exact, c->q + at * Kb);
     }
     if (lut_has_offsets(c->w))
         group_sums(c->x, (int64_t)c->n * ng, c->w->G, c->xs, ith, nth);
@@ -369,7 +417,8 @@ static void igemm_tiles(void *arg, int32_t ith, int32_t nth) {
     int32_t cpb = Kb / LUT_CHUNK, nchunk = K / LUT_CHUNK, rows = c->ntiles * LUT_TILE, nsc = w->uniform ? 1 : P;
     float *yacc = (float *)(c->scratch + (size_t)ith * c->per_chunk);
     int16_t *wd = (int16_t *)(yacc + (size_t)n * LUT_TILE);
-    lut_iblock_fn fn = kernels[c->isa].iblock;
+    uint8_t *wd8 = (uint8_t *)wd;
+    lut_iblock_fn fn = c->int8 ? kernels[c->isa].iblock8 : kernels[c->isa].iblock;
     for (int32_t tile = (int32_t)((int64_t)c->ntiles * ith / nth); tile < (int64_t)c->ntiles * (ith + 1) / nth; tile++) {
         const uint8_t *wt = w->planes + (int64_t)tile * nchunk * P * 64;
         memset(yacc, 0, (size_t)n * LUT_TILE * sizeof *yacc);
@@ -385,11 +434,17 @@ static void igemm_tiles(void *arg, int32_t ith, int32_t nth) {
                 lut_scales16(w, grp, 0, h);
                 lut_offsets16(w, grp, h, z);
             }
-            for (int32_t ch = 0; ch < cpb; ch++)
-                decode_chunk(wt + ((int64_t)b * cpb + ch) * P * 64, P, c->ncomp, wd + (int64_t)ch * c->ncomp * LUT_IG_WORDS);
+            for (int32_t ch = 0; ch < cpb; ch++) {
+                const uint8_t *wc = wt + ((int64_t)b * cpb + ch) * P * 64;
+                if (c->int8)
+                    kernels[c->isa].decode8(wc, P, c->ncomp, wd8 + (int64_t)ch * c->ncomp * LUT_IG_BYTES);
+                else
+                    decode_chunk(wc, P, c->ncomp, wd + (int64_t)ch * c->ncomp * LUT_IG_WORDS);
+            }
             lut_iblock bk = {
                 .n = n, .nchunk = cpb, .ncomp = c->ncomp, .uniform = w->uniform, .P = P, .wd = wd,
-                .q = c->q + (int64_t)b * n * Kb, .qstride = Kb, .nb = nb, .ng = ng, .ts = c->ts + b, .sc = sc,
+                .q = c->q + (int64_t)b * n * Kb, .wd8 = wd8, .q8 = c->q8 + (int64_t)b * n * Kb, .qs = c->qs + (int64_t)b * n,
+                .qstride = Kb, .nb = nb, .ng = ng, .ts = c->ts + b, .sc = sc,
                 .z = last && lut_has_offsets(w) ? z : NULL, .xs = c->xs + g, .yacc = yacc,
                 .acc = c->acc ? c->acc + (int64_t)tile * LUT_TILE * P * nb + b : NULL,
                 .acc_tok = (int64_t)rows * P * nb, .acc_row = P * nb,
@@ -409,7 +464,7 @@ static void igemm_tiles(void *arg, int32_t ith, int32_t nth) {
 /* Workspace layout, 64-byte aligned parts. */
 static size_t align64(size_t v) { return (v + 63) & ~(size_t)63; }
 
-static int igemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t *acc) {
+static int igemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t exact, int32_t *acc) {
     int32_t K = w->K, Kb = lut_act_block(K, w->G), nb = K / Kb, ng = K / w->G;
     int32_t ncomp = w->uniform && !acc ? 1 : w->P, nth = lut_pool_chunks();
     size_t q_bytes = align64((size_t)n * K * sizeof(int16_t)), ts_bytes = align64((size_t)n * nb * sizeof(float));
@@ -420,9 +475,13 @@ static int igemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_
     if (!base)
         return LUT_ENOMEM;
     base = (char *)align64((uintptr_t)base); /* malloc gives 16-byte alignment; the + 64 above pays for this */
+    int32_t isa = lut_isa();
     igemm_ctx c = {
-        .w = w, .x = x, .y = y, .acc = acc, .n = n, .Kb = Kb, .isa = lut_isa(),
-        .ntiles = (w->M + LUT_TILE - 1) / LUT_TILE, .ncomp = ncomp, .q = (int16_t *)base,
+        .w = w, .x = x, .y = y, .acc = acc, .n = n, .Kb = Kb, .isa = isa,
+        .ntiles = (w->M + LUT_TILE - 1) / LUT_TILE, .ncomp = ncomp, .exact = exact,
+        .int8 = uses_int8(isa, exact), .q = (int16_t *)base,
+        /* the int8 variant's activations (n K bytes) and sums (n K / Kb words) fit where the int16 ones go */
+        .q8 = (int8_t *)base, .qs = (int32_t *)(base + (size_t)n * K),
         .ts = (float *)(base + q_bytes), .xs = (float *)(base + q_bytes + ts_bytes),
         .scratch = base + q_bytes + ts_bytes + xs_bytes, .per_chunk = per,
     };
@@ -449,17 +508,17 @@ static int gemm_layers(const lut_layer *const *layers, int32_t count, const floa
                        int32_t exact, int32_t *acc) {
     const lut_layer *w = layers[0];
     pthread_mutex_lock(&lut_call_mu);
-    if (exact && n >= igemm_min_rows()) {
+    if (n >= igemm_min_rows(lut_isa(), exact)) {
         int rc = LUT_OK;
         for (int32_t l = 0; l < count && rc == LUT_OK; l++)
-            rc = igemm(layers[l], x, n, y[l], acc);
+            rc = igemm(layers[l], x, n, y[l], exact, acc);
         pthread_mutex_unlock(&lut_call_mu);
         return rc;
     }
     int32_t K = w->K, Kb = lut_act_block(K, w->G), ntab = exact ? 2 : 1;
     size_t tab_bytes = (size_t)n * ntab * K * 4, ts_bytes = (size_t)n * (K / Kb) * sizeof(float);
-    size_t xs_bytes = (size_t)n * (K / w->G) * sizeof(float);
-    size_t need = tab_bytes + ts_bytes + xs_bytes + 64;
+    size_t xs_bytes = (size_t)n * (K / w->G) * sizeof(float), odd_bytes = (size_t)n * (K / Kb) * sizeof(int32_t);
+    size_t need = tab_bytes + ts_bytes + xs_bytes + odd_bytes + 64;
     if (!lut_workspace(need)) {
         pthread_mutex_unlock(&lut_call_mu);
         return LUT_ENOMEM;
@@ -468,7 +527,8 @@ static int gemm_layers(const lut_layer *const *layers, int32_t count, const floa
     for (int32_t l = 0; l < count; l++) {
         c.job[l] = (lut_job){.w = layers[l], .Kb = Kb, .ntab = ntab, .tab = ws, .y = y[l], .acc = acc,
                              .tscale = (const float *)((char *)ws + tab_bytes),
-                             .xsum = (const float *)((char *)ws + tab_bytes + ts_bytes)};
+                             .xsum = (const float *)((char *)ws + tab_bytes + ts_bytes),
+                             .odd = (const int32_t *)((char *)ws + tab_bytes + ts_bytes + xs_bytes)};
         c.first[l + 1] = c.first[l] + (layers[l]->M + LUT_TILE - 1) / LUT_TILE;
     }
     lut_pool_run(build_tables, &c);

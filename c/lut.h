@@ -40,8 +40,10 @@ enum {
     LUT_ETHREAD = -4   /* could not start worker threads */
 };
 
-/* y[n][M] = W x[n][K]. exact=0: int8 tables (fast, lossy); exact=1: activations
- * quantized to int8 first, tables kept exactly as two byte planes.
+/* y[n][M] = W x[n][K]. Activations are rounded to integers per block, and the
+ * tables hold their exact sums. exact=0: integers small enough that every
+ * table entry fits int8 (one byte plane, fast); exact=1: 12-bit integers,
+ * tables kept as two byte planes.
  * acc, if not NULL, receives the integer block sums
  * int32 [n][ceil(M/16)*16][P][K/Kb] (Kb = lut_act_block(K,G)) for testing. */
 int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t exact, int32_t *acc);
@@ -54,8 +56,9 @@ int lut_gemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t ex
 int lut_gemm_multi(const lut_layer *const *w, int32_t count, const float *x, int32_t n, float *const *y,
                    int32_t exact);
 
-/* Exact-mode calls with at least this many tokens run the integer GEMM (lut_internal.h),
- * whose outputs and sums equal the tables' bit for bit; n >= 1, else LUT_EINVAL. */
+/* Calls with at least n tokens run the integer GEMM (lut_internal.h), whose outputs
+ * and sums equal the tables' bit for bit; n = 0 restores the defaults (lut.c, chosen per
+ * path by speed), n < 0 is LUT_EINVAL. lut_igemm_rows gives the override, 0 for none. */
 int lut_set_igemm_rows(int32_t n);
 int32_t lut_igemm_rows(void);
 

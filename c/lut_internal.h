@@ -12,12 +12,14 @@
 
 /* Everything a tile kernel reads for one call. Tables are per token:
  * tab[tok][t][K/4][16] int8 (t < ntab byte planes, 1 fast / 2 exact),
- * tscale[tok][K/Kb], xsum[tok][K/G]. */
+ * tscale[tok][K/Kb], xsum[tok][K/G], and in fast mode odd[tok][K/Kb]: the
+ * fast tables hold halves, a block's sum is S = 2 S' + odd (lut.c, tables). */
 typedef struct lut_job {
     const lut_layer *w;
     int32_t Kb, ntab;
     const int8_t *tab;
     const float *tscale, *xsum;
+    const int32_t *odd;
     float *y;
     int32_t *acc;
 } lut_job;
@@ -34,6 +36,12 @@ void lut_tile_neon(const lut_job *job, int32_t tile, int32_t tok);
 #endif
 
 static inline int64_t lut_tab_stride(const lut_job *j) { return (int64_t)j->ntab * j->w->K * 4; }
+
+/* What a fast-mode run of R planes adds to 2 S' per row of block b: its planes'
+ * weights 2^0 .. 2^(R-1) times the block's odd groups (0 in exact mode). */
+static inline int32_t lut_odd_term(const lut_job *j, int32_t tok, int32_t b, int32_t R) {
+    return j->ntab == 1 ? ((1 << R) - 1) * j->odd[(int64_t)tok * (j->w->K / j->Kb) + b] : 0;
+}
 
 /* Each SIMD kernel writes its tile loop once, as an always-inline
  * body(job, tile, tok, ntab, uniform, scale8, keep), and defines its entry point
@@ -55,10 +63,10 @@ static inline int64_t lut_tab_stride(const lut_job *j) { return (int64_t)j->ntab
             w->scale8 ? body(j, tile, tok, 1, 0, 1, 0) : body(j, tile, tok, 1, 0, 0, 0);                              \
     }
 
-/* Integer GEMM (exact mode, n >= LUT_IGEMM_ROWS tokens): a tile's weights are
+/* Integer GEMM (n >= lut_igemm_rows() tokens, either mode): a tile's weights are
  * decoded once per call, a chunk of 32 columns at a time, to int16 and every
- * token's 12-bit activations multiply them into int32 block sums. They are
- * exact integers, so they equal the exact tables' sums: the same integers
+ * token's integer activations multiply them into int32 block sums. They are
+ * exact integers, so they equal the tables' sums: the same integers
  * enter the same float steps, and the output is the LUT path's bit for bit.
  * Decoded chunk: int16 [16 column pairs][16 rows][2], the pair layout of
  * vpmaddwd / vpdpwssd (one 32-bit broadcast of a token's two activations
@@ -67,11 +75,22 @@ static inline int64_t lut_tab_stride(const lut_job *j) { return (int64_t)j->ntab
  * block of Kb <= 256 columns sums at most 256 * 255 * 2047 < 2^27 in int32. */
 #define LUT_IG_WORDS (LUT_CHUNK * LUT_TILE) /* int16 per decoded chunk and component */
 
+/* The int8 variant (fast mode, where |q| <= 127; AVX-512 with VNNI, VBMI and
+ * BITALG): a component's chunk decodes to the unsigned v of 2 v - top as
+ * uint8 [8 column quads][16 rows][4], the layout of vpdpbusd (one 32-bit
+ * broadcast of a token's four activations multiplies 16 rows), and the sums
+ * are 2 sum(v q) - top * sum(q), the same integers. Bound: 256 * 255 * 127 <
+ * 2^23. */
+#define LUT_IG_BYTES (LUT_CHUNK * LUT_TILE) /* uint8 per decoded chunk and component */
+
 /* One tile and block for n tokens: the kernels' unit. */
 typedef struct lut_iblock {
     int32_t n, nchunk, ncomp, uniform, P; /* ncomp: 1 (a uniform layer's planes in one) or P */
     const int16_t *wd;                    /* [nchunk][ncomp][LUT_IG_WORDS] */
     const int16_t *q;                     /* token t's activations of the block at q + t * qstride */
+    const uint8_t *wd8;                   /* int8 variant: [nchunk][ncomp][LUT_IG_BYTES], */
+    const int8_t *q8;                     /* token t's activations at q8 + t * qstride, */
+    const int32_t *qs;                    /* their sum at qs[t] */
     int32_t qstride, nb, ng;
     const float *ts;  /* token t's block scale at ts[t * nb] */
     const float *sc;  /* [ncomp][16] rows' scales (uniform: plane 0's, [1][16]) */
@@ -88,10 +107,16 @@ typedef struct lut_iblock {
 void lut_scales16(const lut_layer *w, int64_t grp, int32_t s, float out[LUT_TILE]);
 void lut_offsets16(const lut_layer *w, int64_t grp, const float h[LUT_TILE], float out[LUT_TILE]);
 typedef void (*lut_iblock_fn)(const lut_iblock *b);
+/* Decodes one chunk's planes to the int8 variant's components (ncomp 1: all planes in one). */
+typedef void (*lut_decode8_fn)(const uint8_t *wc, int32_t P, int32_t ncomp, uint8_t *wd8);
 void lut_iblock_scalar(const lut_iblock *b);
 #if defined(__x86_64__) || defined(__i386__)
 void lut_iblock_avx2(const lut_iblock *b);
 void lut_iblock_avx512(const lut_iblock *b);
+/* The int8 variant; call only where lut_int8_dot() says the CPU has it. */
+int lut_int8_dot(void);
+void lut_iblock8_avx512(const lut_iblock *b);
+void lut_decode8_avx512(const uint8_t *wc, int32_t P, int32_t ncomp, uint8_t *wd8);
 #endif
 #if defined(__aarch64__)
 void lut_iblock_neon(const lut_iblock *b);
@@ -103,10 +128,15 @@ void lut_iblock_neon(const lut_iblock *b);
  * at 5 bits and more the activations' rounding, not the weights', decides. */
 #define LUT_EXACT_Q 2047
 
+/* Fast-mode block scale: the largest sum of 4 |x| over LUT_FAST_SUM, or max|x| over
+ * LUT_FAST_Q if that is larger (lut.c act_ints). */
+#define LUT_FAST_SUM 252
+#define LUT_FAST_Q 127
+
 /* Uniform layers: plane p's scale is h * 2^p, so every kernel adds the planes'
  * integer block sums as sum_p 2^p * S_p, then converts and scales once (one
  * multiply and one fma per row and block instead of P). Bound: a fast-mode
- * |S_p| <= 64 * 127 and an exact-mode S_p = lo + 256*hi sums at most 64
+ * |S_p| <= 64 * 254 and an exact-mode S_p = lo + 256*hi sums at most 64
  * table entries |T| <= 4 * LUT_EXACT_Q = 8188, so |S_p| <= 524032; with
  * P <= 8, |sum_p 2^p S_p| <= 255 * 524032 < 2^28. It fits int32; the
  * conversion to float32 is exact in fast mode (< 2^24) and otherwise rounds

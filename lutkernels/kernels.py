@@ -56,6 +56,19 @@ def get_threads() -> int:
     return lib.lut_threads()
 
 
+def set_igemm_rows(n: int) -> None:
+    """Calls with at least n tokens run the integer GEMM (the same outputs, faster for many
+    tokens); 0 restores the defaults, chosen per path by speed."""
+    if not isinstance(n, (int, np.integer)) or not 0 <= n < 2**31:
+        raise ValueError(f"igemm rows must be a non-negative 32-bit integer, got {n!r}")
+    lib.lut_set_igemm_rows(int(n))
+
+
+def get_igemm_rows() -> int:
+    """The override set_igemm_rows (or LUTENGINE_IGEMM_ROWS) put in place; 0 for the defaults."""
+    return lib.lut_igemm_rows()
+
+
 def _apply_env_isa() -> None:
     name = os.environ.get("LUTENGINE_ISA")
     if name:

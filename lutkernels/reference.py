@@ -9,52 +9,47 @@ import numpy as np
 from .layout import TILE, PackedLinear, act_block, stored_scales, unpack
 
 EXACT_Q = 2047  # exact-mode activations: integers up to this (c/lut_internal.h LUT_EXACT_Q)
+FAST_SUM = 252  # fast mode: the block's largest sum of 4 |x| maps to this (LUT_FAST_SUM) ...
+FAST_Q = 127  # ... unless its largest |x| would pass this (LUT_FAST_Q)
 _IDX = np.arange(16)
 _BITS = ((_IDX[:, None] >> np.arange(4)) & 1).astype(bool)  # [16 entries, 4 activations]
 
 
-def _sums16(xg: np.ndarray) -> np.ndarray:
-    """xg [..., 4] float32 -> [..., 16]: entries 8..15 as ((x3 +- x2) +- x1) +- x0, 0..7 negated."""
-    out = np.empty(xg.shape[:-1] + (16,), np.float32)
-    for idx in range(8, 16):
-        v = xg[..., 3].copy()
-        for i in (2, 1, 0):
-            v = v + xg[..., i] if idx >> i & 1 else v - xg[..., i]
-        out[..., idx] = v
-        out[..., 15 - idx] = -v
-    return out
+def act_ints(x: np.ndarray, K: int, G: int, exact: bool):
+    """x [N, K] -> (the activations as integers, int32 [N, K/Kb, Kb]; their block scales float32
+    [N, K/Kb]), rounded as c/lut.c act_ints rounds them (float32, half to even).
 
-
-def exact_ints(x: np.ndarray, K: int, G: int):
-    """x [N, K] -> (exact-mode activations: integers |q| <= EXACT_Q, int32 [N, K/Kb, Kb];
-    their block scales float32 [N, K/Kb]), rounded as the C tables round them."""
+    Exact mode: scale max|x| / EXACT_Q, so |q| <= EXACT_Q. Fast mode: scale m / FAST_SUM, m the
+    block's largest ((|x0| + |x1|) + |x2|) + |x3| over its groups of 4, or max|x| / FAST_Q where
+    that is larger, so |q| <= 127 and a group's sum of |q| is at most FAST_SUM + 2 = 254."""
     Kb = act_block(K, G)
     xb = x.astype(np.float32).reshape(x.shape[0], K // Kb, Kb)
-    maxabs = np.abs(xb).max(-1)
-    inv = np.where(maxabs > 0, np.float32(EXACT_Q) / np.where(maxabs > 0, maxabs, 1), 0).astype(np.float32)
-    q = np.clip(np.rint(xb * inv[..., None]), -EXACT_Q, EXACT_Q).astype(np.int32)
-    return q, (maxabs / np.float32(EXACT_Q)).astype(np.float32)
+    m = np.abs(xb).max(-1)
+    top = np.float32(EXACT_Q if exact else FAST_Q)
+    safe = np.where(m > 0, m, 1)
+    inv = np.where(m > 0, top / safe, 0).astype(np.float32)
+    scale = (m / top).astype(np.float32)
+    if not exact:
+        a = np.abs(xb.reshape(x.shape[0], K // Kb, Kb // 4, 4))
+        msum = (((a[..., 0] + a[..., 1]) + a[..., 2]) + a[..., 3]).max(-1)
+        inv_sum = (np.float32(FAST_SUM) / np.where(m > 0, msum, 1)).astype(np.float32)
+        use = (m > 0) & (inv_sum <= inv)
+        inv = np.where(use, inv_sum, inv).astype(np.float32)
+        scale = np.where(use, msum / np.float32(FAST_SUM), scale).astype(np.float32)
+    q = np.rint(xb * inv[..., None]).astype(np.int32)
+    return q, scale
 
 
 def tables(x: np.ndarray, K: int, G: int, exact: bool):
-    """x [N, K] -> (int tables [N, K/4, 16] as int32, block scales float32 [N, K/Kb]).
-
-    Fast mode: int8 tables, scale max|T| / 127 per block. Exact mode: the tables
-    are the exact integer sums of activations rounded to integers up to EXACT_Q
-    (|T| <= 4 * EXACT_Q); the C side stores them as two signed byte planes T = 256*hi + lo."""
-    Kb = act_block(K, G)
-    N = x.shape[0]
-    xb = x.astype(np.float32).reshape(N, K // Kb, Kb)
-    if exact:
-        q, ts = exact_ints(x, K, G)
-        q = q.reshape(N, K // 4, 4)
-        T = np.where(_BITS, q[:, :, None, :], -q[:, :, None, :]).sum(-1)
-        return T, ts
-    t = _sums16(xb.reshape(N, K // Kb, Kb // 4, 4))
-    maxabs = np.abs(t).max(axis=(-1, -2))
-    inv = np.where(maxabs > 0, np.float32(127) / np.where(maxabs > 0, maxabs, 1), 0).astype(np.float32)
-    T = np.clip(np.rint(t * inv[..., None, None]), -127, 127).astype(np.int32).reshape(N, K // 4, 16)
-    return T, (maxabs / np.float32(127)).astype(np.float32)
+    """x [N, K] -> (int tables [N, K/4, 16] as int32, block scales float32 [N, K/Kb]): entry idx
+    of a group of 4 is the exact sum_i (bit i of idx ? +q_i : -q_i) of act_ints' integers.
+    Fast mode: |T| <= 254, and all of a group's entries share the parity of q0 + q1 + q2 + q3,
+    so the C side stores one int8 plane of halves (T - parity) / 2 and adds back each block's
+    count of odd groups; exact mode: |T| <= 4 * EXACT_Q, stored as two signed byte planes
+    T = 256*hi + lo."""
+    q, ts = act_ints(x, K, G, exact)
+    q = q.reshape(x.shape[0], K // 4, 4)
+    return np.where(_BITS, q[:, :, None, :], -q[:, :, None, :]).sum(-1), ts
 
 
 def block_sums(w: PackedLinear, T: np.ndarray) -> np.ndarray:
@@ -79,12 +74,12 @@ def scaled_sums(w: PackedLinear, S: np.ndarray) -> np.ndarray:
     return (S.astype(np.int64) << np.arange(w.P)[:, None]).sum(2, keepdims=True)
 
 
-def int_gemm_sums(w: PackedLinear, x: np.ndarray, per_plane: bool = False) -> np.ndarray:
-    """The integer GEMM of exact mode (c/lut.c, many tokens): weights decoded to integers, a
+def int_gemm_sums(w: PackedLinear, x: np.ndarray, per_plane: bool = False, exact: bool = True) -> np.ndarray:
+    """The integer GEMM (c/lut.c, many tokens): weights decoded to integers, a
     uniform layer's planes combined as sum_p 2^p B_p (per_plane, or a per-plane layer: each
     B_p), times the exact-mode activations, summed per row and block: int64 [N, Mt*16, P or 1,
     K/Kb]. Rows past M are padding (all bits 0: B = -1). Its claim: this equals
-    scaled_sums(w, block_sums(w, tables(x, exact=True))), the tables' sums, so both paths
+    scaled_sums(w, block_sums(w, tables(x, exact))), the tables' sums, so both paths
     feed the same integers into the same float steps."""
     planes, _, _ = unpack(w)
     Kb = act_block(w.K, w.G)
@@ -92,7 +87,7 @@ def int_gemm_sums(w: PackedLinear, x: np.ndarray, per_plane: bool = False) -> np
     B = np.pad(planes.astype(np.int64), ((0, 0), (0, Mp - w.M), (0, 0)), constant_values=-1)
     if w.uniform and not per_plane:
         B = (B << np.arange(w.P)[:, None, None]).sum(0, keepdims=True)
-    q, _ = exact_ints(np.atleast_2d(np.asarray(x, np.float32)), w.K, w.G)
+    q, _ = act_ints(np.atleast_2d(np.asarray(x, np.float32)), w.K, w.G, exact)
     return np.einsum("cmbk,nbk->nmcb", B.reshape(B.shape[0], Mp, w.K // Kb, Kb), q.astype(np.int64))
 
 
@@ -113,13 +108,12 @@ def gemm(w: PackedLinear, x: np.ndarray, exact: bool = False):
 
 
 def error_bound(w: PackedLinear, x: np.ndarray, exact: bool = False) -> np.ndarray:
-    """Bound on |gemm(w, x) - dense(w) @ x| per output [N, M] implied by table quantization:
-    each lookup is off by at most half a table step (fast), or each activation by half an
-    activation step (exact)."""
+    """Bound on |gemm(w, x) - dense(w) @ x| per output [N, M] implied by rounding the
+    activations: each is off by at most half its block's step, so a lookup by 4 halves."""
     x = np.atleast_2d(np.asarray(x, np.float32))
     _, ts = tables(x, w.K, w.G, exact)
     _, scales, _ = unpack(w)
     Kb = act_block(w.K, w.G)
-    per_lookup = (4 if exact else 1) * 0.5 * ts.astype(np.float64)  # [N, K/Kb]
+    per_lookup = 4 * 0.5 * ts.astype(np.float64)  # [N, K/Kb]
     blk_scale = np.abs(np.repeat(scales.astype(np.float64), w.G // Kb, axis=2)).sum(0)  # [M, K/Kb]
     return (Kb // 4) * per_lookup @ blk_scale.T

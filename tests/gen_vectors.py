@@ -32,6 +32,7 @@ import numpy as np
 
 MAGIC = b"LUTVEC4\0"
 GROUPS = (32, 64, 128, 256, "K")
+FAST_EXTREME = np.float32([63.5, 63.5, 63.5, 61.5])  # a group of 4 at the fast tables' largest entry
 
 
 def _load_spec():
@@ -92,7 +93,7 @@ def plan(ncases, rng):
         dict(M=31, K=1024, P=8, G=1024, off=True, N=3, exact=True, uniform=False, kind="random"),  # act block 256
         dict(M=20, K=512, P=2, G=256, off=False, N=2, exact=False, uniform=False, kind="extreme"),  # int16, fast
         dict(M=20, K=1024, P=2, G=1024, off=True, N=1, exact=True, uniform=False, kind="extreme"),  # int16, exact
-        # the uniform combination's bound: 8 equal planes, 255 * 64 * 127 (fast), 255 * 64 * 8188 (exact)
+        # the uniform combination's bound: 8 equal planes, 255 * 64 * 254 (fast), 255 * 64 * 8188 (exact)
         dict(M=20, K=512, P=8, G=256, off=True, N=2, exact=False, uniform=True, kind="extreme"),
         dict(M=20, K=1024, P=8, G=1024, off=False, N=1, exact=True, uniform=True, kind="extreme_sum"),
         dict(M=25, K=256, P=4, G=64, off=True, N=3, exact=False, uniform=True, kind="zero_token"),
@@ -161,8 +162,10 @@ def make_case(c, rng):
         x[:] = 127.0
     elif c["kind"] == "extreme":
         # Every lookup of a row picks the same extreme entry: rows alternate
-        # all +1 / all -1. Fast mode: constant x makes that entry +-127, so a
-        # 256-activation block sums to +-8128. Exact mode: groups summing to
+        # all +1 / all -1. Fast mode: every group (63.5, 63.5, 63.5, 61.5) has the
+        # block's largest sum, 252, and rounds to (64, 64, 64, 62): entry +-254,
+        # stored as the half +-127, so a 256-activation block sums to +-8128 in
+        # int16 and +-16256 in all. Exact mode: groups summing to
         # 128 mod 256 make the low byte -128 (the exact bound, -8192 per block).
         planes[:] = np.where(np.arange(M)[None, :, None] % 2 == 0, 1, -1)
         if c["exact"]:
@@ -172,12 +175,12 @@ def make_case(c, rng):
             x[:, 2::256] = 0.0
             x[:, 3::256] = 0.0
         else:
-            x[:] = 1.0
+            x[:] = np.tile(FAST_EXTREME, K // 4)
     elif c["kind"] == "zero_token":
         x[1] = 0.0  # all-zero tables and a zero table scale
     elif c["kind"] == "extreme_run":
         planes[:] = np.where(np.arange(M)[None, :, None] % 2 == 0, 1, -1)
-        x[:] = 1.0
+        x[:] = np.tile(FAST_EXTREME, K // 4)
         if c["exact"]:  # as "extreme", per 32-activation block: every group sums to 128 mod 256, low byte -128
             x[:] = 32.0
             x[:, ::32], x[:, 1::32], x[:, 2::32], x[:, 3::32] = 2047.0, 129.0, 0.0, 0.0

@@ -262,20 +262,43 @@ def test_concurrent_python_threads_get_correct_results():
 @pytest.mark.parametrize("P,G,uniform,offsets,scale8", [
     (4, 32, True, False, True), (3, 64, False, True, False), (8, 256, True, True, False), (1, 128, False, False, True),
     (5, 512, True, True, True), (7, 32, True, False, False)])
-def test_integer_gemm_spec_is_the_tables_sums(P, G, uniform, offsets, scale8):
-    """The numpy spec of the integer GEMM gives the exact tables' integers (per plane and combined)."""
+@pytest.mark.parametrize("exact", [False, True])
+def test_integer_gemm_spec_is_the_tables_sums(P, G, uniform, offsets, scale8, exact):
+    """The numpy spec of the integer GEMM gives the tables' integers (per plane and combined) in
+    both modes."""
     rng = np.random.default_rng(P * 1000 + G)
     w = packed(rng, 37, 512, P, G, offsets, uniform, scale8)  # G = 512 = K: activation blocks of 256
     x = (rng.standard_normal((5, w.K)) * 3).astype(np.float32)
-    S = ref.block_sums(w, ref.tables(x, w.K, w.G, True)[0])
-    np.testing.assert_array_equal(ref.int_gemm_sums(w, x, per_plane=True), S)
-    np.testing.assert_array_equal(ref.int_gemm_sums(w, x), ref.scaled_sums(w, S))
+    S = ref.block_sums(w, ref.tables(x, w.K, w.G, exact)[0])
+    np.testing.assert_array_equal(ref.int_gemm_sums(w, x, per_plane=True, exact=exact), S)
+    np.testing.assert_array_equal(ref.int_gemm_sums(w, x, exact=exact), ref.scaled_sums(w, S))
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e-3, 1.0, 1e4, 1e30])
+def test_fast_tables_fit_int8_as_halves(scale):
+    """Fast mode's integers stay within 127 and every group's sum of |q| within 254, so each
+    entry's half (T - parity) / 2 fits int8, at any activation scale and for adversarial groups:
+    ties that round up, one dominant value, equal values."""
+    rng = np.random.default_rng(int(np.log10(scale) + 40))
+    K = 256
+    x = rng.standard_normal((64, K))
+    x[:8] = np.tile([63.5, 63.5, 63.5, 61.5], K // 4)  # the largest entry, 254
+    x[8:16, ::4] = 1e6
+    x[16:24] = 1.0
+    x[24:32] = np.round(rng.uniform(-64, 64, (8, K))) + 0.5
+    x = (x * scale).astype(np.float32)
+    q, _ = ref.act_ints(x, K, 32, False)
+    group = np.abs(q.reshape(64, K // 4, 4)).sum(-1)
+    assert np.abs(q).max() <= 127  # the integer GEMM's int8 dot products take them
+    assert group.max() <= 254
+    assert group[:8].max() == 254  # the bound is reached, so the check above can fail
+
+
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("N", [8, 9, 23, 64])
 @pytest.mark.parametrize("isa", ISAS)
-def test_integer_gemm_equals_the_tables_bit_for_bit(restore_kernel_state, isa, N):
-    """Exact mode at N >= lut_igemm_rows runs the integer GEMM: its sums equal the spec's, and its
+def test_integer_gemm_equals_the_tables_bit_for_bit(restore_kernel_state, isa, N, exact):
+    """Either mode at N >= lut_igemm_rows runs the integer GEMM: its sums equal the spec's, and its
     outputs equal the table path's (one token per call) bit for bit, on every ISA and thread count,
     for uniform and per-plane layers, with and without offsets, 8-bit or fp16 scales."""
     rng = np.random.default_rng(N)
@@ -284,14 +307,14 @@ def test_integer_gemm_equals_the_tables_bit_for_bit(restore_kernel_state, isa, N
                                              (50, 256, 5, 128, True, False, True)]:
         w = packed(rng, M, K, P, G, off, uniform, scale8)
         x = (rng.standard_normal((N, K)) * rng.uniform(0.01, 100)).astype(np.float32)
-        y_ref, _ = ref.gemm(w, x, True)
-        spec = ref.int_gemm_sums(w, x, per_plane=True)
+        y_ref, _ = ref.gemm(w, x, exact)
+        spec = ref.int_gemm_sums(w, x, per_plane=True, exact=exact)
         for threads in (1, 2):
             lk.set_isa(isa)
             lk.set_threads(threads)
-            per_token = np.concatenate([lk.gemm(w, x[i:i + 1].copy(), exact=True) for i in range(N)])
-            y, acc = run(w, x, True, isa, threads)
+            per_token = np.concatenate([lk.gemm(w, x[i:i + 1].copy(), exact=exact) for i in range(N)])
+            y, acc = run(w, x, exact, isa, threads)
             np.testing.assert_array_equal(acc, spec)
             np.testing.assert_array_equal(y.view(np.int32), per_token.view(np.int32))
-            np.testing.assert_array_equal(lk.gemm(w, x, exact=True).view(np.int32), per_token.view(np.int32))
-            assert (np.abs(y - y_ref) <= 1e-5 * magnitude(w, x, spec, True) + 1e-30).all()
+            np.testing.assert_array_equal(lk.gemm(w, x, exact=exact).view(np.int32), per_token.view(np.int32))
+            assert (np.abs(y - y_ref) <= 1e-5 * magnitude(w, x, spec, exact) + 1e-30).all()
