@@ -118,6 +118,16 @@ void lut_attention_step(float *q, float *k, float *v, const float *q_bias, const
                         void *k_cache, void *v_cache, float *k_scale, float *v_scale, int32_t pos,
                         int32_t heads, int32_t kv_heads, int32_t d, float query_scale, int32_t window,
                         float *scores, float *work, float *out);
+/* A prompt's attention: queries q [n][heads*d] (RoPE applied) at positions pos..pos+n-1
+ * over float32 keys and values k, v [pos+n][kv_heads*d] (the cache as floats), into
+ * out [n][heads*d], on the lut_set_threads pool. Each query's output equals
+ * lut_attention_step's for it bit for bit (same sums in the same order). scratch holds
+ * at least lut_attention_prompt_scratch(pos + n, heads, kv_heads) floats (for the pool's
+ * size at the call); LUT_EINVAL for less or a bad argument. */
+int lut_attention_prompt(const float *q, const float *k, const float *v, int32_t pos, int32_t n, int32_t heads,
+                         int32_t kv_heads, int32_t d, float query_scale, int32_t window, float *scratch,
+                         int64_t scratch_floats, float *out);
+int64_t lut_attention_prompt_scratch(int32_t positions, int32_t heads, int32_t kv_heads);
 /* g = silu(g) * u */
 void lut_silu_mul(float *g, const float *u, int32_t n);
 /* g = gelu_tanh(g) * u (GELU's tanh approximation) */

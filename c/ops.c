@@ -14,7 +14,7 @@
  * contraction: -ffp-contract=off), so both clones give the same floats. */
 #include <math.h>
 #include <string.h>
-#include "lut.h"
+#include "lut_internal.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #include <immintrin.h>
@@ -290,6 +290,59 @@ INLINE const float *load_rows(int32_t type, const void *cache, const float *scal
     return buf;
 }
 
+/* The query heads h0 .. h0+rep-1 (q at q + h0 * d) against n <= ROWS key rows from kr
+ * (row stride `stride`): their scores go to s + h * n_keys (s at the rows' first key). */
+INLINE void score_rows(const float *q, int32_t rep, int32_t d, const float *kr, int64_t stride, int32_t n,
+                       float *s, int32_t n_keys) {
+    for (int32_t h = 0; h < rep; h++) {
+        const float *qh = q + (int64_t)h * d;
+        float *sh = s + (int64_t)h * n_keys;
+        if (n == ROWS)
+            dot_rows(qh, kr, stride, d, sh);
+        else
+            for (int32_t r = 0; r < n; r++)
+                sh[r] = dot(qh, kr + r * stride, d);
+    }
+}
+
+/* Scale the rep heads' n_keys scores, exp them; inv[h] = 1 / their sum, out zeroed. */
+INLINE void softmax_heads(float *s, int32_t rep, int32_t n_keys, float scale, float *inv, float *out, int32_t d) {
+    for (int32_t h = 0; h < rep; h++) {
+        float *sh = s + (int64_t)h * n_keys;
+        for (int32_t t = 0; t < n_keys; t++)
+            sh[t] *= scale;
+        inv[h] = 1.0f / softmax_unnormalised(sh, n_keys);
+        memset(out + (int64_t)h * d, 0, (size_t)d * sizeof(float));
+    }
+}
+
+/* out (rep heads of d) += their weights s (as score_rows lays them out) times n <= ROWS value rows. */
+INLINE void weigh_rows(const float *s, int32_t rep, int32_t n_keys, const float *vr, int64_t stride, int32_t n,
+                       int32_t d, float *out) {
+    for (int32_t h = 0; h < rep; h++) {
+        const float *sh = s + (int64_t)h * n_keys;
+        float *o = out + (int64_t)h * d;
+        if (n == ROWS) {
+            const float *v0 = vr, *v1 = v0 + stride, *v2 = v1 + stride, *v3 = v2 + stride;
+            for (int32_t i = 0; i < d; i++)
+                o[i] += ((sh[0] * v0[i] + sh[1] * v1[i]) + sh[2] * v2[i]) + sh[3] * v3[i];
+        } else {
+            for (int32_t r = 0; r < n; r++)
+                for (int32_t i = 0; i < d; i++)
+                    o[i] += sh[r] * vr[r * stride + i];
+        }
+    }
+}
+
+INLINE void scale_heads(float *out, int32_t rep, int32_t d, const float *inv) {
+    for (int32_t h = 0; h < rep; h++)
+        for (int32_t i = 0; i < d; i++)
+            out[(int64_t)h * d + i] *= inv[h];
+}
+
+/* Keys t0..T-1 of the query at position T-1: the last `window` positions, or all (window 0). */
+INLINE int32_t first_key(int32_t T, int32_t window) { return window > 0 && T > window ? T - window : 0; }
+
 /* Per kv head, each block of ROWS cache rows is converted once and serves all the
  * query heads of its group; every (head, position) is summed in the same order
  * whatever the type, so float32 gives the floats it gave before the types. */
@@ -298,8 +351,7 @@ OPS_CLONES void lut_attention_step(float *q, float *k, float *v, const float *q_
                                    void *k_cache, void *v_cache, float *k_scale, float *v_scale, int32_t pos,
                                    int32_t heads, int32_t kv_heads, int32_t d, float query_scale, int32_t window,
                                    float *scores, float *work, float *out) {
-    /* keys t0..pos: the last `window` positions, or all of them (window 0); scores of head h at h*n_keys */
-    const int32_t T = pos + 1, t0 = window > 0 && T > window ? T - window : 0, n_keys = T - t0;
+    const int32_t T = pos + 1, t0 = first_key(T, window), n_keys = T - t0; /* scores of head h at h*n_keys */
     int32_t kv = kv_heads * d, rep = heads / kv_heads;
     const float *c = cos + (int64_t)pos * (d / 2), *sn = sin + (int64_t)pos * (d / 2);
     add_bias(q, q_bias, heads * d);
@@ -315,47 +367,86 @@ OPS_CLONES void lut_attention_step(float *q, float *k, float *v, const float *q_
     int64_t stride;
     for (int32_t g = 0; g < kv_heads; g++) {
         const int32_t h0 = g * rep;
+        float *sg = scores + (int64_t)h0 * n_keys, *og = out + (int64_t)h0 * d;
         for (int32_t t = t0; t < T; t += ROWS) {
             const int32_t n = T - t < ROWS ? T - t : ROWS;
             const float *kr = load_rows(kv_type, k_cache, k_scale, t, n, g, kv_heads, d, f16c, rows, &stride);
-            for (int32_t h = h0; h < h0 + rep; h++) {
-                const float *qh = q + (int64_t)h * d;
-                float *s = scores + (int64_t)h * n_keys + (t - t0);
-                if (n == ROWS)
-                    dot_rows(qh, kr, stride, d, s);
-                else
-                    for (int32_t r = 0; r < n; r++)
-                        s[r] = dot(qh, kr + r * stride, d);
-            }
+            score_rows(q + (int64_t)h0 * d, rep, d, kr, stride, n, sg + (t - t0), n_keys);
         }
-        for (int32_t h = h0; h < h0 + rep; h++) {
-            float *s = scores + (int64_t)h * n_keys;
-            for (int32_t t = 0; t < n_keys; t++)
-                s[t] *= scale;
-            inv[h] = 1.0f / softmax_unnormalised(s, n_keys);
-            memset(out + (int64_t)h * d, 0, (size_t)d * sizeof(float));
-        }
+        softmax_heads(sg, rep, n_keys, scale, inv, og, d);
         for (int32_t t = t0; t < T; t += ROWS) {
             const int32_t n = T - t < ROWS ? T - t : ROWS;
             const float *vr = load_rows(kv_type, v_cache, v_scale, t, n, g, kv_heads, d, f16c, rows, &stride);
-            for (int32_t h = h0; h < h0 + rep; h++) {
-                const float *s = scores + (int64_t)h * n_keys + (t - t0);
-                float *o = out + (int64_t)h * d;
-                if (n == ROWS) {
-                    const float *v0 = vr, *v1 = v0 + stride, *v2 = v1 + stride, *v3 = v2 + stride;
-                    for (int32_t i = 0; i < d; i++)
-                        o[i] += ((s[0] * v0[i] + s[1] * v1[i]) + s[2] * v2[i]) + s[3] * v3[i];
-                } else {
-                    for (int32_t r = 0; r < n; r++)
-                        for (int32_t i = 0; i < d; i++)
-                            o[i] += s[r] * vr[r * stride + i];
-                }
-            }
+            weigh_rows(sg + (t - t0), rep, n_keys, vr, stride, n, d, og);
         }
-        for (int32_t h = h0; h < h0 + rep; h++)
-            for (int32_t i = 0; i < d; i++)
-                out[(int64_t)h * d + i] *= inv[h];
+        scale_heads(og, rep, d, inv);
     }
+}
+
+/* A prompt's attention: for each query, the decode step's sums in its order (score_rows,
+ * softmax_heads, weigh_rows over the same blocks of ROWS keys from its first key), so a
+ * token gets the same output bit for bit whether it came in a prompt or alone. Work
+ * units are (query, kv head); the pool's chunk c takes queries c, c + nchunks, ..., so
+ * the longer, later rows of a causal prompt spread over every chunk. */
+/* Floats of one chunk's scratch: scores of rep heads over at most `positions` keys, and rep inverses. */
+static int64_t chunk_scratch(int32_t positions, int32_t heads, int32_t kv_heads) {
+    return (int64_t)(heads / kv_heads) * ((int64_t)positions + 1);
+}
+
+typedef struct {
+    const float *q, *k, *v;
+    float *out, *scratch;
+    int32_t pos, n, heads, kv_heads, d, window;
+    float scale;
+} prompt_attn;
+
+OPS_CLONES static void prompt_chunk(void *arg, int32_t chunk, int32_t nchunks) {
+    const prompt_attn *a = arg;
+    const int32_t rep = a->heads / a->kv_heads, d = a->d;
+    const int64_t kv = (int64_t)a->kv_heads * d, hd = (int64_t)a->heads * d;
+    float *s = a->scratch + (int64_t)chunk * chunk_scratch(a->pos + a->n, a->heads, a->kv_heads);
+    float *inv = s + (int64_t)rep * (a->pos + a->n);
+    for (int32_t i = chunk; i < a->n; i += nchunks) {
+        const int32_t T = a->pos + i + 1, t0 = first_key(T, a->window), n_keys = T - t0;
+        for (int32_t g = 0; g < a->kv_heads; g++) {
+            const float *qg = a->q + i * hd + (int64_t)g * rep * d, *kg = a->k + (int64_t)g * d, *vg = a->v + (int64_t)g * d;
+            float *og = a->out + i * hd + (int64_t)g * rep * d;
+            for (int32_t t = t0; t < T; t += ROWS)
+                score_rows(qg, rep, d, kg + t * kv, kv, T - t < ROWS ? T - t : ROWS, s + (t - t0), n_keys);
+            softmax_heads(s, rep, n_keys, a->scale, inv, og, d);
+            for (int32_t t = t0; t < T; t += ROWS)
+                weigh_rows(s + (t - t0), rep, n_keys, vg + t * kv, kv, T - t < ROWS ? T - t : ROWS, d, og);
+            scale_heads(og, rep, d, inv);
+        }
+    }
+}
+
+int64_t lut_attention_prompt_scratch(int32_t positions, int32_t heads, int32_t kv_heads) {
+    if (positions < 1 || kv_heads < 1 || heads < kv_heads)
+        return 0;
+    pthread_mutex_lock(&lut_call_mu);
+    int64_t n = lut_pool_chunks() * chunk_scratch(positions, heads, kv_heads);
+    pthread_mutex_unlock(&lut_call_mu);
+    return n;
+}
+
+int lut_attention_prompt(const float *q, const float *k, const float *v, int32_t pos, int32_t n, int32_t heads,
+                         int32_t kv_heads, int32_t d, float query_scale, int32_t window, float *scratch,
+                         int64_t scratch_floats, float *out) {
+    if (!q || !k || !v || !out || !scratch || pos < 0 || n < 1 || kv_heads < 1 || heads % kv_heads || d < 1 ||
+        window < 0 || !(query_scale > 0.0f))
+        return LUT_EINVAL;
+    pthread_mutex_lock(&lut_call_mu);
+    int32_t chunks = lut_pool_chunks();
+    int rc = LUT_EINVAL;
+    if (scratch_floats >= chunks * chunk_scratch(pos + n, heads, kv_heads)) {
+        prompt_attn a = {.q = q, .k = k, .v = v, .out = out, .scratch = scratch, .pos = pos, .n = n, .heads = heads,
+                         .kv_heads = kv_heads, .d = d, .window = window, .scale = 1.0f / sqrtf(query_scale)};
+        lut_pool_run(prompt_chunk, &a);
+        rc = LUT_OK;
+    }
+    pthread_mutex_unlock(&lut_call_mu);
+    return rc;
 }
 
 OPS_CLONES void lut_silu_mul(float *g, const float *u, int32_t n) {

@@ -325,8 +325,8 @@ class Transformer:
             if b.q_norm is not None:
                 q, k = rmsnorm(q, b.q_norm, c.norm_eps), rmsnorm(k, b.k_norm, c.norm_eps)
             self.kv.write(i, pos, rope(k, cos, sin), _add(b.v(h), b.v_bias).reshape(n, c.n_kv_heads, c.head_dim))
-            x += _normed(b.o(attend(rope(q, cos, sin), *self.kv.read(i, end), pos, c.query_scale, b.window)),
-                         b.attn_out_norm, c.norm_eps)
+            x += _normed(b.o(ops.attention_prompt(np.ascontiguousarray(rope(q, cos, sin)), *self.kv.read(i, end), pos,
+                                                  c.query_scale, b.window)), b.attn_out_norm, c.norm_eps)
             h = rmsnorm(x, b.mlp_norm, c.norm_eps)
             act = self.act(b.gate(h)) * b.up(h)
             if self.mlp_rotation is not None:

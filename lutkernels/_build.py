@@ -54,6 +54,10 @@ void lut_attention_step(float *q, float *k, float *v, const float *q_bias, const
                         void *k_cache, void *v_cache, float *k_scale, float *v_scale, int32_t pos,
                         int32_t heads, int32_t kv_heads, int32_t d, float query_scale, int32_t window,
                         float *scores, float *work, float *out);
+int lut_attention_prompt(const float *q, const float *k, const float *v, int32_t pos, int32_t n, int32_t heads,
+                         int32_t kv_heads, int32_t d, float query_scale, int32_t window, float *scratch,
+                         int64_t scratch_floats, float *out);
+int64_t lut_attention_prompt_scratch(int32_t positions, int32_t heads, int32_t kv_heads);
 void lut_silu_mul(float *g, const float *u, int32_t n);
 void lut_gelu_tanh_mul(float *g, const float *u, int32_t n);
 void lut_head_rmsnorm(float *x, int32_t heads, int32_t d, const float *w, float eps);

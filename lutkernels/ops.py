@@ -162,3 +162,28 @@ def bind_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, biases, cos: np.
         fn(*args, pos, *tail)
 
     return step
+
+
+def attention_prompt(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int, query_scale: float | None = None,
+                     window: int | None = None) -> np.ndarray:
+    """Causal grouped-query attention of a prompt's queries q [n, heads, d] (RoPE applied) at
+    positions pos..pos+n-1 over float32 keys and values k, v [pos+n, kv_heads, d], on the kernel
+    thread pool: [n, heads*d]. Each query's row equals the decode step's (bind_attention) bit
+    for bit. query_scale: scores scaled by 1/sqrt(query_scale) (None: d); window: each query
+    sees its last window positions only (None: all)."""
+    n, heads, d = q.shape
+    T, kv_heads, dk = k.shape
+    if v.shape != k.shape or dk != d or T != pos + n or pos < 0:
+        raise ValueError(f"keys and values must be [{pos + n}, kv_heads, {d}], got {k.shape} and {v.shape}")
+    if heads % kv_heads:
+        raise ValueError(f"{heads} heads do not group over {kv_heads} kv heads")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive number of positions, got {window!r}")
+    scratch = np.empty(lib.lut_attention_prompt_scratch(T, heads, kv_heads), np.float32)
+    out = np.empty((n, heads * d), np.float32)
+    rc = lib.lut_attention_prompt(_ptr(q, q.size, "q"), _ptr(k, k.size, "k"), _ptr(v, v.size, "v"), pos, n, heads,
+                                  kv_heads, d, float(d if query_scale is None else query_scale), window or 0,
+                                  _ptr(scratch, scratch.size, "scratch"), scratch.size, _ptr(out, out.size, "out"))
+    if rc:
+        raise KernelError(f"lut_attention_prompt failed with code {rc}")
+    return out

@@ -136,6 +136,57 @@ def test_attention_step_against_float64_reference(kv_type, heads, kv_heads, d, p
     assert rel(out.reshape(heads, d), want) < 2e-6
 
 
+@pytest.mark.parametrize("kv_type", KV_TYPES)
+@pytest.mark.parametrize("heads, kv_heads, d", SHAPES)
+@pytest.mark.parametrize("pos, n, window", [(0, 13, None), (5, 9, None), (2, 14, 5)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prompt_attention_is_the_decode_step(restore_kernel_state, kv_type, heads, kv_heads, d, pos, n, window,
+                                             threads):
+    """The prompt path's attention (C, queries over the pool) gives each query the decode step's
+    output bit for bit, over the cache as the prompt path reads it, and the float64 softmax's to
+    rounding: causal, windowed, after earlier positions, at 1 and 2 threads."""
+    rng = np.random.default_rng(pos * 100 + n + d)
+    lk.set_threads(threads)
+    positions, end = 16, pos + n
+    kv = KVCache(kv_type, 1, positions, kv_heads, d)
+    kv.write(0, 0, *rng.standard_normal((2, pos, kv_heads, d)).astype(f32))
+    kc, vc, ks, vs = kv.layer(0)
+    cos, sin = np.ones((positions, d // 2), f32), np.zeros((positions, d // 2), f32)  # RoPE of angle 0
+    q = rng.standard_normal((n, heads, d)).astype(f32)
+    qs, k1, v1, o = (np.zeros(m * d, f32) for m in (heads, kv_heads, kv_heads, heads))
+    step = ops.bind_attention(qs, k1, v1, None, cos, sin, kc, vc, heads, np.zeros(heads * positions, f32), o, ks, vs,
+                              window=window)
+    steps = np.empty((n, heads * d), f32)
+    for i in range(n):  # each step stores its row, then attends over rows 0..pos+i
+        qs[:], k1[:], v1[:] = q[i].ravel(), *rng.standard_normal((2, kv_heads * d)).astype(f32)
+        step(pos + i)
+        steps[i] = o
+    keys, values = kv.read(0, end)
+    out = ops.attention_prompt(q, keys, values, pos, window=window)
+    np.testing.assert_array_equal(out.view(np.int32), steps.view(np.int32))
+    for i in range(n):
+        T = pos + i + 1
+        lo = 0 if window is None else max(0, T - window)
+        k64, v64 = keys[lo:T].astype(np.float64), values[lo:T].astype(np.float64)
+        for h in range(heads):
+            g = h // (heads // kv_heads)
+            sc = k64[:, g] @ q[i, h].astype(np.float64) / math.sqrt(d)
+            p = np.exp(sc - sc.max())
+            assert rel(out[i, h * d:(h + 1) * d], p @ v64[:, g] / p.sum()) < 2e-6
+
+
+def test_prompt_attention_checks_its_arguments():
+    q, k = np.zeros((3, 4, 16), f32), np.zeros((5, 2, 16), f32)
+    with pytest.raises(ValueError, match=r"keys and values must be \[5, kv_heads, 16\]"):
+        ops.attention_prompt(q, k[:4], k[:4], 2)
+    with pytest.raises(ValueError, match="do not group"):
+        ops.attention_prompt(np.zeros((3, 3, 16), f32), k, k, 2)
+    with pytest.raises(ValueError, match="window must be a positive"):
+        ops.attention_prompt(q, k, k, 2, window=0)
+    with pytest.raises(TypeError, match="must be float32"):
+        ops.attention_prompt(q.astype(np.float16), k, k, 2)
+
+
 def test_bind_attention_checks_the_cache_types():
     d, q, k = 16, np.zeros(32, f32), np.zeros(16, f32)
     cos, scores, out = np.zeros((4, 8), f32), np.zeros(8, f32), np.zeros(32, f32)
