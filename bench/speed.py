@@ -178,8 +178,8 @@ def profile_prompt(tr, ids: list, n: int = 512) -> dict:
     prof.disable()
     wall = time.perf_counter() - t0
     st = pstats.Stats(prof).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
-    want = {("lutkernels/kernels.py", "gemm"): "lut_gemm (LUT GEMM, linear layers + head)",
-            ("engine/model.py", "attend"): "attention (numpy: QK^T, softmax, AV)",
+    want = {("lutkernels/kernels.py", "gemm"): "lut_gemm (integer GEMM, linear layers + head)",
+            ("lutkernels/ops.py", "attention_prompt"): "attention (C: QK^T, softmax, AV)",
             ("engine/model.py", "rope"): "RoPE (numpy)",
             ("engine/model.py", "rmsnorm"): "RMSNorm (numpy)",
             ("engine/model.py", "silu"): "SiLU (numpy)"}

@@ -5,9 +5,10 @@ strings as `generate` and the Python API) on a SlotModel in its own worker
 thread. A SlotModel's forward of a prompt runs the slot's Transformer in chunks;
 its forward of one token hands the token to the Batcher and waits: the Batcher's
 thread gathers the tokens of every slot that is decoding and advances them all
-in one BatchedStep, one GEMM per linear layer with a row per sequence (the LUT
-kernels build each row's tables on its own, so a row's output does not depend on
-the others) and attention per row over that slot's cache. A request joins or
+in one BatchedStep, one GEMM per linear layer with a row per sequence (from 4 rows
+the integer GEMM, which decodes each weight tile once for all rows; its sums are
+the tables' integers, so a row's output does not depend on the others or on
+their number) and attention per row over that slot's cache. A request joins or
 leaves between steps. For a quantized model a row computes exactly what the
 single-token decoder (engine/model.py _Decoder) computes: the same C calls in the
 same order, so a greedy request gives the same tokens alone as beside others.

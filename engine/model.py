@@ -50,7 +50,7 @@ class Dense:
 
 class Packed:
     """y = x @ W.T through the C kernels (LUT or trellis), descriptor built once; exact: LUT
-    tables of 12-bit activations instead of int8 tables (lut.h)."""
+    tables of 12-bit activations instead of int8 ones (lut.h)."""
 
     def __init__(self, w: lk.PackedLinear | lk.TrellisLinear, exact: bool = False):
         self.layer = lk.layer(w)
@@ -84,9 +84,10 @@ def exact_tables(config: ModelConfig, weights: dict[str, Weight]) -> bool:
     """Whether the model's LUT layers, head included, should build exact tables: when its
     bit-plane linear layers store EXACT_BPW bits per weight or more, int8 tables round the
     activations about as coarsely as the weights are rounded. Qwen2.5-Coder rtn8g32 (9 bpw),
-    wiki / c4: int8 tables 20.331 / 53.316, exact (12-bit) 20.309 / 53.219, dense 20.292 /
-    53.199. Below it the weights' rounding dominates and int8 tables (one lookup per slice, not
-    two) keep decode fast."""
+    wiki / c4: int8 tables 20.331 / 53.316 (measured when they held rounded float sums, of the
+    same resolution as the exact int8 halves now), exact (12-bit) 20.309 / 53.219, dense
+    20.292 / 53.199. Below it the weights' rounding dominates and int8 tables (one lookup per
+    slice, not two) keep decode fast."""
     layers = [w for i in range(config.n_layers) for n in config.linear_shapes()
               if isinstance(w := weights[f"model.layers.{i}.{n}"], lk.PackedLinear)]
     if not layers:

@@ -20,7 +20,7 @@ from gguf.quants import dequantize
 
 from .config import (ARCHITECTURES, ModelConfig, ModelError, check_architecture, check_config, check_fused,
                      check_tensors, fused_rows, global_every)
-from .source import LazyTensors, ModelSource
+from .source import LazyTensors, ModelSource, drop_pages
 
 # GGUF tensor names -> HF names (models/config.py); a ".weight"/".bias" suffix follows both.
 GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -237,6 +237,8 @@ def load_gguf(path, tokenizer: bool = True, lazy: bool = False) -> ModelSource:
         a = _dequantize(t.data, t.type, name, path).reshape(t.shape)
         if t.type == GGMLQuantizationType.F32:
             a = a.copy()  # own the memory rather than view the read-only map
+        if lazy:
+            drop_pages(t.data)
         return unpermute_rows(a, heads[name]) if name in heads else a
 
     if lazy:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import (ARCHITECTURES, ModelConfig, ModelError, check_architecture, check_config, check_fused,
                      check_tensors, fused_rows, global_every)
-from .source import LazyTensors, ModelSource, TokenizerInfo, check_tokenizer, tokenizers_errors
+from .source import LazyTensors, ModelSource, TokenizerInfo, check_tokenizer, drop_pages, tokenizers_errors
 
 # BF16 is read as its raw uint16 bits: numpy has no bfloat16
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
@@ -132,7 +132,7 @@ def load_hf(folder, tokenizer: bool = True, lazy: bool = False) -> ModelSource:
     raw = _runtime_tensors(config, raw, folder)
     check_tensors(config, raw, folder)
     names = config.expected_shapes()
-    tensors = LazyTensors(lambda name: raw[name].float32(), names) if lazy else {n: raw[n].float32() for n in names}
+    tensors = LazyTensors(lambda name: _converted(raw[name]), names) if lazy else {n: raw[n].float32() for n in names}
     meta = {"tensor_types": {name: raw[name].dtype for name in tensors}}
     tok = hf_tokenizer(folder, cfg) if tokenizer else None
     return ModelSource(folder, "hf", config, tensors, tok, None, meta)
@@ -338,3 +338,11 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ModelError(f"{path}: not a JSON object")
     return data
+
+
+def _converted(t: SafeTensor) -> np.ndarray:
+    """A lazy source's float32 tensor, its file pages let go once it owns its values."""
+    a = t.float32()
+    if not np.shares_memory(a, t.data):
+        drop_pages(t.data)
+    return a

@@ -1,6 +1,7 @@
 """What every loader returns: a model's config, float32 weights and tokenizer, whatever file it came from."""
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +22,29 @@ class TokenizerInfo:
     eos_ids: tuple[int, ...]  # generation stops on any of these
     add_bos: bool  # prepend bos_id when encoding a prompt
     chat_template: str | None
+
+
+def drop_pages(view: np.ndarray) -> None:
+    """Let the kernel drop the pages of a read-only file mapping that `view` looks into (a source
+    tensor once converted): resident file pages count in the process's RSS, and a conversion
+    that reads a whole source would otherwise end holding all of it. They read back from the
+    file if touched again. Anything else (memory of its own, a writable map) is left alone."""
+    base = view
+    while isinstance(base, (np.ndarray, memoryview)):  # np.frombuffer keeps a memoryview of the map
+        base = base.base if isinstance(base, np.ndarray) else base.obj
+    if not isinstance(base, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") or view.nbytes == 0:
+        return
+    whole = np.frombuffer(base, np.uint8)
+    if whole.flags.writeable:  # a private writable map would lose its changes
+        return
+    origin = whole.ctypes.data
+    start = view.ctypes.data - origin
+    lo = start - start % mmap.PAGESIZE
+    hi = min(len(base), -(-(start + view.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
+    try:
+        base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    except OSError:
+        pass  # advice only
 
 
 class LazyTensors(MutableMapping):

@@ -237,6 +237,45 @@ def test_a_lazy_file_quantizes_to_the_same_bytes(tmp_path):
     assert lazy.read_bytes() == eager.read_bytes()
 
 
+def _rss_file() -> int:
+    """Resident file-backed pages of this process, bytes (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/self/status")
+def test_a_converted_tensor_lets_its_source_pages_go(tmp_path):
+    """Resident pages of a read-only map count in RSS: drop_pages gives back those of a tensor that
+    has been converted (a conversion holds one source tensor's pages, not the whole file's), the
+    data reads back the same, and a private writable map keeps its changes."""
+    import mmap
+
+    from models.source import drop_pages
+
+    f = tmp_path / "blob"
+    f.write_bytes(np.arange(16 << 20, dtype=np.float32).tobytes())  # 64 MiB
+    with open(f, "rb") as fh:
+        ro = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    view = np.frombuffer(ro, np.float32, 8 << 20, 4 << 20)  # 32 MiB from an offset inside a page run
+    total = float(view.sum(dtype=np.float64))
+    held = _rss_file()
+    drop_pages(view)
+    assert held - _rss_file() > 24 << 20
+    assert float(view.sum(dtype=np.float64)) == total
+    with open(f, "r+b") as fh:
+        cow = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    mine = np.frombuffer(cow, np.float32)
+    mine[:4] = -1.0
+    drop_pages(mine)
+    assert (mine[:4] == -1.0).all()
+    drop_pages(np.ones(1 << 20, np.float32))  # memory of its own: nothing to do, no error
+    del view, mine
+    ro.close()
+    cow.close()
+
+
 def test_an_unsupported_tensor_type_fails_at_a_lazy_load(tmp_path):
     import gguf
 
