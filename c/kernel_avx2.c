@@ -111,17 +111,13 @@ TGT static inline __attribute__((always_inline)) void tile_rows(const lut_job *j
                 __m256i h = block_sums(wb, tb + (int64_t)K * 4, cpb, (int64_t)P * 64, n);
                 s0 = _mm256_add_epi32(s0, _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)), 8));
                 s1 = _mm256_add_epi32(s1, _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)), 8));
-            } else {
-                __m256i odd = _mm256_set1_epi32(lut_odd_term(j, tok, b, n));
-                s0 = _mm256_add_epi32(_mm256_slli_epi32(s0, 1), odd);
-                s1 = _mm256_add_epi32(_mm256_slli_epi32(s1, 1), odd);
             }
-            if (keep) { /* runs of one plane (lut_plane_run) */
+            if (keep) { /* runs of one plane (lut_plane_run); the sums themselves: fast tables hold halves */
                 int32_t tmp[LUT_TILE];
                 _mm256_storeu_si256((__m256i *)tmp, s0);
                 _mm256_storeu_si256((__m256i *)(tmp + 8), s1);
                 for (int32_t r = 0; r < LUT_TILE; r++)
-                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = tmp[r];
+                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = tmp[r] * (3 - ntab);
             }
             if (uniform) {
                 __m128i sh = _mm_cvtsi32_si128(p);
@@ -203,6 +199,9 @@ TGT static inline __attribute__((always_inline)) void iblock_tokens(const lut_ib
                 for (int32_t r = 0; r < LUT_TILE; r++)
                     bk->acc[(int64_t)(t0 + t) * bk->acc_tok + (int64_t)r * bk->acc_row + (int64_t)c * bk->nb] = tmp[r];
             }
+            if (bk->halve) /* even sums: the arithmetic shift halves exactly */
+                for (int h = 0; h < 2; h++)
+                    s[t][h] = _mm256_srai_epi32(s[t][h], 1);
             if (uniform)
                 for (int h = 0; h < 2; h++)
                     u[t][h] = _mm256_add_epi32(u[t][h], _mm256_sll_epi32(s[t][h], _mm_cvtsi32_si128(c)));

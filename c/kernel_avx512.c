@@ -81,14 +81,12 @@ TGT static inline __attribute__((always_inline)) void tile_rows(const lut_job *j
             if (ntab == 2) {
                 __m256i h = block_sums(wt, tab + (int64_t)K * 4, b * cpb, cpb, P, p, n);
                 s = _mm512_add_epi32(s, _mm512_slli_epi32(_mm512_cvtepi16_epi32(h), 8));
-            } else {
-                s = _mm512_add_epi32(_mm512_slli_epi32(s, 1), _mm512_set1_epi32(lut_odd_term(j, tok, b, n)));
             }
-            if (keep) { /* runs of one plane (lut_plane_run) */
+            if (keep) { /* runs of one plane (lut_plane_run); the sums themselves: fast tables hold halves */
                 int32_t tmp[LUT_TILE];
                 _mm512_storeu_si512(tmp, s);
                 for (int32_t r = 0; r < LUT_TILE; r++)
-                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = tmp[r];
+                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = tmp[r] * (3 - ntab);
             }
             if (uniform)
                 u = _mm512_add_epi32(u, _mm512_sll_epi32(s, _mm_cvtsi32_si128(p)));
@@ -156,6 +154,8 @@ LUT_DEFINE_TILE(TGT, lut_tile_avx512, tile_rows)
                         bk->acc[(int64_t)(t0 + t) * bk->acc_tok + (int64_t)r * bk->acc_row + (int64_t)c * bk->nb] =     \
                             tmp[r];                                                                                    \
                 }                                                                                                      \
+                if (bk->halve) /* even sums: the arithmetic shift halves exactly */                                    \
+                    s[t] = _mm512_srai_epi32(s[t], 1);                                                                 \
                 if (uniform)                                                                                           \
                     u[t] = _mm512_add_epi32(u[t], _mm512_sll_epi32(s[t], _mm_cvtsi32_si128(c)));                       \
                 else                                                                                                   \
@@ -277,12 +277,12 @@ TGT_I8 static inline __attribute__((always_inline)) void iblock8(const lut_ibloc
         }
         __m512 scv = _mm512_loadu_ps(bk->sc + (uniform ? 0 : c) * LUT_TILE);
         for (int32_t t = 0; t < T; t++) {
-            s[t] = _mm512_sub_epi32(_mm512_slli_epi32(s[t], 1), _mm512_set1_epi32(top * bk->qs[t0 + t]));
+            s[t] = _mm512_sub_epi32(s[t], _mm512_set1_epi32(top * bk->qs[t0 + t])); /* the halved sums */
             if (keep) {
                 int32_t tmp[LUT_TILE];
                 _mm512_storeu_si512(tmp, s[t]);
                 for (int32_t r = 0; r < LUT_TILE; r++)
-                    bk->acc[(int64_t)(t0 + t) * bk->acc_tok + (int64_t)r * bk->acc_row + (int64_t)c * bk->nb] = tmp[r];
+                    bk->acc[(int64_t)(t0 + t) * bk->acc_tok + (int64_t)r * bk->acc_row + (int64_t)c * bk->nb] = 2 * tmp[r];
             }
             if (uniform)
                 u[t] = _mm512_add_epi32(u[t], _mm512_sll_epi32(s[t], _mm_cvtsi32_si128(c)));

@@ -106,17 +106,13 @@ static inline __attribute__((always_inline)) void tile_rows(const lut_job *j, in
                 s[1] = vaddq_s32(s[1], vshll_high_n_s16(h.val[0], 8));
                 s[2] = vaddq_s32(s[2], vshll_n_s16(vget_low_s16(h.val[1]), 8));
                 s[3] = vaddq_s32(s[3], vshll_high_n_s16(h.val[1], 8));
-            } else {
-                int32x4_t odd = vdupq_n_s32(lut_odd_term(j, tok, b, 1));
-                for (int i = 0; i < 4; i++)
-                    s[i] = vaddq_s32(vshlq_n_s32(s[i], 1), odd);
             }
             if (keep) {
                 int32_t tmp[LUT_TILE];
                 for (int i = 0; i < 4; i++)
                     vst1q_s32(tmp + 4 * i, s[i]);
-                for (int32_t r = 0; r < LUT_TILE; r++)
-                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = tmp[r];
+                for (int32_t r = 0; r < LUT_TILE; r++) /* the sums themselves: fast tables hold halves */
+                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = tmp[r] * (3 - ntab);
             }
             if (uniform)
                 for (int i = 0; i < 4; i++)
@@ -198,6 +194,8 @@ static inline __attribute__((always_inline)) void iblock_tokens(const lut_iblock
                     bk->acc[(int64_t)(t0 + t) * bk->acc_tok + (int64_t)r * bk->acc_row + (int64_t)c * bk->nb] = tmp[r];
             }
             for (int i = 0; i < 4; i++) {
+                if (bk->halve) /* even sums: the arithmetic shift halves exactly */
+                    s[t][i] = vshrq_n_s32(s[t][i], 1);
                 if (bk->uniform) /* vshlq shifts bits: defined for negative lanes */
                     u[t][i] = vaddq_s32(u[t][i], vshlq_s32(s[t][i], vdupq_n_s32(c)));
                 else

@@ -60,13 +60,10 @@ void lut_tile_scalar(const lut_job *j, int32_t tile, int32_t tok) {
                 block_sums(j, wt, tab + (int64_t)K * 4, b * (j->Kb / LUT_CHUNK), p, s_hi);
                 for (int32_t r = 0; r < LUT_TILE; r++)
                     s[r] += 256 * s_hi[r];
-            } else {
-                for (int32_t r = 0; r < LUT_TILE; r++)
-                    s[r] = 2 * s[r] + lut_odd_term(j, tok, b, 1);
             }
             for (int32_t r = 0; r < LUT_TILE; r++) {
-                if (j->acc)
-                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = s[r];
+                if (j->acc) /* the sums themselves: fast tables hold halves */
+                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = s[r] * (3 - j->ntab);
                 if (w->uniform)
                     u[r] += s[r] * (1 << p); /* a multiply: shifting a negative int left is UB in C */
             }
@@ -115,6 +112,8 @@ void lut_iblock_scalar(const lut_iblock *bk) {
             for (int32_t r = 0; r < LUT_TILE; r++) {
                 if (bk->acc)
                     bk->acc[(int64_t)t * bk->acc_tok + (int64_t)r * bk->acc_row + (int64_t)c * bk->nb] = s[r];
+                if (bk->halve)
+                    s[r] /= 2; /* even */
                 if (bk->uniform)
                     u[r] += s[r] * (1 << c);
                 else

@@ -5,6 +5,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
 #include <stdatomic.h>
+#include <math.h>
 #include <stdlib.h>
 #include "lut_internal.h"
 
@@ -142,17 +143,22 @@ static inline int32_t round_even(float v) { return (int32_t)((v + 12582912.0f) -
 /* Fast mode: the scale is m / LUT_FAST_SUM with m the block's largest sum of 4
  * |x|, ((|x0| + |x1|) + |x2|) + |x3| in float32, or max|x| / LUT_FAST_Q where
  * that is larger (a value holding over half of its group's sum), so |q| <= 127
- * (the int8 dot products of the integer GEMM take them) and a group's sum of
- * |q| is at most LUT_FAST_SUM + 4 * 1/2 (each rounding adds at most a half; the
- * float roundings of m, 1/scale and the products add < 10^-3) = 254. Every
- * entry of a group has the parity of q0 + q1 + q2 + q3 (flipping a sign
- * changes it by 2 q_i), so the table stores the exact halves (T - parity) / 2,
- * |.| <= 127, and the kernels add back the block's count of odd groups:
- * S = 2 S' + odd. That is the resolution of rounding the float sums themselves
- * to int8 (scale m / 127), what the tables did before they were exact, but in
- * blocks with an outlier. Exact mode: 12-bit integers, scale max|x| /
- * LUT_EXACT_Q, the sums (|T| <= 4 * 2047 = 8188) split into signed bytes
- * T = 256*hi + lo, lo in [-128,127], hi in [-32,32]. */
+ * (the int8 dot products of the integer GEMM take them) and a group's |q| sums
+ * to at most LUT_FAST_SUM + 4 * 1/2 (+ < 10^-3 of float rounding) = 254. The
+ * tables store halves in int8: a group's 16 entries share the parity of its
+ * sum (flipping a sign changes it by 2 q_i), so an even group's halve exactly
+ * and the odd groups' halve down and up by turns, which cancels in any row's
+ * block sum if the block has an even number of odd groups. Where it has an
+ * odd number, the value of an odd group rounded farthest from its own (at
+ * most one per block, typically ~0.5 off, then ~0.5 the other way) moves to
+ * its other integer neighbour (towards zero if it was exact, never past 127;
+ * then a group's |q| sums to at most 254 still, being even). A row's block
+ * sum is then exactly twice its sum of halves, and the scale is doubled to
+ * match. That is the resolution of rounding each float sum to int8 (scale m /
+ * 127), what the tables did before they were exact. Exact mode: 12-bit
+ * integers, scale max|x| / LUT_EXACT_Q, the sums (|T| <= 4 * 2047 = 8188) split
+ * into signed bytes T = 256*hi + lo, lo in [-128,127], hi in [-32,32]. Returns
+ * the scale of the integers. */
 static inline __attribute__((always_inline)) float act_ints(const float *x, int32_t Kb, int32_t exact, int32_t *q) {
     uint32_t maxbits = 0, sumbits = 0;
     for (int32_t k = 0; k < Kb; k++) {
@@ -175,39 +181,74 @@ static inline __attribute__((always_inline)) float act_ints(const float *x, int3
             scale = maxsum / (float)LUT_FAST_SUM;
         }
     }
-    for (int32_t k = 0; k < Kb; k++)
-        q[k] = round_even(x[k] * inv);
+    if (exact) {
+        for (int32_t k = 0; k < Kb; k++)
+            q[k] = round_even(x[k] * inv);
+        return scale;
+    }
+    float err[256];
+    int32_t par[64], nodd = 0, far = -1;
+    for (int32_t k = 0; k < Kb; k++) {
+        float v = x[k] * inv;
+        q[k] = round_even(v);
+        err[k] = fabsf(v - (float)q[k]);
+    }
+    for (int32_t j = 0; j < Kb / 4; j++) {
+        par[j] = (q[4 * j] + q[4 * j + 1] + q[4 * j + 2] + q[4 * j + 3]) & 1;
+        nodd += par[j];
+    }
+    if (nodd & 1) {
+        float worst = -1.0f;
+        for (int32_t k = 0; k < Kb; k++)
+            if (par[k >> 2] && err[k] > worst) {
+                worst = err[k];
+                far = k;
+            }
+        float v = x[far] * inv;
+        int32_t dir = v > (float)q[far] ? 1 : v < (float)q[far] ? -1 : q[far] > 0 ? -1 : 1;
+        q[far] = q[far] + dir > LUT_FAST_Q || q[far] + dir < -LUT_FAST_Q ? q[far] - dir : q[far] + dir;
+    }
     return scale;
 }
 
-/* One block's tables: fast, the halves in lo and the count of odd groups in
- * *odd; exact, the low bytes in lo and the high bytes in hi. */
-TABLE_CLONES static float tables(const float *x, int32_t Kb, int32_t exact, int8_t *lo, int8_t *hi, int32_t *odd) {
+/* One block's tables: fast, the halves in lo (and the doubled scale returned);
+ * exact, the low bytes in lo and the high bytes in hi. A group's 16 entries
+ * are one vector, sum_i sign_i * q_i with the entries' signs as constant
+ * vectors (|T| <= 8188 fits int16): GNU C vectors, so every target gets its own
+ * SIMD (written per entry, the loop stayed scalar and the tables took a tenth
+ * of a decode step). Halving and the byte split shift even numbers and
+ * multiples of 256 right, which is exact (arithmetic shifts: GCC, Clang). */
+typedef int16_t i16x16 __attribute__((vector_size(32)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+#define SIGNS(b) {-1 + 2 * (0 >> b & 1), -1 + 2 * (1 >> b & 1), -1 + 2 * (2 >> b & 1), -1 + 2 * (3 >> b & 1), \
+                  -1 + 2 * (4 >> b & 1), -1 + 2 * (5 >> b & 1), -1 + 2 * (6 >> b & 1), -1 + 2 * (7 >> b & 1), \
+                  -1 + 2 * (8 >> b & 1), -1 + 2 * (9 >> b & 1), -1 + 2 * (10 >> b & 1), -1 + 2 * (11 >> b & 1), \
+                  -1 + 2 * (12 >> b & 1), -1 + 2 * (13 >> b & 1), -1 + 2 * (14 >> b & 1), -1 + 2 * (15 >> b & 1)}
+
+TABLE_CLONES static float tables(const float *x, int32_t Kb, int32_t exact, int8_t *lo, int8_t *hi) {
+    static const i16x16 s0 = SIGNS(0), s1 = SIGNS(1), s2 = SIGNS(2), s3 = SIGNS(3);
     int32_t q[256], nodd = 0;
     float scale = act_ints(x, Kb, exact, q);
     for (int32_t j = 0; j < Kb / 4; j++) {
-        int32_t par = (q[4 * j] + q[4 * j + 1] + q[4 * j + 2] + q[4 * j + 3]) & 1;
-        nodd += par;
-        for (int idx = 0; idx < 16; idx++) {
-            int32_t v = 0;
-            for (int i = 0; i < 4; i++)
-                v += (idx >> i & 1) ? q[4 * j + i] : -q[4 * j + i];
-            if (exact) {
-                int32_t l = ((v + 128) & 255) - 128;
-                lo[16 * j + idx] = (int8_t)l;
-                hi[16 * j + idx] = (int8_t)((v - l) / 256);
-            } else {
-                lo[16 * j + idx] = (int8_t)((v - par) / 2);
-            }
+        const int32_t *a = q + 4 * j;
+        i16x16 t = s0 * (int16_t)a[0] + s1 * (int16_t)a[1] + s2 * (int16_t)a[2] + s3 * (int16_t)a[3];
+        i8x16 l;
+        if (exact) {
+            i16x16 low = ((t + 128) & 255) - 128;
+            i8x16 h = __builtin_convertvector((t - low) >> 8, i8x16);
+            memcpy(hi + 16 * j, &h, sizeof h);
+            l = __builtin_convertvector(low, i8x16);
+        } else { /* an odd group's entries are odd: the block's odd groups halve them down and up by turns */
+            int16_t d = (a[0] + a[1] + a[2] + a[3]) & 1 ? (int16_t)(nodd++ & 1 ? 1 : -1) : 0;
+            l = __builtin_convertvector((t + d) >> 1, i8x16);
         }
+        memcpy(lo + 16 * j, &l, sizeof l);
     }
-    if (!exact)
-        *odd = nodd;
-    return scale;
+    return exact ? scale : 2.0f * scale;
 }
 
 /* The integer GEMM's activations: the tables' integers, as int16, or (int8 variant, fast
- * mode: |q| <= 127) as int8 with their sum. */
+ * mode: |q| <= 127) as int8 with half their sum. Both return the integers' scale. */
 TABLE_CLONES static float ints16(const float *x, int32_t Kb, int32_t exact, int16_t *out) {
     int32_t q[256];
     float scale = act_ints(x, Kb, exact, q);
@@ -216,14 +257,14 @@ TABLE_CLONES static float ints16(const float *x, int32_t Kb, int32_t exact, int1
     return scale;
 }
 
-TABLE_CLONES static float ints8(const float *x, int32_t Kb, int8_t *out, int32_t *sum) {
+TABLE_CLONES static float ints8(const float *x, int32_t Kb, int8_t *out, int32_t *half_sum) {
     int32_t q[256], s = 0;
     float scale = act_ints(x, Kb, 0, q);
     for (int32_t k = 0; k < Kb; k++) {
         out[k] = (int8_t)q[k];
         s += q[k];
     }
-    *sum = s;
+    *half_sum = s / 2; /* even: every group's sum is */
     return scale;
 }
 
@@ -259,8 +300,7 @@ static void build_tables(void *arg, int32_t ith, int32_t nth) {
         const float *x = c->x + (int64_t)tok * K + (int64_t)b * j->Kb;
         int8_t *tab = (int8_t *)j->tab + tok * lut_tab_stride(j) + (int64_t)b * j->Kb * 4;
         float *ts = (float *)j->tscale + (int64_t)tok * nb + b;
-        *ts = tables(x, j->Kb, c->exact, tab, c->exact ? tab + (int64_t)K * 4 : NULL,
-                     (int32_t *)j->odd + (int64_t)tok * nb + b);
+        *ts = tables(x, j->Kb, c->exact, tab, c->exact ? tab + (int64_t)K * 4 : NULL);
     }
     if (lut_has_offsets(j->w))
         group_sums(c->x, (int64_t)c->n * ng, G, (float *)j->xsum, ith, nth);
@@ -404,7 +444,8 @@ static void igemm_quant(void *arg, int32_t ith, int32_t nth) {
         int32_t tok = (int32_t)(u / nb), b = (int32_t)(u % nb);
         const float *xb = c->x + (int64_t)tok * K + (int64_t)b * Kb;
         int64_t at = (int64_t)b * c->n + tok;
-        c->ts[u] = c->int8 ? ints8(xb, Kb, c->q8 + at * Kb, c->qs + at) : ints16(xb, Kb, c->exact, c->q + at * Kb);
+        float scale = c->int8 ? ints8(xb, Kb, c->q8 + at * Kb, c->qs + at) : ints16(xb, Kb, c->exact, c->q + at * Kb);
+        c->ts[u] = c->exact ? scale : 2.0f * scale; /* fast mode: halved sums, as the tables' */
     }
     if (lut_has_offsets(c->w))
         group_sums(c->x, (int64_t)c->n * ng, c->w->G, c->xs, ith, nth);
@@ -444,7 +485,7 @@ static void igemm_tiles(void *arg, int32_t ith, int32_t nth) {
             lut_iblock bk = {
                 .n = n, .nchunk = cpb, .ncomp = c->ncomp, .uniform = w->uniform, .P = P, .wd = wd,
                 .q = c->q + (int64_t)b * n * Kb, .wd8 = wd8, .q8 = c->q8 + (int64_t)b * n * Kb, .qs = c->qs + (int64_t)b * n,
-                .qstride = Kb, .nb = nb, .ng = ng, .ts = c->ts + b, .sc = sc,
+                .halve = !c->exact, .qstride = Kb, .nb = nb, .ng = ng, .ts = c->ts + b, .sc = sc,
                 .z = last && lut_has_offsets(w) ? z : NULL, .xs = c->xs + g, .yacc = yacc,
                 .acc = c->acc ? c->acc + (int64_t)tile * LUT_TILE * P * nb + b : NULL,
                 .acc_tok = (int64_t)rows * P * nb, .acc_row = P * nb,
@@ -517,8 +558,8 @@ static int gemm_layers(const lut_layer *const *layers, int32_t count, const floa
     }
     int32_t K = w->K, Kb = lut_act_block(K, w->G), ntab = exact ? 2 : 1;
     size_t tab_bytes = (size_t)n * ntab * K * 4, ts_bytes = (size_t)n * (K / Kb) * sizeof(float);
-    size_t xs_bytes = (size_t)n * (K / w->G) * sizeof(float), odd_bytes = (size_t)n * (K / Kb) * sizeof(int32_t);
-    size_t need = tab_bytes + ts_bytes + xs_bytes + odd_bytes + 64;
+    size_t xs_bytes = (size_t)n * (K / w->G) * sizeof(float);
+    size_t need = tab_bytes + ts_bytes + xs_bytes + 64;
     if (!lut_workspace(need)) {
         pthread_mutex_unlock(&lut_call_mu);
         return LUT_ENOMEM;
@@ -527,8 +568,7 @@ static int gemm_layers(const lut_layer *const *layers, int32_t count, const floa
     for (int32_t l = 0; l < count; l++) {
         c.job[l] = (lut_job){.w = layers[l], .Kb = Kb, .ntab = ntab, .tab = ws, .y = y[l], .acc = acc,
                              .tscale = (const float *)((char *)ws + tab_bytes),
-                             .xsum = (const float *)((char *)ws + tab_bytes + ts_bytes),
-                             .odd = (const int32_t *)((char *)ws + tab_bytes + ts_bytes + xs_bytes)};
+                             .xsum = (const float *)((char *)ws + tab_bytes + ts_bytes)};
         c.first[l + 1] = c.first[l] + (layers[l]->M + LUT_TILE - 1) / LUT_TILE;
     }
     lut_pool_run(build_tables, &c);

@@ -12,14 +12,13 @@
 
 /* Everything a tile kernel reads for one call. Tables are per token:
  * tab[tok][t][K/4][16] int8 (t < ntab byte planes, 1 fast / 2 exact),
- * tscale[tok][K/Kb], xsum[tok][K/G], and in fast mode odd[tok][K/Kb]: the
- * fast tables hold halves, a block's sum is S = 2 S' + odd (lut.c, tables). */
+ * tscale[tok][K/Kb], xsum[tok][K/G]. Fast tables hold the halves of the sums
+ * (all even: lut.c act_ints) and their scales are doubled to match. */
 typedef struct lut_job {
     const lut_layer *w;
     int32_t Kb, ntab;
     const int8_t *tab;
     const float *tscale, *xsum;
-    const int32_t *odd;
     float *y;
     int32_t *acc;
 } lut_job;
@@ -37,11 +36,6 @@ void lut_tile_neon(const lut_job *job, int32_t tile, int32_t tok);
 
 static inline int64_t lut_tab_stride(const lut_job *j) { return (int64_t)j->ntab * j->w->K * 4; }
 
-/* What a fast-mode run of R planes adds to 2 S' per row of block b: its planes'
- * weights 2^0 .. 2^(R-1) times the block's odd groups (0 in exact mode). */
-static inline int32_t lut_odd_term(const lut_job *j, int32_t tok, int32_t b, int32_t R) {
-    return j->ntab == 1 ? ((1 << R) - 1) * j->odd[(int64_t)tok * (j->w->K / j->Kb) + b] : 0;
-}
 
 /* Each SIMD kernel writes its tile loop once, as an always-inline
  * body(job, tile, tok, ntab, uniform, scale8, keep), and defines its entry point
@@ -79,8 +73,8 @@ static inline int32_t lut_odd_term(const lut_job *j, int32_t tok, int32_t b, int
  * BITALG): a component's chunk decodes to the unsigned v of 2 v - top as
  * uint8 [8 column quads][16 rows][4], the layout of vpdpbusd (one 32-bit
  * broadcast of a token's four activations multiplies 16 rows), and the sums
- * are 2 sum(v q) - top * sum(q), the same integers. Bound: 256 * 255 * 127 <
- * 2^23. */
+ * are 2 sum(v q) - top * sum(q), the same integers, halved as sum(v q) -
+ * top * sum(q) / 2 (sum(q) is even). Bound: 256 * 255 * 127 < 2^23. */
 #define LUT_IG_BYTES (LUT_CHUNK * LUT_TILE) /* uint8 per decoded chunk and component */
 
 /* One tile and block for n tokens: the kernels' unit. */
@@ -90,7 +84,8 @@ typedef struct lut_iblock {
     const int16_t *q;                     /* token t's activations of the block at q + t * qstride */
     const uint8_t *wd8;                   /* int8 variant: [nchunk][ncomp][LUT_IG_BYTES], */
     const int8_t *q8;                     /* token t's activations at q8 + t * qstride, */
-    const int32_t *qs;                    /* their sum at qs[t] */
+    const int32_t *qs;                    /* half their sum at qs[t] */
+    int32_t halve;                        /* fast mode: the sums are halved, as the tables' */
     int32_t qstride, nb, ng;
     const float *ts;  /* token t's block scale at ts[t * nb] */
     const float *sc;  /* [ncomp][16] rows' scales (uniform: plane 0's, [1][16]) */
@@ -136,7 +131,7 @@ void lut_iblock_neon(const lut_iblock *b);
 /* Uniform layers: plane p's scale is h * 2^p, so every kernel adds the planes'
  * integer block sums as sum_p 2^p * S_p, then converts and scales once (one
  * multiply and one fma per row and block instead of P). Bound: a fast-mode
- * |S_p| <= 64 * 254 and an exact-mode S_p = lo + 256*hi sums at most 64
+ * |S_p| <= 64 * 127 (halves) and an exact-mode S_p = lo + 256*hi sums at most 64
  * table entries |T| <= 4 * LUT_EXACT_Q = 8188, so |S_p| <= 524032; with
  * P <= 8, |sum_p 2^p S_p| <= 255 * 524032 < 2^28. It fits int32; the
  * conversion to float32 is exact in fast mode (< 2^24) and otherwise rounds

@@ -21,7 +21,11 @@ def act_ints(x: np.ndarray, K: int, G: int, exact: bool):
 
     Exact mode: scale max|x| / EXACT_Q, so |q| <= EXACT_Q. Fast mode: scale m / FAST_SUM, m the
     block's largest ((|x0| + |x1|) + |x2|) + |x3| over its groups of 4, or max|x| / FAST_Q where
-    that is larger, so |q| <= 127 and a group's sum of |q| is at most FAST_SUM + 2 = 254."""
+    that is larger, so |q| <= 127 and a group's |q| sums to at most 254. Then, in a block with an
+    odd number of groups whose sum is odd, the value of such a group rounded farthest from its
+    own (the first of equals) moves to its other integer neighbour (towards zero if it was exact;
+    back the other way if that passes 127): every block has an even number of odd groups, which
+    lets the C tables hold exact halves (c/lut.c act_ints)."""
     Kb = act_block(K, G)
     xb = x.astype(np.float32).reshape(x.shape[0], K // Kb, Kb)
     m = np.abs(xb).max(-1)
@@ -36,17 +40,26 @@ def act_ints(x: np.ndarray, K: int, G: int, exact: bool):
         use = (m > 0) & (inv_sum <= inv)
         inv = np.where(use, inv_sum, inv).astype(np.float32)
         scale = np.where(use, msum / np.float32(FAST_SUM), scale).astype(np.float32)
-    q = np.rint(xb * inv[..., None]).astype(np.int32)
+    v = xb * inv[..., None]
+    q = np.rint(v).astype(np.int32)
+    if not exact:  # a block with an odd number of odd groups moves one value (see the docstring)
+        odd_group = np.repeat((q.reshape(-1, K // Kb, Kb // 4, 4).sum(-1) & 1).astype(bool), 4, axis=-1)
+        fix = (odd_group.sum(-1) // 4 % 2 == 1)[..., None]
+        e = np.where(odd_group, np.abs(v - q.astype(np.float32)), -1)
+        far = e.argmax(-1)[..., None]  # the first of equals, as C's strict >
+        vf, qf = np.take_along_axis(v, far, -1), np.take_along_axis(q, far, -1)
+        step = np.where(vf > qf, 1, np.where(vf < qf, -1, np.where(qf > 0, -1, 1)))
+        moved = np.where(np.abs(qf + step) > FAST_Q, qf - step, qf + step)
+        np.put_along_axis(q, far, np.where(fix, moved, qf), -1)
     return q, scale
 
 
 def tables(x: np.ndarray, K: int, G: int, exact: bool):
     """x [N, K] -> (int tables [N, K/4, 16] as int32, block scales float32 [N, K/Kb]): entry idx
     of a group of 4 is the exact sum_i (bit i of idx ? +q_i : -q_i) of act_ints' integers.
-    Fast mode: |T| <= 254, and all of a group's entries share the parity of q0 + q1 + q2 + q3,
-    so the C side stores one int8 plane of halves (T - parity) / 2 and adds back each block's
-    count of odd groups; exact mode: |T| <= 4 * EXACT_Q, stored as two signed byte planes
-    T = 256*hi + lo."""
+    Fast mode: |T| <= 254; the C side stores one int8 plane of halves (an odd group's rounded
+    down and up by turns, which cancels in every block sum) and doubles the scale; exact mode:
+    |T| <= 4 * EXACT_Q, stored as two signed byte planes T = 256*hi + lo."""
     q, ts = act_ints(x, K, G, exact)
     q = q.reshape(x.shape[0], K // 4, 4)
     return np.where(_BITS, q[:, :, None, :], -q[:, :, None, :]).sum(-1), ts
@@ -109,11 +122,12 @@ def gemm(w: PackedLinear, x: np.ndarray, exact: bool = False):
 
 def error_bound(w: PackedLinear, x: np.ndarray, exact: bool = False) -> np.ndarray:
     """Bound on |gemm(w, x) - dense(w) @ x| per output [N, M] implied by rounding the
-    activations: each is off by at most half its block's step, so a lookup by 4 halves."""
+    activations: each is off by at most half its block's step, so a lookup by 4 halves; in fast
+    mode one of a block's may be off by a whole step (act_ints), so by 5 halves."""
     x = np.atleast_2d(np.asarray(x, np.float32))
     _, ts = tables(x, w.K, w.G, exact)
     _, scales, _ = unpack(w)
     Kb = act_block(w.K, w.G)
-    per_lookup = 4 * 0.5 * ts.astype(np.float64)  # [N, K/Kb]
+    per_lookup = (4 if exact else 5) * 0.5 * ts.astype(np.float64)  # [N, K/Kb]
     blk_scale = np.abs(np.repeat(scales.astype(np.float64), w.G // Kb, axis=2)).sum(0)  # [M, K/Kb]
     return (Kb // 4) * per_lookup @ blk_scale.T

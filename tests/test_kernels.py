@@ -276,9 +276,10 @@ def test_integer_gemm_spec_is_the_tables_sums(P, G, uniform, offsets, scale8, ex
 
 @pytest.mark.parametrize("scale", [1e-30, 1e-3, 1.0, 1e4, 1e30])
 def test_fast_tables_fit_int8_as_halves(scale):
-    """Fast mode's integers stay within 127 and every group's sum of |q| within 254, so each
-    entry's half (T - parity) / 2 fits int8, at any activation scale and for adversarial groups:
-    ties that round up, one dominant value, equal values."""
+    """Fast mode's integers stay within 127, every group's sum of |q| within 254, and every block
+    has an even number of odd groups, so the tables' halves fit int8 and cancel; at most one
+    value of a block is off by more than half a step (by at most one): at any activation scale
+    and for adversarial groups (ties that round up, one dominant value, equal values)."""
     rng = np.random.default_rng(int(np.log10(scale) + 40))
     K = 256
     x = rng.standard_normal((64, K))
@@ -287,11 +288,16 @@ def test_fast_tables_fit_int8_as_halves(scale):
     x[16:24] = 1.0
     x[24:32] = np.round(rng.uniform(-64, 64, (8, K))) + 0.5
     x = (x * scale).astype(np.float32)
-    q, _ = ref.act_ints(x, K, 32, False)
-    group = np.abs(q.reshape(64, K // 4, 4)).sum(-1)
+    q, ts = ref.act_ints(x, K, 32, False)
+    groups = q.reshape(64, K // 4, 4)
+    group = np.abs(groups).sum(-1)
     assert np.abs(q).max() <= 127  # the integer GEMM's int8 dot products take them
     assert group.max() <= 254
     assert group[:8].max() == 254  # the bound is reached, so the check above can fail
+    odd = (groups.sum(-1) % 2).reshape(64, K // 32, 8).sum(-1)
+    assert (odd % 2 == 0).all()  # an even number of odd groups per block: the halves cancel
+    off = np.abs(x.reshape(64, K // 32, 32) / np.where(ts > 0, ts, 1)[..., None] - q.reshape(64, K // 32, 32))
+    assert off.max() <= 1.0 + 1e-3 and (off > 0.5 + 1e-3).sum(-1).max() <= 1  # one moved value per block
 
 
 @pytest.mark.parametrize("exact", [False, True])
