@@ -84,6 +84,22 @@ TGT static inline __attribute__((always_inline)) rows16 offsets16(int32_t scale8
     return r;
 }
 
+TGT void lut_bscales_avx2(const lut_layer *w, int64_t grp, int32_t nsc, int32_t offsets, float *sc, float *z) {
+    for (int32_t p = 0; p < nsc; p++) {
+        rows16 r = scales16(w->scale8, lut_scale_ptr(w, grp, p));
+        _mm256_storeu_ps(sc + p * LUT_TILE, r.v[0]);
+        _mm256_storeu_ps(sc + p * LUT_TILE + 8, r.v[1]);
+    }
+    if (offsets) {
+        rows16 h = scales16(w->scale8, lut_scale_ptr(w, grp, 0)), r;
+        const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(INT32_MIN));
+        r = w->offsets ? offsets16(w->scale8, lut_offset_ptr(w, grp), h)
+                       : (rows16){{_mm256_xor_ps(h.v[0], sign), _mm256_xor_ps(h.v[1], sign)}};
+        _mm256_storeu_ps(z, r.v[0]);
+        _mm256_storeu_ps(z + 8, r.v[1]);
+    }
+}
+
 /* One tile, instantiated by LUT_DEFINE_TILE with its mode as constants. */
 TGT static inline __attribute__((always_inline)) void tile_rows(const lut_job *j, int32_t tile, int32_t tok,
                                                                int32_t ntab, int32_t uniform, int32_t scale8,

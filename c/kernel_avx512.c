@@ -60,6 +60,16 @@ TGT static inline __attribute__((always_inline)) __m512 offsets16(int32_t scale8
     return _mm512_mul_ps(_mm512_mul_ps(h, c), _mm512_set1_ps(0.125f));
 }
 
+TGT void lut_bscales_avx512(const lut_layer *w, int64_t grp, int32_t nsc, int32_t offsets, float *sc, float *z) {
+    for (int32_t p = 0; p < nsc; p++)
+        _mm512_storeu_ps(sc + p * LUT_TILE, scales16(w->scale8, lut_scale_ptr(w, grp, p)));
+    if (offsets) {
+        __m512 h = scales16(w->scale8, lut_scale_ptr(w, grp, 0));
+        __m512 minus_h = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(h), _mm512_set1_epi32(INT32_MIN)));
+        _mm512_storeu_ps(z, w->offsets ? offsets16(w->scale8, lut_offset_ptr(w, grp), h) : minus_h);
+    }
+}
+
 /* One tile, instantiated by LUT_DEFINE_TILE with its mode as constants. */
 TGT static inline __attribute__((always_inline)) void tile_rows(const lut_job *j, int32_t tile, int32_t tok,
                                                                int32_t ntab, int32_t uniform, int32_t scale8, int32_t keep) {

@@ -93,6 +93,16 @@ void lut_tile_scalar(const lut_job *j, int32_t tile, int32_t tok) {
         j->y[(int64_t)tok * w->M + tile * LUT_TILE + r] = yacc[r];
 }
 
+void lut_bscales_scalar(const lut_layer *w, int64_t grp, int32_t nsc, int32_t offsets, float *sc, float *z) {
+    for (int32_t p = 0; p < nsc; p++)
+        lut_scales16(w, grp, p, sc + p * LUT_TILE);
+    if (offsets) {
+        float h[LUT_TILE];
+        lut_scales16(w, grp, 0, h);
+        lut_offsets16(w, grp, h, z);
+    }
+}
+
 /* One tile and block of the integer GEMM for all tokens (lut_iblock in
  * lut_internal.h): the reference of the SIMD paths, which repeat its float
  * steps in the same order (the LUT kernels' order, hence the same outputs). */

@@ -14,17 +14,19 @@
 static const struct {
     lut_tile_fn tile;
     lut_iblock_fn iblock;
+    lut_bscales_fn bscales;
     lut_iblock_fn iblock8;
     lut_decode8_fn decode8;
     int (*has_int8)(void);
 } kernels[LUT_ISA_COUNT] = {
-    [LUT_ISA_SCALAR] = {lut_tile_scalar, lut_iblock_scalar},
+    [LUT_ISA_SCALAR] = {lut_tile_scalar, lut_iblock_scalar, lut_bscales_scalar},
 #if defined(__x86_64__) || defined(__i386__)
-    [LUT_ISA_AVX2] = {lut_tile_avx2, lut_iblock_avx2},
-    [LUT_ISA_AVX512] = {lut_tile_avx512, lut_iblock_avx512, lut_iblock8_avx512, lut_decode8_avx512, lut_int8_dot},
+    [LUT_ISA_AVX2] = {lut_tile_avx2, lut_iblock_avx2, lut_bscales_avx2},
+    [LUT_ISA_AVX512] = {lut_tile_avx512, lut_iblock_avx512, lut_bscales_avx512, lut_iblock8_avx512, lut_decode8_avx512,
+                        lut_int8_dot},
 #endif
 #if defined(__aarch64__)
-    [LUT_ISA_NEON] = {lut_tile_neon, lut_iblock_neon},
+    [LUT_ISA_NEON] = {lut_tile_neon, lut_iblock_neon, lut_bscales_scalar},
 #endif
 };
 
@@ -467,14 +469,8 @@ static void igemm_tiles(void *arg, int32_t ith, int32_t nth) {
         for (int32_t b = 0; b < nb; b++) {
             int64_t grp = (int64_t)tile * ng + g;
             float sc[8 * LUT_TILE], z[LUT_TILE];
-            for (int32_t p = 0; p < nsc; p++)
-                lut_scales16(w, grp, p, sc + p * LUT_TILE);
             int last = ++bg == bpg;
-            if (last && lut_has_offsets(w)) {
-                float h[LUT_TILE];
-                lut_scales16(w, grp, 0, h);
-                lut_offsets16(w, grp, h, z);
-            }
+            kernels[c->isa].bscales(w, grp, nsc, last && lut_has_offsets(w), sc, z);
             for (int32_t ch = 0; ch < cpb; ch++) {
                 const uint8_t *wc = wt + ((int64_t)b * cpb + ch) * P * 64;
                 if (c->int8)

@@ -102,12 +102,20 @@ typedef struct lut_iblock {
 void lut_scales16(const lut_layer *w, int64_t grp, int32_t s, float out[LUT_TILE]);
 void lut_offsets16(const lut_layer *w, int64_t grp, const float h[LUT_TILE], float out[LUT_TILE]);
 typedef void (*lut_iblock_fn)(const lut_iblock *b);
+/* A block's float scales for the integer GEMM: sc [nsc][16] of planes 0..nsc-1 and, when
+ * `offsets` (a group's last block of a layer with offsets), z [16]: the tile kernels' exact
+ * decodes, vectorised where the ISA can (scalar, the per-block decode took most of a batched
+ * decode step's head: 49152 x 576, 4 rows, fp16 scales and offsets). */
+typedef void (*lut_bscales_fn)(const lut_layer *w, int64_t grp, int32_t nsc, int32_t offsets, float *sc, float *z);
+void lut_bscales_scalar(const lut_layer *w, int64_t grp, int32_t nsc, int32_t offsets, float *sc, float *z);
 /* Decodes one chunk's planes to the int8 variant's components (ncomp 1: all planes in one). */
 typedef void (*lut_decode8_fn)(const uint8_t *wc, int32_t P, int32_t ncomp, uint8_t *wd8);
 void lut_iblock_scalar(const lut_iblock *b);
 #if defined(__x86_64__) || defined(__i386__)
 void lut_iblock_avx2(const lut_iblock *b);
 void lut_iblock_avx512(const lut_iblock *b);
+void lut_bscales_avx2(const lut_layer *w, int64_t grp, int32_t nsc, int32_t offsets, float *sc, float *z);
+void lut_bscales_avx512(const lut_layer *w, int64_t grp, int32_t nsc, int32_t offsets, float *sc, float *z);
 /* The int8 variant; call only where lut_int8_dot() says the CPU has it. */
 int lut_int8_dot(void);
 void lut_iblock8_avx512(const lut_iblock *b);
