@@ -258,69 +258,84 @@ TGT_I8 void lut_decode8_avx512(const uint8_t *wc, int32_t P, int32_t ncomp, uint
     }
 }
 
-/* T tokens from t0 (T <= 8), the int16 body's float steps in the same order. */
-TGT_I8 static inline __attribute__((always_inline)) void iblock8(const lut_iblock *bk, int32_t t0, int32_t T,
-                                                                int32_t ncomp, int32_t uniform, int32_t keep) {
-    __m512 y[8], tsv[8];
-    __m512i u[8];
-    for (int32_t t = 0; t < T; t++) {
-        y[t] = _mm512_loadu_ps(bk->yacc + (int64_t)(t0 + t) * LUT_TILE);
-        tsv[t] = _mm512_set1_ps(bk->ts[(int64_t)(t0 + t) * bk->nb]);
-        u[t] = _mm512_setzero_si512();
-    }
-    int32_t top = ncomp == 1 ? (1 << bk->P) - 1 : 1;
-    for (int32_t c = 0; c < ncomp; c++) {
-        __m512i s[8];
-        for (int32_t t = 0; t < T; t++)
-            s[t] = _mm512_setzero_si512();
-        for (int32_t ch = 0; ch < bk->nchunk; ch++) {
-            const uint8_t *wc = bk->wd8 + ((int64_t)ch * ncomp + c) * LUT_IG_BYTES;
-            const int8_t *qc = bk->q8 + (int64_t)t0 * bk->qstride + ch * LUT_CHUNK;
-            for (int32_t kq = 0; kq < LUT_CHUNK / 4; kq++) {
-                __m512i wv = _mm512_loadu_si512(wc + kq * 64);
-                for (int32_t t = 0; t < T; t++) {
-                    int32_t quad;
-                    memcpy(&quad, qc + (int64_t)t * bk->qstride + 4 * kq, sizeof quad);
-                    s[t] = _mm512_dpbusd_epi32(s[t], wv, _mm512_set1_epi32(quad));
+/* T tokens from t0 (T <= 8) over every block of the tile: the int16 body's float steps in
+ * the same order, the outputs in registers throughout. */
+TGT_I8 static inline __attribute__((always_inline)) void itile8(const lut_itile8 *k, int32_t t0, int32_t T,
+                                                               int32_t ncomp, int32_t uniform, int32_t keep) {
+    __m512 y[8];
+    for (int32_t t = 0; t < T; t++)
+        y[t] = _mm512_setzero_ps();
+    const int32_t top = ncomp == 1 ? (1 << k->P) - 1 : 1, nsc = uniform ? 1 : k->P;
+    int32_t g = 0, bg = 0;
+    for (int32_t b = 0; b < k->nb; b++) {
+        __m512 tsv[8];
+        __m512i u[8];
+        for (int32_t t = 0; t < T; t++) {
+            tsv[t] = _mm512_set1_ps(k->ts[(int64_t)(t0 + t) * k->nb + b]);
+            u[t] = _mm512_setzero_si512();
+        }
+        const int8_t *qb = k->q8 + ((int64_t)b * k->n + t0) * k->Kb;
+        for (int32_t c = 0; c < ncomp; c++) {
+            __m512i s[8];
+            for (int32_t t = 0; t < T; t++) /* the halved sums start at their correction */
+                s[t] = _mm512_set1_epi32(-top * k->qs[(int64_t)b * k->n + t0 + t]);
+            for (int32_t ch = 0; ch < k->cpb; ch++) {
+                const uint8_t *wc = k->wd8 + (((int64_t)b * k->cpb + ch) * ncomp + c) * LUT_IG_BYTES;
+                const int8_t *qc = qb + ch * LUT_CHUNK;
+                for (int32_t kq = 0; kq < LUT_CHUNK / 4; kq++) {
+                    __m512i wv = _mm512_loadu_si512(wc + kq * 64);
+                    for (int32_t t = 0; t < T; t++) {
+                        int32_t quad;
+                        memcpy(&quad, qc + (int64_t)t * k->Kb + 4 * kq, sizeof quad);
+                        s[t] = _mm512_dpbusd_epi32(s[t], wv, _mm512_set1_epi32(quad));
+                    }
                 }
             }
-        }
-        __m512 scv = _mm512_loadu_ps(bk->sc + (uniform ? 0 : c) * LUT_TILE);
-        for (int32_t t = 0; t < T; t++) {
-            s[t] = _mm512_sub_epi32(s[t], _mm512_set1_epi32(top * bk->qs[t0 + t])); /* the halved sums */
-            if (keep) {
-                int32_t tmp[LUT_TILE];
-                _mm512_storeu_si512(tmp, s[t]);
-                for (int32_t r = 0; r < LUT_TILE; r++)
-                    bk->acc[(int64_t)(t0 + t) * bk->acc_tok + (int64_t)r * bk->acc_row + (int64_t)c * bk->nb] = 2 * tmp[r];
+            __m512 scv = _mm512_loadu_ps(k->sc + ((int64_t)b * nsc + (uniform ? 0 : c)) * LUT_TILE);
+            for (int32_t t = 0; t < T; t++) {
+                if (keep) {
+                    int32_t tmp[LUT_TILE];
+                    _mm512_storeu_si512(tmp, s[t]);
+                    for (int32_t r = 0; r < LUT_TILE; r++)
+                        k->acc[(int64_t)(t0 + t) * k->acc_tok + (int64_t)r * k->acc_row + (int64_t)c * k->nb + b] =
+                            2 * tmp[r];
+                }
+                if (uniform)
+                    u[t] = _mm512_add_epi32(u[t], _mm512_sll_epi32(s[t], _mm_cvtsi32_si128(c)));
+                else
+                    y[t] = scale_add(y[t], s[t], scv, tsv[t]);
             }
-            if (uniform)
-                u[t] = _mm512_add_epi32(u[t], _mm512_sll_epi32(s[t], _mm_cvtsi32_si128(c)));
-            else
-                y[t] = scale_add(y[t], s[t], scv, tsv[t]);
+        }
+        if (uniform) {
+            __m512 scv = _mm512_loadu_ps(k->sc + (int64_t)b * nsc * LUT_TILE);
+            for (int32_t t = 0; t < T; t++)
+                y[t] = scale_add(y[t], u[t], scv, tsv[t]);
+        }
+        if (++bg == k->bpg) { /* the group's last block */
+            if (k->z) {
+                __m512 zv = _mm512_loadu_ps(k->z + (int64_t)g * LUT_TILE);
+                for (int32_t t = 0; t < T; t++)
+                    y[t] = _mm512_fmadd_ps(zv, _mm512_set1_ps(k->xs[(int64_t)(t0 + t) * k->ng + g]), y[t]);
+            }
+            bg = 0;
+            g++;
         }
     }
-    __m512 scv = _mm512_loadu_ps(bk->sc);
-    for (int32_t t = 0; t < T; t++) {
-        if (uniform)
-            y[t] = scale_add(y[t], u[t], scv, tsv[t]);
-        if (bk->z)
-            y[t] = _mm512_fmadd_ps(_mm512_loadu_ps(bk->z), _mm512_set1_ps(bk->xs[(int64_t)(t0 + t) * bk->ng]), y[t]);
-        _mm512_storeu_ps(bk->yacc + (int64_t)(t0 + t) * LUT_TILE, y[t]);
-    }
+    for (int32_t t = 0; t < T; t++)
+        _mm512_mask_storeu_ps(k->y + (int64_t)(t0 + t) * k->ystride, (__mmask16)((1u << k->nr) - 1u), y[t]);
 }
 
-TGT_I8 void lut_iblock8_avx512(const lut_iblock *bk) {
+TGT_I8 void lut_itile8_avx512(const lut_itile8 *k) {
     int32_t t = 0;
-    if (bk->ncomp == 1 && bk->uniform && !bk->acc) { /* inference: the loop state in registers */
-        for (; t + 8 <= bk->n; t += 8)
-            iblock8(bk, t, 8, 1, 1, 0);
-        for (; t < bk->n; t++)
-            iblock8(bk, t, 1, 1, 1, 0);
+    if (k->ncomp == 1 && k->uniform && !k->acc) { /* inference: the loop state in registers */
+        for (; t + 8 <= k->n; t += 8)
+            itile8(k, t, 8, 1, 1, 0);
+        for (; t < k->n; t++)
+            itile8(k, t, 1, 1, 1, 0);
         return;
     }
-    for (; t + 8 <= bk->n; t += 8)
-        iblock8(bk, t, 8, bk->ncomp, bk->uniform, bk->acc != NULL);
-    for (; t < bk->n; t++)
-        iblock8(bk, t, 1, bk->ncomp, bk->uniform, bk->acc != NULL);
+    for (; t + 8 <= k->n; t += 8)
+        itile8(k, t, 8, k->ncomp, k->uniform, k->acc != NULL);
+    for (; t < k->n; t++)
+        itile8(k, t, 1, k->ncomp, k->uniform, k->acc != NULL);
 }

@@ -15,14 +15,14 @@ static const struct {
     lut_tile_fn tile;
     lut_iblock_fn iblock;
     lut_bscales_fn bscales;
-    lut_iblock_fn iblock8;
+    void (*itile8)(const lut_itile8 *t);
     lut_decode8_fn decode8;
     int (*has_int8)(void);
 } kernels[LUT_ISA_COUNT] = {
     [LUT_ISA_SCALAR] = {lut_tile_scalar, lut_iblock_scalar, lut_bscales_scalar},
 #if defined(__x86_64__) || defined(__i386__)
     [LUT_ISA_AVX2] = {lut_tile_avx2, lut_iblock_avx2, lut_bscales_avx2},
-    [LUT_ISA_AVX512] = {lut_tile_avx512, lut_iblock_avx512, lut_bscales_avx512, lut_iblock8_avx512, lut_decode8_avx512,
+    [LUT_ISA_AVX512] = {lut_tile_avx512, lut_iblock_avx512, lut_bscales_avx512, lut_itile8_avx512, lut_decode8_avx512,
                         lut_int8_dot},
 #endif
 #if defined(__aarch64__)
@@ -435,7 +435,8 @@ typedef struct {
     float *ts;   /* [n][K/Kb] */
     float *xs;   /* [n][K/G] */
     char *scratch;
-    size_t per_chunk; /* scratch of one pool chunk: yacc [n][16] floats, then decoded chunks */
+    size_t per_chunk; /* scratch of one pool chunk: yacc [n][16] floats, then a block's decoded chunks;
+                       * int8 variant: the tile's decoded chunks, then its scales and offsets */
 } igemm_ctx;
 
 static void igemm_quant(void *arg, int32_t ith, int32_t nth) {
@@ -453,6 +454,35 @@ static void igemm_quant(void *arg, int32_t ith, int32_t nth) {
         group_sums(c->x, (int64_t)c->n * ng, c->w->G, c->xs, ith, nth);
 }
 
+/* The int8 variant, a tile at a time: every block's chunks decoded and scales read, then
+ * every token over the whole tile (lut_itile8). */
+static void igemm_tiles8(const igemm_ctx *c, int32_t tile, char *scratch) {
+    const lut_layer *w = c->w;
+    int32_t K = w->K, P = w->P, n = c->n, Kb = c->Kb, nb = K / Kb, ng = K / w->G, bpg = w->G / Kb;
+    int32_t cpb = Kb / LUT_CHUNK, nchunk = K / LUT_CHUNK, nsc = w->uniform ? 1 : P;
+    uint8_t *wd8 = (uint8_t *)scratch;
+    float *sc = (float *)(scratch + (size_t)nchunk * c->ncomp * LUT_IG_BYTES), *z = sc + (size_t)nb * nsc * LUT_TILE;
+    const uint8_t *wt = w->planes + (int64_t)tile * nchunk * P * 64;
+    for (int32_t ch = 0; ch < nchunk; ch++)
+        kernels[c->isa].decode8(wt + (int64_t)ch * P * 64, P, c->ncomp, wd8 + (int64_t)ch * c->ncomp * LUT_IG_BYTES);
+    for (int32_t b = 0, g = 0; b < nb; b++) {
+        int last = b % bpg == bpg - 1;
+        kernels[c->isa].bscales(w, (int64_t)tile * ng + g, nsc, last && lut_has_offsets(w),
+                                sc + (int64_t)b * nsc * LUT_TILE, z + (int64_t)g * LUT_TILE);
+        g += last;
+    }
+    int32_t rows = c->ntiles * LUT_TILE;
+    lut_itile8 k = {
+        .n = n, .nb = nb, .cpb = cpb, .ncomp = c->ncomp, .uniform = w->uniform, .P = P, .Kb = Kb, .ng = ng,
+        .bpg = bpg, .nr = w->M - tile * LUT_TILE < LUT_TILE ? w->M - tile * LUT_TILE : LUT_TILE, .wd8 = wd8,
+        .q8 = c->q8, .qs = c->qs, .ts = c->ts, .sc = sc, .z = lut_has_offsets(w) ? z : NULL, .xs = c->xs,
+        .y = c->y + (int64_t)tile * LUT_TILE, .ystride = w->M,
+        .acc = c->acc ? c->acc + (int64_t)tile * LUT_TILE * P * nb : NULL, .acc_tok = (int64_t)rows * P * nb,
+        .acc_row = P * nb,
+    };
+    kernels[c->isa].itile8(&k);
+}
+
 static void igemm_tiles(void *arg, int32_t ith, int32_t nth) {
     igemm_ctx *c = arg;
     const lut_layer *w = c->w;
@@ -460,9 +490,12 @@ static void igemm_tiles(void *arg, int32_t ith, int32_t nth) {
     int32_t cpb = Kb / LUT_CHUNK, nchunk = K / LUT_CHUNK, rows = c->ntiles * LUT_TILE, nsc = w->uniform ? 1 : P;
     float *yacc = (float *)(c->scratch + (size_t)ith * c->per_chunk);
     int16_t *wd = (int16_t *)(yacc + (size_t)n * LUT_TILE);
-    uint8_t *wd8 = (uint8_t *)wd;
-    lut_iblock_fn fn = c->int8 ? kernels[c->isa].iblock8 : kernels[c->isa].iblock;
+    lut_iblock_fn fn = kernels[c->isa].iblock;
     for (int32_t tile = (int32_t)((int64_t)c->ntiles * ith / nth); tile < (int64_t)c->ntiles * (ith + 1) / nth; tile++) {
+        if (c->int8) {
+            igemm_tiles8(c, tile, c->scratch + (size_t)ith * c->per_chunk);
+            continue;
+        }
         const uint8_t *wt = w->planes + (int64_t)tile * nchunk * P * 64;
         memset(yacc, 0, (size_t)n * LUT_TILE * sizeof *yacc);
         int32_t g = 0, bg = 0;
@@ -471,17 +504,11 @@ static void igemm_tiles(void *arg, int32_t ith, int32_t nth) {
             float sc[8 * LUT_TILE], z[LUT_TILE];
             int last = ++bg == bpg;
             kernels[c->isa].bscales(w, grp, nsc, last && lut_has_offsets(w), sc, z);
-            for (int32_t ch = 0; ch < cpb; ch++) {
-                const uint8_t *wc = wt + ((int64_t)b * cpb + ch) * P * 64;
-                if (c->int8)
-                    kernels[c->isa].decode8(wc, P, c->ncomp, wd8 + (int64_t)ch * c->ncomp * LUT_IG_BYTES);
-                else
-                    decode_chunk(wc, P, c->ncomp, wd + (int64_t)ch * c->ncomp * LUT_IG_WORDS);
-            }
+            for (int32_t ch = 0; ch < cpb; ch++)
+                decode_chunk(wt + ((int64_t)b * cpb + ch) * P * 64, P, c->ncomp, wd + (int64_t)ch * c->ncomp * LUT_IG_WORDS);
             lut_iblock bk = {
                 .n = n, .nchunk = cpb, .ncomp = c->ncomp, .uniform = w->uniform, .P = P, .wd = wd,
-                .q = c->q + (int64_t)b * n * Kb, .wd8 = wd8, .q8 = c->q8 + (int64_t)b * n * Kb, .qs = c->qs + (int64_t)b * n,
-                .halve = !c->exact, .qstride = Kb, .nb = nb, .ng = ng, .ts = c->ts + b, .sc = sc,
+                .q = c->q + (int64_t)b * n * Kb, .halve = !c->exact, .qstride = Kb, .nb = nb, .ng = ng, .ts = c->ts + b, .sc = sc,
                 .z = last && lut_has_offsets(w) ? z : NULL, .xs = c->xs + g, .yacc = yacc,
                 .acc = c->acc ? c->acc + (int64_t)tile * LUT_TILE * P * nb + b : NULL,
                 .acc_tok = (int64_t)rows * P * nb, .acc_row = P * nb,
@@ -506,17 +533,19 @@ static int igemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_
     int32_t ncomp = w->uniform && !acc ? 1 : w->P, nth = lut_pool_chunks();
     size_t q_bytes = align64((size_t)n * K * sizeof(int16_t)), ts_bytes = align64((size_t)n * nb * sizeof(float));
     size_t xs_bytes = align64((size_t)n * ng * sizeof(float));
-    size_t per = align64((size_t)n * LUT_TILE * sizeof(float)) +
-                 align64((size_t)(Kb / LUT_CHUNK) * ncomp * LUT_IG_WORDS * sizeof(int16_t));
+    int32_t isa = lut_isa(), int8 = uses_int8(isa, exact), nsc = w->uniform ? 1 : w->P;
+    size_t per = int8 ? align64((size_t)(K / LUT_CHUNK) * ncomp * LUT_IG_BYTES) +
+                            align64((size_t)(nb * nsc + ng) * LUT_TILE * sizeof(float))
+                      : align64((size_t)n * LUT_TILE * sizeof(float)) +
+                            align64((size_t)(Kb / LUT_CHUNK) * ncomp * LUT_IG_WORDS * sizeof(int16_t));
     char *base = lut_workspace(q_bytes + ts_bytes + xs_bytes + (size_t)nth * per + 64);
     if (!base)
         return LUT_ENOMEM;
     base = (char *)align64((uintptr_t)base); /* malloc gives 16-byte alignment; the + 64 above pays for this */
-    int32_t isa = lut_isa();
     igemm_ctx c = {
         .w = w, .x = x, .y = y, .acc = acc, .n = n, .Kb = Kb, .isa = isa,
         .ntiles = (w->M + LUT_TILE - 1) / LUT_TILE, .ncomp = ncomp, .exact = exact,
-        .int8 = uses_int8(isa, exact), .q = (int16_t *)base,
+        .int8 = int8, .q = (int16_t *)base,
         /* the int8 variant's activations (n K bytes) and sums (n K / Kb words) fit where the int16 ones go */
         .q8 = (int8_t *)base, .qs = (int32_t *)(base + (size_t)n * K),
         .ts = (float *)(base + q_bytes), .xs = (float *)(base + q_bytes + ts_bytes),

@@ -74,17 +74,32 @@ static inline int64_t lut_tab_stride(const lut_job *j) { return (int64_t)j->ntab
  * uint8 [8 column quads][16 rows][4], the layout of vpdpbusd (one 32-bit
  * broadcast of a token's four activations multiplies 16 rows), and the sums
  * are 2 sum(v q) - top * sum(q), the same integers, halved as sum(v q) -
- * top * sum(q) / 2 (sum(q) is even). Bound: 256 * 255 * 127 < 2^23. */
+ * top * sum(q) / 2 (sum(q) is even). Bound: 256 * 255 * 127 < 2^23. It takes
+ * a whole tile at a time (every block decoded first), so a token's 16 outputs
+ * stay in a register across the blocks instead of a load and a store each. */
 #define LUT_IG_BYTES (LUT_CHUNK * LUT_TILE) /* uint8 per decoded chunk and component */
+
+typedef struct lut_itile8 {
+    int32_t n, nb, cpb, ncomp, uniform, P, Kb, ng, bpg, nr; /* nr: the tile's rows below M */
+    const uint8_t *wd8;                                     /* [nb * cpb][ncomp][LUT_IG_BYTES] */
+    const int8_t *q8;                                       /* block b, token t at q8 + (b * n + t) * Kb */
+    const int32_t *qs;                                      /* half their sum at qs[b * n + t] */
+    const float *ts;                                        /* [n][nb] */
+    const float *sc;                                        /* [nb][S][16] (S: 1 uniform, else P) */
+    const float *z;                                         /* [ng][16], or NULL without offsets */
+    const float *xs;                                        /* [n][ng] */
+    float *y;                                               /* token t's 16 rows at y + t * ystride */
+    int64_t ystride;
+    int32_t *acc; /* NULL, or token 0's row 0 component 0 block 0 sum; strides: */
+    int64_t acc_tok;
+    int32_t acc_row; /* (component: nb, block: 1) */
+} lut_itile8;
 
 /* One tile and block for n tokens: the kernels' unit. */
 typedef struct lut_iblock {
     int32_t n, nchunk, ncomp, uniform, P; /* ncomp: 1 (a uniform layer's planes in one) or P */
     const int16_t *wd;                    /* [nchunk][ncomp][LUT_IG_WORDS] */
     const int16_t *q;                     /* token t's activations of the block at q + t * qstride */
-    const uint8_t *wd8;                   /* int8 variant: [nchunk][ncomp][LUT_IG_BYTES], */
-    const int8_t *q8;                     /* token t's activations at q8 + t * qstride, */
-    const int32_t *qs;                    /* half their sum at qs[t] */
     int32_t halve;                        /* fast mode: the sums are halved, as the tables' */
     int32_t qstride, nb, ng;
     const float *ts;  /* token t's block scale at ts[t * nb] */
@@ -118,7 +133,7 @@ void lut_bscales_avx2(const lut_layer *w, int64_t grp, int32_t nsc, int32_t offs
 void lut_bscales_avx512(const lut_layer *w, int64_t grp, int32_t nsc, int32_t offsets, float *sc, float *z);
 /* The int8 variant; call only where lut_int8_dot() says the CPU has it. */
 int lut_int8_dot(void);
-void lut_iblock8_avx512(const lut_iblock *b);
+void lut_itile8_avx512(const lut_itile8 *t);
 void lut_decode8_avx512(const uint8_t *wc, int32_t P, int32_t ncomp, uint8_t *wd8);
 #endif
 #if defined(__aarch64__)
