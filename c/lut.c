@@ -423,12 +423,17 @@ int32_t lut_igemm_rows(void) {
     return n;
 }
 
+/* Workspace layout, 64-byte aligned parts. */
+static size_t align64(size_t v) { return (v + 63) & ~(size_t)63; }
+
 typedef struct {
-    const lut_layer *w;
+    const lut_layer *const *w; /* count <= LUT_FUSE_MAX layers sharing K and G (so the activations) */
+    float *const *y;
+    int32_t first[LUT_FUSE_MAX + 1]; /* layer l holds tiles first[l] .. first[l+1]-1 of the call */
+    int32_t count;
     const float *x;
-    float *y;
-    int32_t *acc;
-    int32_t n, Kb, isa, ntiles, ncomp, exact, int8;
+    int32_t *acc; /* one layer only */
+    int32_t n, Kb, isa, exact, int8, offsets; /* offsets: some layer adds them (group sums needed) */
     int16_t *q;  /* [K/Kb][n][Kb]: a block's tokens contiguous, read once per tile */
     int8_t *q8;  /* int8 variant: [K/Kb][n][Kb] instead, and */
     int32_t *qs; /* [K/Kb][n] their sums */
@@ -439,9 +444,13 @@ typedef struct {
                        * int8 variant: the tile's decoded chunks, then its scales and offsets */
 } igemm_ctx;
 
+/* Components of a layer's integer GEMM: a uniform layer's planes in one, unless each plane's
+ * sums are asked for. */
+static int32_t igemm_comps(const lut_layer *w, const int32_t *acc) { return w->uniform && !acc ? 1 : w->P; }
+
 static void igemm_quant(void *arg, int32_t ith, int32_t nth) {
     igemm_ctx *c = arg;
-    int32_t K = c->w->K, Kb = c->Kb, nb = K / Kb, ng = K / c->w->G;
+    int32_t K = c->w[0]->K, Kb = c->Kb, nb = K / Kb, ng = K / c->w[0]->G;
     int64_t units = (int64_t)c->n * nb;
     for (int64_t u = units * ith / nth; u < units * (ith + 1) / nth; u++) {
         int32_t tok = (int32_t)(u / nb), b = (int32_t)(u % nb);
@@ -450,107 +459,118 @@ static void igemm_quant(void *arg, int32_t ith, int32_t nth) {
         float scale = c->int8 ? ints8(xb, Kb, c->q8 + at * Kb, c->qs + at) : ints16(xb, Kb, c->exact, c->q + at * Kb);
         c->ts[u] = c->exact ? scale : 2.0f * scale; /* fast mode: halved sums, as the tables' */
     }
-    if (lut_has_offsets(c->w))
-        group_sums(c->x, (int64_t)c->n * ng, c->w->G, c->xs, ith, nth);
+    if (c->offsets)
+        group_sums(c->x, (int64_t)c->n * ng, c->w[0]->G, c->xs, ith, nth);
 }
 
 /* The int8 variant, a tile at a time: every block's chunks decoded and scales read, then
  * every token over the whole tile (lut_itile8). */
-static void igemm_tiles8(const igemm_ctx *c, int32_t tile, char *scratch) {
-    const lut_layer *w = c->w;
+static void igemm_tile8(const igemm_ctx *c, const lut_layer *w, float *y, int32_t tile, char *scratch) {
     int32_t K = w->K, P = w->P, n = c->n, Kb = c->Kb, nb = K / Kb, ng = K / w->G, bpg = w->G / Kb;
-    int32_t cpb = Kb / LUT_CHUNK, nchunk = K / LUT_CHUNK, nsc = w->uniform ? 1 : P;
+    int32_t cpb = Kb / LUT_CHUNK, nchunk = K / LUT_CHUNK, nsc = w->uniform ? 1 : P, ncomp = igemm_comps(w, c->acc);
     uint8_t *wd8 = (uint8_t *)scratch;
-    float *sc = (float *)(scratch + (size_t)nchunk * c->ncomp * LUT_IG_BYTES), *z = sc + (size_t)nb * nsc * LUT_TILE;
+    float *sc = (float *)(scratch + align64((size_t)nchunk * ncomp * LUT_IG_BYTES)), *z = sc + (size_t)nb * nsc * LUT_TILE;
     const uint8_t *wt = w->planes + (int64_t)tile * nchunk * P * 64;
     for (int32_t ch = 0; ch < nchunk; ch++)
-        kernels[c->isa].decode8(wt + (int64_t)ch * P * 64, P, c->ncomp, wd8 + (int64_t)ch * c->ncomp * LUT_IG_BYTES);
+        kernels[c->isa].decode8(wt + (int64_t)ch * P * 64, P, ncomp, wd8 + (int64_t)ch * ncomp * LUT_IG_BYTES);
     for (int32_t b = 0, g = 0; b < nb; b++) {
         int last = b % bpg == bpg - 1;
         kernels[c->isa].bscales(w, (int64_t)tile * ng + g, nsc, last && lut_has_offsets(w),
                                 sc + (int64_t)b * nsc * LUT_TILE, z + (int64_t)g * LUT_TILE);
         g += last;
     }
-    int32_t rows = c->ntiles * LUT_TILE;
+    int32_t rows = (w->M + LUT_TILE - 1) / LUT_TILE * LUT_TILE;
     lut_itile8 k = {
-        .n = n, .nb = nb, .cpb = cpb, .ncomp = c->ncomp, .uniform = w->uniform, .P = P, .Kb = Kb, .ng = ng,
+        .n = n, .nb = nb, .cpb = cpb, .ncomp = ncomp, .uniform = w->uniform, .P = P, .Kb = Kb, .ng = ng,
         .bpg = bpg, .nr = w->M - tile * LUT_TILE < LUT_TILE ? w->M - tile * LUT_TILE : LUT_TILE, .wd8 = wd8,
         .q8 = c->q8, .qs = c->qs, .ts = c->ts, .sc = sc, .z = lut_has_offsets(w) ? z : NULL, .xs = c->xs,
-        .y = c->y + (int64_t)tile * LUT_TILE, .ystride = w->M,
+        .y = y + (int64_t)tile * LUT_TILE, .ystride = w->M,
         .acc = c->acc ? c->acc + (int64_t)tile * LUT_TILE * P * nb : NULL, .acc_tok = (int64_t)rows * P * nb,
         .acc_row = P * nb,
     };
     kernels[c->isa].itile8(&k);
 }
 
+/* The int16 variant, a block at a time (lut_iblock). */
+static void igemm_tile16(const igemm_ctx *c, const lut_layer *w, float *y, int32_t tile, char *scratch) {
+    int32_t K = w->K, P = w->P, n = c->n, Kb = c->Kb, nb = K / Kb, ng = K / w->G, bpg = w->G / Kb;
+    int32_t cpb = Kb / LUT_CHUNK, nchunk = K / LUT_CHUNK, nsc = w->uniform ? 1 : P, ncomp = igemm_comps(w, c->acc);
+    int32_t rows = (w->M + LUT_TILE - 1) / LUT_TILE * LUT_TILE;
+    float *yacc = (float *)scratch;
+    int16_t *wd = (int16_t *)(scratch + align64((size_t)n * LUT_TILE * sizeof(float)));
+    const uint8_t *wt = w->planes + (int64_t)tile * nchunk * P * 64;
+    memset(yacc, 0, (size_t)n * LUT_TILE * sizeof *yacc);
+    int32_t g = 0, bg = 0;
+    for (int32_t b = 0; b < nb; b++) {
+        int64_t grp = (int64_t)tile * ng + g;
+        float sc[8 * LUT_TILE], z[LUT_TILE];
+        int last = ++bg == bpg;
+        kernels[c->isa].bscales(w, grp, nsc, last && lut_has_offsets(w), sc, z);
+        for (int32_t ch = 0; ch < cpb; ch++)
+            decode_chunk(wt + ((int64_t)b * cpb + ch) * P * 64, P, ncomp, wd + (int64_t)ch * ncomp * LUT_IG_WORDS);
+        lut_iblock bk = {
+            .n = n, .nchunk = cpb, .ncomp = ncomp, .uniform = w->uniform, .P = P, .wd = wd,
+            .q = c->q + (int64_t)b * n * Kb, .halve = !c->exact, .qstride = Kb, .nb = nb, .ng = ng, .ts = c->ts + b,
+            .sc = sc, .z = last && lut_has_offsets(w) ? z : NULL, .xs = c->xs + g, .yacc = yacc,
+            .acc = c->acc ? c->acc + (int64_t)tile * LUT_TILE * P * nb + b : NULL,
+            .acc_tok = (int64_t)rows * P * nb, .acc_row = P * nb,
+        };
+        kernels[c->isa].iblock(&bk);
+        if (last) {
+            bg = 0;
+            g++;
+        }
+    }
+    int32_t nr = w->M - tile * LUT_TILE < LUT_TILE ? w->M - tile * LUT_TILE : LUT_TILE;
+    for (int32_t t = 0; t < n; t++)
+        memcpy(y + (int64_t)t * w->M + tile * LUT_TILE, yacc + (int64_t)t * LUT_TILE, (size_t)nr * sizeof *yacc);
+}
+
 static void igemm_tiles(void *arg, int32_t ith, int32_t nth) {
     igemm_ctx *c = arg;
-    const lut_layer *w = c->w;
-    int32_t K = w->K, P = w->P, n = c->n, Kb = c->Kb, nb = K / Kb, ng = K / w->G, bpg = w->G / Kb;
-    int32_t cpb = Kb / LUT_CHUNK, nchunk = K / LUT_CHUNK, rows = c->ntiles * LUT_TILE, nsc = w->uniform ? 1 : P;
-    float *yacc = (float *)(c->scratch + (size_t)ith * c->per_chunk);
-    int16_t *wd = (int16_t *)(yacc + (size_t)n * LUT_TILE);
-    lut_iblock_fn fn = kernels[c->isa].iblock;
-    for (int32_t tile = (int32_t)((int64_t)c->ntiles * ith / nth); tile < (int64_t)c->ntiles * (ith + 1) / nth; tile++) {
-        if (c->int8) {
-            igemm_tiles8(c, tile, c->scratch + (size_t)ith * c->per_chunk);
-            continue;
-        }
-        const uint8_t *wt = w->planes + (int64_t)tile * nchunk * P * 64;
-        memset(yacc, 0, (size_t)n * LUT_TILE * sizeof *yacc);
-        int32_t g = 0, bg = 0;
-        for (int32_t b = 0; b < nb; b++) {
-            int64_t grp = (int64_t)tile * ng + g;
-            float sc[8 * LUT_TILE], z[LUT_TILE];
-            int last = ++bg == bpg;
-            kernels[c->isa].bscales(w, grp, nsc, last && lut_has_offsets(w), sc, z);
-            for (int32_t ch = 0; ch < cpb; ch++)
-                decode_chunk(wt + ((int64_t)b * cpb + ch) * P * 64, P, c->ncomp, wd + (int64_t)ch * c->ncomp * LUT_IG_WORDS);
-            lut_iblock bk = {
-                .n = n, .nchunk = cpb, .ncomp = c->ncomp, .uniform = w->uniform, .P = P, .wd = wd,
-                .q = c->q + (int64_t)b * n * Kb, .halve = !c->exact, .qstride = Kb, .nb = nb, .ng = ng, .ts = c->ts + b, .sc = sc,
-                .z = last && lut_has_offsets(w) ? z : NULL, .xs = c->xs + g, .yacc = yacc,
-                .acc = c->acc ? c->acc + (int64_t)tile * LUT_TILE * P * nb + b : NULL,
-                .acc_tok = (int64_t)rows * P * nb, .acc_row = P * nb,
-            };
-            fn(&bk);
-            if (last) {
-                bg = 0;
-                g++;
-            }
-        }
-        int32_t nr = w->M - tile * LUT_TILE < LUT_TILE ? w->M - tile * LUT_TILE : LUT_TILE;
-        for (int32_t t = 0; t < n; t++)
-            memcpy(c->y + (int64_t)t * w->M + tile * LUT_TILE, yacc + (int64_t)t * LUT_TILE, (size_t)nr * sizeof *yacc);
+    int32_t ntiles = c->first[c->count], l = 0;
+    char *scratch = c->scratch + (size_t)ith * c->per_chunk;
+    for (int32_t t = (int32_t)((int64_t)ntiles * ith / nth); t < (int64_t)ntiles * (ith + 1) / nth; t++) {
+        while (t >= c->first[l + 1])
+            l++;
+        (c->int8 ? igemm_tile8 : igemm_tile16)(c, c->w[l], c->y[l], t - c->first[l], scratch);
     }
 }
 
-/* Workspace layout, 64-byte aligned parts. */
-static size_t align64(size_t v) { return (v + 63) & ~(size_t)63; }
-
-static int igemm(const lut_layer *w, const float *x, int32_t n, float *y, int32_t exact, int32_t *acc) {
-    int32_t K = w->K, Kb = lut_act_block(K, w->G), nb = K / Kb, ng = K / w->G;
-    int32_t ncomp = w->uniform && !acc ? 1 : w->P, nth = lut_pool_chunks();
+/* The layers' integer GEMM: their activations quantized once, one pool run over all their
+ * tiles (acc: one layer only). */
+static int igemm(const lut_layer *const *layers, int32_t count, const float *x, int32_t n, float *const *y,
+                 int32_t exact, int32_t *acc) {
+    const lut_layer *w = layers[0];
+    int32_t K = w->K, Kb = lut_act_block(K, w->G), nb = K / Kb, ng = K / w->G, nth = lut_pool_chunks();
+    int32_t isa = lut_isa(), int8 = uses_int8(isa, exact);
     size_t q_bytes = align64((size_t)n * K * sizeof(int16_t)), ts_bytes = align64((size_t)n * nb * sizeof(float));
-    size_t xs_bytes = align64((size_t)n * ng * sizeof(float));
-    int32_t isa = lut_isa(), int8 = uses_int8(isa, exact), nsc = w->uniform ? 1 : w->P;
-    size_t per = int8 ? align64((size_t)(K / LUT_CHUNK) * ncomp * LUT_IG_BYTES) +
-                            align64((size_t)(nb * nsc + ng) * LUT_TILE * sizeof(float))
-                      : align64((size_t)n * LUT_TILE * sizeof(float)) +
-                            align64((size_t)(Kb / LUT_CHUNK) * ncomp * LUT_IG_WORDS * sizeof(int16_t));
+    size_t xs_bytes = align64((size_t)n * ng * sizeof(float)), per = 0;
+    igemm_ctx c = {.w = layers, .y = y, .count = count, .x = x, .acc = acc, .n = n, .Kb = Kb, .isa = isa,
+                   .exact = exact, .int8 = int8};
+    for (int32_t l = 0; l < count; l++) {
+        const lut_layer *wl = layers[l];
+        size_t ncomp = (size_t)igemm_comps(wl, acc), nsc = wl->uniform ? 1 : (size_t)wl->P;
+        size_t need = int8 ? align64((size_t)(K / LUT_CHUNK) * ncomp * LUT_IG_BYTES) +
+                                 align64(((size_t)nb * nsc + (size_t)ng) * LUT_TILE * sizeof(float))
+                           : align64((size_t)n * LUT_TILE * sizeof(float)) +
+                                 align64((size_t)(Kb / LUT_CHUNK) * ncomp * LUT_IG_WORDS * sizeof(int16_t));
+        per = need > per ? need : per;
+        c.first[l + 1] = c.first[l] + (wl->M + LUT_TILE - 1) / LUT_TILE;
+        c.offsets |= lut_has_offsets(wl);
+    }
     char *base = lut_workspace(q_bytes + ts_bytes + xs_bytes + (size_t)nth * per + 64);
     if (!base)
         return LUT_ENOMEM;
     base = (char *)align64((uintptr_t)base); /* malloc gives 16-byte alignment; the + 64 above pays for this */
-    igemm_ctx c = {
-        .w = w, .x = x, .y = y, .acc = acc, .n = n, .Kb = Kb, .isa = isa,
-        .ntiles = (w->M + LUT_TILE - 1) / LUT_TILE, .ncomp = ncomp, .exact = exact,
-        .int8 = int8, .q = (int16_t *)base,
-        /* the int8 variant's activations (n K bytes) and sums (n K / Kb words) fit where the int16 ones go */
-        .q8 = (int8_t *)base, .qs = (int32_t *)(base + (size_t)n * K),
-        .ts = (float *)(base + q_bytes), .xs = (float *)(base + q_bytes + ts_bytes),
-        .scratch = base + q_bytes + ts_bytes + xs_bytes, .per_chunk = per,
-    };
+    c.q = (int16_t *)base;
+    /* the int8 variant's activations (n K bytes) and sums (n K / Kb words) fit where the int16 ones go */
+    c.q8 = (int8_t *)base;
+    c.qs = (int32_t *)(base + (size_t)n * K);
+    c.ts = (float *)(base + q_bytes);
+    c.xs = (float *)(base + q_bytes + ts_bytes);
+    c.scratch = base + q_bytes + ts_bytes + xs_bytes;
+    c.per_chunk = per;
     lut_pool_run(igemm_quant, &c);
     lut_pool_run(igemm_tiles, &c);
     return LUT_OK;
@@ -575,9 +595,7 @@ static int gemm_layers(const lut_layer *const *layers, int32_t count, const floa
     const lut_layer *w = layers[0];
     pthread_mutex_lock(&lut_call_mu);
     if (n >= igemm_min_rows(lut_isa(), exact)) {
-        int rc = LUT_OK;
-        for (int32_t l = 0; l < count && rc == LUT_OK; l++)
-            rc = igemm(layers[l], x, n, y[l], exact, acc);
+        int rc = igemm(layers, count, x, n, y, exact, acc);
         pthread_mutex_unlock(&lut_call_mu);
         return rc;
     }

@@ -29,7 +29,7 @@ from lutkernels import ops
 from lutkernels._lut import ffi
 
 from .generate import Session, Stats
-from .model import Packed, Transformer, _Decoder, softcap
+from .model import Packed, Transformer, _Decoder, fuses, softcap
 from .sampling import SamplingParams
 
 PREFILL_CHUNK = 128  # prompt tokens per forward: a long prompt yields the kernels to the others' steps between chunks
@@ -51,6 +51,20 @@ def fork(m: Transformer) -> Transformer:
     s.filled = 0
     s._decoder = _Decoder(s)
     return s
+
+
+def _bind_gemms(lins, x: np.ndarray, ys) -> Callable[[int], None]:
+    """mm(n): ys[i][:n] = x[:n] @ W_i.T for layers sharing the input: one lut_gemm_multi call where
+    they fuse (q/k/v, gate/up: the activations quantized once, one pool run), else one each."""
+    if fuses(lins):
+        return ops.bind_gemm_multi([f.layer for f in lins], x, ys, lins[0].exact)
+    calls = [_bind_gemm(f, x, y) for f, y in zip(lins, ys)]
+
+    def mm(n: int) -> None:
+        for c in calls:
+            c(n)
+
+    return mm
 
 
 def _bind_gemm(lin, x: np.ndarray, y: np.ndarray) -> Callable[[int], None]:
@@ -107,10 +121,10 @@ class BatchedStep:
                                mlp_out))
             final = ops.bind_add_rmsnorm(x, d if model.blocks else None, model.norm, eps, h)
             self.rows.append((blocks, final))
-        self.mm = [tuple(_bind_gemm(lin, a, b) for lin, a, b in (
-            (blk.q, self.h, self.q), (blk.k, self.h, self.k), (blk.v, self.h, self.v), (blk.o, self.att, self.delta),
-            (blk.gate, self.h, self.gate), (blk.up, self.h, self.up), (blk.down, self.gate, self.delta)))
-            for blk in model.blocks]
+        self.mm = [(_bind_gemms((blk.q, blk.k, blk.v), self.h, (self.q, self.k, self.v)),
+                    _bind_gemm(blk.o, self.att, self.delta),
+                    _bind_gemms((blk.gate, blk.up), self.h, (self.gate, self.up)),
+                    _bind_gemm(blk.down, self.gate, self.delta)) for blk in model.blocks]
         self.head = _bind_gemm(model.head, self.h, self.logits)
         self._attention: dict[tuple[int, int], list[Callable[[int], None]]] = {}
 
@@ -140,18 +154,15 @@ class BatchedStep:
                 for f in blocks[i][j]:
                     f()
 
-        for i, (q, k, v, o, gate, up, down) in enumerate(self.mm):
+        for i, (qkv, o, gate_up, down) in enumerate(self.mm):
             stage(i, 0)
-            q(n)
-            k(n)
-            v(n)
+            qkv(n)
             stage(i, 1)
             for r, (_, _, pos) in enumerate(work):
                 attn[r][i](pos)
             o(n)
             stage(i, 2)
-            gate(n)
-            up(n)
+            gate_up(n)
             stage(i, 3)
             down(n)
             stage(i, 4)

@@ -63,14 +63,29 @@ class Packed:
         return ops.bind_gemv(self.layer, x, y, self.exact)
 
 
+def fuses(lins: Sequence[Dense | Packed]) -> bool:
+    """Whether the layers run as one lut_gemm_multi call: bit-plane ones sharing K, G and table
+    mode (the activations' tables or integers made once, one pool hand-off instead of one per
+    layer; the same outputs bit for bit)."""
+    return len(lins) > 1 and all(isinstance(f, Packed) for f in lins) and len({f.exact for f in lins}) == 1 \
+        and ops.fusable([f.layer for f in lins])
+
+
 def bind_linears(lins: Sequence[Dense | Packed], x: np.ndarray, ys: Sequence[np.ndarray], fuse: bool = True) -> tuple:
-    """Calls computing ys[i] = lins[i](x) for one token: one lut_gemm_multi call when the layers
-    are bit-plane ones sharing K, G and table mode (the tables of x built once, one pool hand-off
-    instead of one per layer; the same outputs bit for bit), else one call each."""
-    if fuse and len(lins) > 1 and all(isinstance(f, Packed) for f in lins) and len({f.exact for f in lins}) == 1 \
-            and ops.fusable([f.layer for f in lins]):
-        return (ops.bind_gemv_multi([f.layer for f in lins], x, ys, lins[0].exact),)
+    """Calls computing ys[i] = lins[i](x) for one token: one call where the layers fuse, else one each."""
+    if fuse and fuses(lins):
+        return (ops.bind_gemm_multi([f.layer for f in lins], x, ys, lins[0].exact),)
     return tuple(f.bind(x, y) for f, y in zip(lins, ys))
+
+
+def linears(lins: Sequence[Dense | Packed], x: np.ndarray) -> list[np.ndarray]:
+    """[f(x) for f in lins] for many tokens, in one C call where the layers fuse."""
+    if not fuses(lins):
+        return [f(x) for f in lins]
+    x = np.ascontiguousarray(x, np.float32)
+    ys = [np.empty((len(x), f.layer.w.M), np.float32) for f in lins]
+    ops.bind_gemm_multi([f.layer for f in lins], x, ys, lins[0].exact)()
+    return ys
 
 
 def linear(w: Weight, exact: bool = False) -> Dense | Packed:
@@ -321,15 +336,17 @@ class Transformer:
         for i, b in enumerate(self.blocks):
             cos, sin = (t[pos:end, None] for t in self.rope[i])
             h = rmsnorm(x, b.attn_norm, c.norm_eps)
-            q = _add(b.q(h), b.q_bias).reshape(n, c.n_heads, c.head_dim)
-            k = _add(b.k(h), b.k_bias).reshape(n, c.n_kv_heads, c.head_dim)
+            q, k, v = linears((b.q, b.k, b.v), h)
+            q = _add(q, b.q_bias).reshape(n, c.n_heads, c.head_dim)
+            k = _add(k, b.k_bias).reshape(n, c.n_kv_heads, c.head_dim)
             if b.q_norm is not None:
                 q, k = rmsnorm(q, b.q_norm, c.norm_eps), rmsnorm(k, b.k_norm, c.norm_eps)
-            self.kv.write(i, pos, rope(k, cos, sin), _add(b.v(h), b.v_bias).reshape(n, c.n_kv_heads, c.head_dim))
+            self.kv.write(i, pos, rope(k, cos, sin), _add(v, b.v_bias).reshape(n, c.n_kv_heads, c.head_dim))
             x += _normed(b.o(ops.attention_prompt(np.ascontiguousarray(rope(q, cos, sin)), *self.kv.read(i, end), pos,
                                                   c.query_scale, b.window)), b.attn_out_norm, c.norm_eps)
             h = rmsnorm(x, b.mlp_norm, c.norm_eps)
-            act = self.act(b.gate(h)) * b.up(h)
+            gate, up = linears((b.gate, b.up), h)
+            act = self.act(gate) * up
             if self.mlp_rotation is not None:
                 rotation.apply(act, *self.mlp_rotation)
             x += _normed(b.down(act), b.mlp_out_norm, c.norm_eps)

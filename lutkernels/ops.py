@@ -43,27 +43,33 @@ def bind_gemv(w, x: np.ndarray, y: np.ndarray, exact: bool = False) -> Callable[
 
 
 def fusable(layers) -> bool:
-    """Whether bind_gemv_multi takes these layers: bit-plane layers sharing K and G, at most LUT_FUSE_MAX."""
+    """Whether bind_gemm_multi takes these layers: bit-plane layers sharing K and G, at most LUT_FUSE_MAX."""
     ws = [getattr(L, "w", L) for L in layers]
     return (1 <= len(ws) <= lib.LUT_FUSE_MAX and all(isinstance(w, PackedLinear) for w in ws)
             and len({(w.K, w.G) for w in ws}) == 1)
 
 
-def bind_gemv_multi(layers, x: np.ndarray, ys, exact: bool = False) -> Callable[[], None]:
-    """ys[l] = W_l x for one token in one C call (lut_gemm_multi: the tables of x built once,
-    one pool run), each ys[l] as bind_gemv would give it bit for bit; the layers must be fusable."""
+def bind_gemm_multi(layers, x: np.ndarray, ys, exact: bool = False) -> Callable[..., None]:
+    """call(n = all rows): ys[l][:n] = x[:n] @ W_l.T for the first n rows of x (N rows of K floats;
+    ys[l] N rows of M_l) in one C call (lut_gemm_multi: the activations' tables or integers made
+    once, one pool run over every layer's tiles), each ys[l] as lutkernels.gemm would give it bit
+    for bit; the layers must be fusable."""
     if not fusable(layers):
         raise ValueError(f"cannot fuse these layers: bit-plane layers sharing K and G, 1..{lib.LUT_FUSE_MAX} of them")
     Ls = [layer(w) for w in layers]
     if len(ys) != len(Ls):
         raise ValueError(f"{len(Ls)} layers need {len(Ls)} outputs, got {len(ys)}")
-    xp = _ptr(x, Ls[0].w.K, "x")
+    rows = x.size // Ls[0].w.K if isinstance(x, np.ndarray) else 0
+    xp = _ptr(x, rows * Ls[0].w.K, "x")
     descs = ffi.new("lut_layer *[]", [L.c for L in Ls])
-    outs = ffi.new("float *[]", [_ptr(y, L.w.M, f"ys[{i}]") for i, (L, y) in enumerate(zip(Ls, ys))])
-    fn, args = lib.lut_gemm_multi, (descs, len(Ls), xp, 1, outs, int(bool(exact)))
+    outs = ffi.new("float *[]", [_ptr(y, rows * L.w.M, f"ys[{i}]") for i, (L, y) in enumerate(zip(Ls, ys))])
+    fn, head = lib.lut_gemm_multi, (descs, len(Ls), xp)
+    tail = (outs, int(bool(exact)))
 
-    def call(keep=(Ls, x, tuple(ys), descs, outs)):
-        rc = fn(*args)
+    def call(n: int = rows, keep=(Ls, x, tuple(ys), descs, outs)):
+        if not 1 <= n <= rows:
+            raise ValueError(f"n must be 1..{rows}, got {n}")
+        rc = fn(*head, n, *tail)
         if rc:
             raise KernelError(f"lut_gemm_multi failed with code {rc}")
 

@@ -41,7 +41,7 @@ def decode(m: Transformer, fuse: bool) -> np.ndarray:
 
 
 def linear_calls(m: Transformer) -> int:
-    return sum(any(n in getattr(f, "__qualname__", "") for n in ("bind_gemv", "Dense.bind"))
+    return sum(any(n in getattr(f, "__qualname__", "") for n in ("bind_gemv", "bind_gemm_multi", "Dense.bind"))
                for pre, _, post in m._decoder.blocks for f in (*pre, *post))
 
 
@@ -103,7 +103,7 @@ def gemm_multi(layers, x, exact):
     return rc, ys
 
 
-@pytest.mark.parametrize("n", [1, 3, 8])  # 8 exact tokens take the integer GEMM
+@pytest.mark.parametrize("n", [1, 3, 8, 12])  # from 4 (fast) or 10 (exact) tokens the integer GEMM
 @pytest.mark.parametrize("exact", [0, 1])
 def test_gemm_multi_equals_gemm_per_layer(n, exact, threads):
     """Layers of one K and G in every other respect different: M (padded tiles), planes, scale mode and width."""
@@ -116,11 +116,15 @@ def test_gemm_multi_equals_gemm_per_layer(n, exact, threads):
     assert rc == 0
     for w, y in zip(layers, ys):
         np.testing.assert_array_equal(y, lk.gemm(w, x, exact=bool(exact)))
-    if n == 1:
-        yb = [np.zeros((1, w.M), np.float32) for w in layers]
-        ops.bind_gemv_multi(layers, x, yb, bool(exact))()
-        for a, b in zip(yb, ys):
-            np.testing.assert_array_equal(a, b)
+    yb = [np.zeros((n, w.M), np.float32) for w in layers]
+    call = ops.bind_gemm_multi(layers, x, yb, bool(exact))
+    call()
+    for a, b in zip(yb, ys):
+        np.testing.assert_array_equal(a, b)
+    if n > 1:  # the first rows alone, as a batched step of fewer rows calls it
+        call(n - 1)
+        for w, a in zip(layers, yb):
+            np.testing.assert_array_equal(a[:n - 1], lk.gemm(w, x[:n - 1].copy(), exact=bool(exact)))
 
 
 def test_gemm_multi_refuses_what_it_cannot_share():
@@ -132,8 +136,8 @@ def test_gemm_multi_refuses_what_it_cannot_share():
     assert gemm_multi([a] * (lib.LUT_FUSE_MAX + 1), x, 0)[0] == EINVAL
     assert not ops.fusable([a, b]) and ops.fusable([a, a])
     with pytest.raises(ValueError, match="cannot fuse"):
-        ops.bind_gemv_multi([a, b], x, [np.zeros(16, np.float32)] * 2)
+        ops.bind_gemm_multi([a, b], x, [np.zeros(16, np.float32)] * 2)
     with pytest.raises(ValueError, match="2 layers need 2 outputs"):
-        ops.bind_gemv_multi([a, a], x, [np.zeros(16, np.float32)])
+        ops.bind_gemm_multi([a, a], x, [np.zeros(16, np.float32)])
     with pytest.raises(ValueError, match="ys\\[1\\] must have 16 elements"):
-        ops.bind_gemv_multi([a, a], x, [np.zeros(16, np.float32), np.zeros(8, np.float32)])
+        ops.bind_gemm_multi([a, a], x, [np.zeros(16, np.float32), np.zeros(8, np.float32)])
