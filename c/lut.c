@@ -398,8 +398,21 @@ static int32_t igemm_override(void) {
     return igemm_rows;
 }
 
-/* Whether this ISA runs fast-mode calls on the int8 variant. */
-static int uses_int8(int32_t isa, int32_t exact) { return !exact && kernels[isa].has_int8 && kernels[isa].has_int8(); }
+static int32_t int8_allowed = 1;
+
+int lut_set_int8(int32_t on) {
+    if (on != 0 && on != 1)
+        return LUT_EINVAL;
+    pthread_mutex_lock(&lut_call_mu);
+    int8_allowed = on;
+    pthread_mutex_unlock(&lut_call_mu);
+    return LUT_OK;
+}
+
+/* Whether this ISA runs fast-mode calls on the int8 variant (hold lut_call_mu). */
+static int uses_int8(int32_t isa, int32_t exact) {
+    return int8_allowed && !exact && kernels[isa].has_int8 && kernels[isa].has_int8();
+}
 
 /* Hold lut_call_mu. */
 static int32_t igemm_min_rows(int32_t isa, int32_t exact) {

@@ -61,6 +61,9 @@ int lut_gemm_multi(const lut_layer *const *w, int32_t count, const float *x, int
  * path by speed), n < 0 is LUT_EINVAL. lut_igemm_rows gives the override, 0 for none. */
 int lut_set_igemm_rows(int32_t n);
 int32_t lut_igemm_rows(void);
+/* on = 0: the integer GEMM keeps to its int16 variant even where the CPU has the int8 one
+ * (the same outputs; tests cover both on one machine); 1, the default: int8 where it can. */
+int lut_set_int8(int32_t on);
 
 /* A trellis-coded layer (lutkernels/trellis.py is the spec): k bits per weight,
  * 1..6; streams uint8 [K][2*k*ceil(M/16) + 1] then 16 zero bytes; scales

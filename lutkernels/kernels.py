@@ -64,6 +64,12 @@ def set_igemm_rows(n: int) -> None:
     lib.lut_set_igemm_rows(int(n))
 
 
+def set_int8_gemm(on: bool) -> None:
+    """False: the integer GEMM keeps to its int16 variant even where the CPU has the int8 one
+    (the same outputs, so tests can run both paths on one machine); True (the default): int8."""
+    lib.lut_set_int8(int(bool(on)))
+
+
 def get_igemm_rows() -> int:
     """The override set_igemm_rows (or LUTENGINE_IGEMM_ROWS) put in place; 0 for the defaults."""
     return lib.lut_igemm_rows()

@@ -15,11 +15,12 @@ def converted_cache(tmp_path_factory):
 
 @pytest.fixture
 def restore_kernel_state():
-    """Tests that switch ISA or thread count put them back."""
+    """Tests that switch ISA, thread count or the integer GEMM's int8 variant put them back."""
     isa, threads = lk.get_isa(), lk.get_threads()
     yield
     lk.set_isa(isa)
     lk.set_threads(threads)
+    lk.set_int8_gemm(True)
 
 
 def random_layer(rng, M, K, P, G, offsets, scale8=False):

@@ -300,13 +300,16 @@ def test_fast_tables_fit_int8_as_halves(scale):
     assert off.max() <= 1.0 + 1e-3 and (off > 0.5 + 1e-3).sum(-1).max() <= 1  # one moved value per block
 
 
+@pytest.mark.parametrize("int8", [True, False], ids=["int8 where the CPU has it", "int16"])
 @pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("N", [8, 9, 23, 64])
 @pytest.mark.parametrize("isa", ISAS)
-def test_integer_gemm_equals_the_tables_bit_for_bit(restore_kernel_state, isa, N, exact):
+def test_integer_gemm_equals_the_tables_bit_for_bit(restore_kernel_state, isa, N, exact, int8):
     """Either mode at N >= lut_igemm_rows runs the integer GEMM: its sums equal the spec's, and its
     outputs equal the table path's (one token per call) bit for bit, on every ISA and thread count,
-    for uniform and per-plane layers, with and without offsets, 8-bit or fp16 scales."""
+    for uniform and per-plane layers, with and without offsets, 8-bit or fp16 scales; on its int8
+    variant (fast mode, AVX-512 with VNNI, VBMI, BITALG) and, switched off, its int16 one."""
+    lk.set_int8_gemm(int8)
     rng = np.random.default_rng(N)
     for M, K, P, G, off, uniform, scale8 in [(40, 96, 3, 32, False, True, True), (17, 128, 2, 64, True, False, False),
                                              (33, 512, 8, 256, True, True, False), (20, 512, 4, 512, True, True, True),
