@@ -128,12 +128,12 @@ TGT static inline __attribute__((always_inline)) void tile_rows(const lut_job *j
                 s0 = _mm256_add_epi32(s0, _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)), 8));
                 s1 = _mm256_add_epi32(s1, _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)), 8));
             }
-            if (keep) { /* runs of one plane (lut_plane_run); the sums themselves: fast tables hold halves */
+            if (keep) { /* runs of one plane (lut_plane_run) */
                 int32_t tmp[LUT_TILE];
                 _mm256_storeu_si256((__m256i *)tmp, s0);
                 _mm256_storeu_si256((__m256i *)(tmp + 8), s1);
                 for (int32_t r = 0; r < LUT_TILE; r++)
-                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = tmp[r] * (3 - ntab);
+                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = lut_block_sum(ntab, tmp[r]);
             }
             if (uniform) {
                 __m128i sh = _mm_cvtsi32_si128(p);

@@ -92,11 +92,11 @@ TGT static inline __attribute__((always_inline)) void tile_rows(const lut_job *j
                 __m256i h = block_sums(wt, tab + (int64_t)K * 4, b * cpb, cpb, P, p, n);
                 s = _mm512_add_epi32(s, _mm512_slli_epi32(_mm512_cvtepi16_epi32(h), 8));
             }
-            if (keep) { /* runs of one plane (lut_plane_run); the sums themselves: fast tables hold halves */
+            if (keep) { /* runs of one plane (lut_plane_run) */
                 int32_t tmp[LUT_TILE];
                 _mm512_storeu_si512(tmp, s);
                 for (int32_t r = 0; r < LUT_TILE; r++)
-                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = tmp[r] * (3 - ntab);
+                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = lut_block_sum(ntab, tmp[r]);
             }
             if (uniform)
                 u = _mm512_add_epi32(u, _mm512_sll_epi32(s, _mm_cvtsi32_si128(p)));

@@ -111,8 +111,8 @@ static inline __attribute__((always_inline)) void tile_rows(const lut_job *j, in
                 int32_t tmp[LUT_TILE];
                 for (int i = 0; i < 4; i++)
                     vst1q_s32(tmp + 4 * i, s[i]);
-                for (int32_t r = 0; r < LUT_TILE; r++) /* the sums themselves: fast tables hold halves */
-                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = tmp[r] * (3 - ntab);
+                for (int32_t r = 0; r < LUT_TILE; r++)
+                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = lut_block_sum(ntab, tmp[r]);
             }
             if (uniform)
                 for (int i = 0; i < 4; i++)

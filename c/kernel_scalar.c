@@ -62,8 +62,8 @@ void lut_tile_scalar(const lut_job *j, int32_t tile, int32_t tok) {
                     s[r] += 256 * s_hi[r];
             }
             for (int32_t r = 0; r < LUT_TILE; r++) {
-                if (j->acc) /* the sums themselves: fast tables hold halves */
-                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = s[r] * (3 - j->ntab);
+                if (j->acc)
+                    j->acc[(((int64_t)tok * rows + tile * LUT_TILE + r) * P + p) * nb + b] = lut_block_sum(j->ntab, s[r]);
                 if (w->uniform)
                     u[r] += s[r] * (1 << p); /* a multiply: shifting a negative int left is UB in C */
             }

@@ -376,13 +376,13 @@ static void decode_chunk(const uint8_t *wc, int32_t P, int32_t ncomp, int16_t *w
 }
 
 /* Below this many tokens the tables are faster. AVX-512, 1 thread, igemm / tables (python -m
- * bench.gemm_pp, loaded machine). The int8 variant at 2, 3, 4, 8 tokens: 576x576 0.96, 1.18,
- * 1.35, 2.37; 1536x576 0.83, 1.05, 1.22, 2.13; 4864x896 0.75, 0.96, 1.14, 2.02. The int16 one,
- * fast mode at 8, 12, 16 tokens: 576x576 1.11, 1.31, 1.72; 1536x576 0.95, 1.11, 1.46; 4864x896
- * 0.89, 1.04, 1.37; exact mode (its tables cost twice the lookups) at 4, 6, 8 tokens: 576x576
- * 1.04, 1.30, 1.86; 1536x576 0.85, 1.09, 1.60. LUTENGINE_IGEMM_ROWS (read at the first call)
- * or lut_set_igemm_rows overrides both: benchmarks compare the paths at one size, tests run
- * every case on both. */
+ * bench.gemm_pp, bench/RESULTS.md "Prompts on the integer GEMM"). The int8 variant at 2, 4, 8
+ * tokens: 576x576 0.75, 1.28, 2.13; 1536x576 0.71, 1.32, 2.35; 4864x896 0.66, 1.33, 2.33. The
+ * int16 one, fast mode at 8, 12, 16 tokens: 576x576 1.11, 1.31, 1.72; 1536x576 0.95, 1.11,
+ * 1.46; 4864x896 0.89, 1.04, 1.37; exact mode (its tables cost twice the lookups) at 4, 6, 8
+ * tokens: 576x576 1.04, 1.30, 1.86; 1536x576 0.85, 1.09, 1.60. LUTENGINE_IGEMM_ROWS (read at
+ * the first call) or lut_set_igemm_rows overrides both: benchmarks compare the paths at one
+ * size, tests run every case on both. */
 #define LUT_IGEMM_ROWS8 4
 #define LUT_IGEMM_ROWS16 10
 static int32_t igemm_rows = -1; /* -1: the environment not read yet; 0: the defaults */
@@ -449,7 +449,7 @@ typedef struct {
     int32_t n, Kb, isa, exact, int8, offsets; /* offsets: some layer adds them (group sums needed) */
     int16_t *q;  /* [K/Kb][n][Kb]: a block's tokens contiguous, read once per tile */
     int8_t *q8;  /* int8 variant: [K/Kb][n][Kb] instead, and */
-    int32_t *qs; /* [K/Kb][n] their sums */
+    int32_t *qs; /* [K/Kb][n] half their sums */
     float *ts;   /* [n][K/Kb] */
     float *xs;   /* [n][K/G] */
     char *scratch;

@@ -36,6 +36,9 @@ void lut_tile_neon(const lut_job *job, int32_t tile, int32_t tok);
 
 static inline int64_t lut_tab_stride(const lut_job *j) { return (int64_t)j->ntab * j->w->K * 4; }
 
+/* The block sum a tile kernel reports in acc: twice its lookups' sum s with fast tables,
+ * which hold halves; s itself with exact ones. */
+static inline int32_t lut_block_sum(int32_t ntab, int32_t s) { return ntab == 1 ? 2 * s : s; }
 
 /* Each SIMD kernel writes its tile loop once, as an always-inline
  * body(job, tile, tok, ntab, uniform, scale8, keep), and defines its entry point

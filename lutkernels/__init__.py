@@ -2,7 +2,7 @@
 import numpy as np
 
 from . import reference, trellis
-from .kernels import (KernelError, Layer, TrellisLayer, cpu_features, gemm, gemv, get_igemm_rows, get_isa, get_threads,
+from .kernels import (KernelError, Layer, TrellisLayer, cpu_features, gemm, gemv, get_isa, get_threads,
                       layer, set_igemm_rows, set_int8_gemm, set_isa, set_threads, supported_isas)
 from .layout import GROUP_SIZES, LayoutError, PackedLinear, act_block, check_shape, pack, unpack
 from .layout import dense as _plane_dense
@@ -18,5 +18,5 @@ def dense(w) -> np.ndarray:
 
 __all__ = ["GROUP_SIZES", "KernelError", "Layer", "LayoutError", "PackedLinear", "QUANTIZED", "TrellisLayer",
            "TrellisLinear", "act_block", "check_shape", "cpu_features", "dense", "gemm", "gemv", "get_isa",
-           "get_igemm_rows", "get_threads", "layer", "pack", "reference", "set_igemm_rows", "set_int8_gemm", "set_isa", "set_threads", "supported_isas", "trellis",
-           "unpack"]
+           "get_threads", "layer", "pack", "reference", "set_igemm_rows", "set_int8_gemm", "set_isa", "set_threads",
+           "supported_isas", "trellis", "unpack"]

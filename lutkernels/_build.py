@@ -36,7 +36,6 @@ typedef struct lut_trellis {
 int lut_trellis_gemm(const lut_trellis *w, const float *x, int32_t n, float *y, int32_t *acc);
 int32_t lut_act_block(int32_t K, int32_t G);
 int lut_set_igemm_rows(int32_t n);
-int32_t lut_igemm_rows(void);
 int lut_set_int8(int32_t on);
 int32_t lut_isa_supported(void);
 int32_t lut_isa(void);

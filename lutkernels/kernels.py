@@ -70,11 +70,6 @@ def set_int8_gemm(on: bool) -> None:
     lib.lut_set_int8(int(bool(on)))
 
 
-def get_igemm_rows() -> int:
-    """The override set_igemm_rows (or LUTENGINE_IGEMM_ROWS) put in place; 0 for the defaults."""
-    return lib.lut_igemm_rows()
-
-
 def _apply_env_isa() -> None:
     name = os.environ.get("LUTENGINE_ISA")
     if name:
